@@ -1,0 +1,79 @@
+"""JSON bodies of the REST API (camelCase on the wire, frozen)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from ah_domain_types import HOST_NAME_PATTERN, FollowerStatus
+
+__all__ = [
+    "ExecApiRequest",
+    "ExecApiResponse",
+    "ExecState",
+    "FollowersResponse",
+    "HealthResponse",
+    "HostExec",
+    "Problem",
+]
+
+HostName = Annotated[str, msgspec.Meta(pattern=HOST_NAME_PATTERN, max_length=63)]
+
+ExecState = Literal["ok", "failed", "unreachable", "timeout"]
+"""How one host's command ended: ``ok`` (exit 0), ``failed`` (ran, non-zero exit or error),
+``unreachable`` (never ran), ``timeout`` (did not finish in time)."""
+
+
+class ExecApiRequest(msgspec.Struct, frozen=True, rename="camel"):
+    """``POST /api/v1/exec``: run ``command`` (argv) on every named host (mock exec mode)."""
+
+    hosts: Annotated[list[HostName], msgspec.Meta(min_length=1)]
+    command: Annotated[list[str], msgspec.Meta(min_length=1)]
+    timeout_ms: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+
+class HostExec(msgspec.Struct, frozen=True, rename="camel"):
+    """The outcome of the command on one host."""
+
+    host: str
+    state: ExecState
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    took_ms: Annotated[int, msgspec.Meta(ge=0)]
+    error: str | None = None
+    """Why the host did not run or finish the command (``None`` when it did)."""
+
+
+class ExecApiResponse(msgspec.Struct, frozen=True, rename="camel"):
+    """One :class:`HostExec` per requested host, in request order."""
+
+    hosts: list[HostExec]
+
+
+class FollowersResponse(msgspec.Struct, frozen=True, rename="camel"):
+    """``GET /api/v1/followers``: followers as the access point sees them, sorted by name."""
+
+    followers: list[FollowerStatus]
+
+
+class HealthResponse(msgspec.Struct, frozen=True, rename="camel"):
+    """``GET /api/v1/healthz`` and ``/readyz``."""
+
+    status: Literal["ok", "ready"]
+    version: str
+
+
+class Problem(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
+    """An RFC 9457 problem document, served as ``application/problem+json``.
+
+    ``type`` is a ``urn:ah:problem:<slug>`` URN that clients may branch on; ``detail``
+    names the host / tag / token fault in words.
+    """
+
+    type: str
+    title: str
+    status: Annotated[int, msgspec.Meta(ge=400, le=599)]
+    detail: str
+    instance: str | None = None
+    """The request path that produced the problem."""

@@ -1,0 +1,123 @@
+"""pytest fixtures for real local sshd instances (registered through the pytest11 entry point).
+
+- `sshd`: one running sshd for the test, stopped when the test ends.
+- `sshd_factory`: session-wide factory; `sshd_factory()` starts one, `sshd_factory.many(n)`
+  starts n concurrently; everything it started is stopped when the session ends.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+from ah_harness_local.processes import ProcessGroup
+from ah_harness_local.sshd import (
+    DEFAULT_START_TIMEOUT,
+    RunningSshd,
+    start_many_sshd,
+    start_sshd,
+)
+
+__all__ = ["SshdFactory", "sshd", "sshd_factory"]
+
+
+class SshdFactory:
+    """Starts sshd instances under one directory and owns them until `close`."""
+
+    def __init__(self, base_dir: Path, group: ProcessGroup) -> None:
+        self.base_dir = base_dir
+        self.group = group
+        self._counter = itertools.count()
+        self._lock = threading.Lock()
+        self._started: list[RunningSshd] = []
+
+    @property
+    def instances(self) -> tuple[RunningSshd, ...]:
+        with self._lock:
+            return tuple(self._started)
+
+    def _next_dir(self, name: str) -> Path:
+        with self._lock:
+            return self.base_dir / f"{name}-{next(self._counter)}"
+
+    def __call__(
+        self,
+        *,
+        base_dir: Path | None = None,
+        name: str = "sshd",
+        port: int = 0,
+        user: str | None = None,
+        listen: str = "127.0.0.1",
+        isolated_home: bool = True,
+        session_env: Mapping[str, str] | None = None,
+        fast_kex: bool = True,
+        timeout: float = DEFAULT_START_TIMEOUT,
+    ) -> RunningSshd:
+        """Start one sshd (in `base_dir`, else a fresh directory under the factory's)."""
+        running = start_sshd(
+            base_dir or self._next_dir(name),
+            port=port,
+            user=user,
+            listen=listen,
+            isolated_home=isolated_home,
+            session_env=session_env,
+            fast_kex=fast_kex,
+            timeout=timeout,
+            group=self.group,
+        )
+        with self._lock:
+            self._started.append(running)
+        return running
+
+    def many(
+        self,
+        n: int,
+        *,
+        name: str = "fleet",
+        user: str | None = None,
+        listen: str = "127.0.0.1",
+        isolated_home: bool = True,
+        session_env: Mapping[str, str] | None = None,
+        fast_kex: bool = True,
+        timeout: float = DEFAULT_START_TIMEOUT,
+    ) -> list[RunningSshd]:
+        """Start `n` sshd instances concurrently."""
+        started = start_many_sshd(
+            self._next_dir(name),
+            n,
+            user=user,
+            listen=listen,
+            isolated_home=isolated_home,
+            session_env=session_env,
+            fast_kex=fast_kex,
+            timeout=timeout,
+            group=self.group,
+        )
+        with self._lock:
+            self._started.extend(started)
+        return started
+
+    def close(self) -> None:
+        self.group.close()
+
+
+@pytest.fixture(scope="session")
+def sshd_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshdFactory]:
+    """Session-scoped sshd factory; every instance it started is stopped at session end."""
+    base_dir = tmp_path_factory.mktemp("sshd")
+    with ProcessGroup(base_dir) as group:
+        yield SshdFactory(base_dir, group)
+
+
+@pytest.fixture
+def sshd(sshd_factory: SshdFactory, tmp_path: Path) -> Iterator[RunningSshd]:
+    """One real sshd for this test (files under `tmp_path/sshd`), stopped afterwards."""
+    running = sshd_factory(base_dir=tmp_path / "sshd")
+    try:
+        yield running
+    finally:
+        running.stop()
