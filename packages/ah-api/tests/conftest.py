@@ -14,6 +14,9 @@ from typing import Any, ClassVar, TypeVar
 import httpx
 import jsonschema
 import pytest
+from cryptography.hazmat.primitives import serialization
+from litestar import Litestar
+
 from ah_api import (
     ApiServer,
     EnrollmentRefusal,
@@ -43,8 +46,6 @@ from ah_domain_types import (
     OsKind,
     Resources,
 )
-from cryptography.hazmat.primitives import serialization
-from litestar import Litestar
 
 TRUST_DOMAIN = "api-test.fleet"
 API_VERSION = "0.1.0-test"

@@ -7,10 +7,11 @@ from typing import Any
 
 import jsonschema
 import pytest
+from litestar.routes import HTTPRoute
+
 from ah_api import DOCS_PATH, OPENAPI_PATH
 from ah_connectivity.pki import ca_fingerprint
 from ah_connectivity.tokens import TokenSigner
-from litestar.routes import HTTPRoute
 
 FOLLOWERS = "/api/v1/followers"
 EXEC = "/api/v1/exec"

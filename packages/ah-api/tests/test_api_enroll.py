@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from cryptography import x509
+
 from ah_connectivity.pki import (
     generate_private_key,
     load_ca_certificate,
@@ -13,7 +15,6 @@ from ah_connectivity.pki import (
     spiffe_id_for_follower,
 )
 from ah_connectivity.tokens import TokenSigner
-from cryptography import x509
 
 ENROLL = "/api/v1/enroll"
 

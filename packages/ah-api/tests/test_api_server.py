@@ -12,6 +12,9 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives import serialization
+from litestar import Litestar, get
+
 from ah_api import ApiServer, ApiServerError
 from ah_connectivity.pki import (
     generate_private_key,
@@ -19,8 +22,6 @@ from ah_connectivity.pki import (
     make_csr,
     spiffe_id_for_follower,
 )
-from cryptography.hazmat.primitives import serialization
-from litestar import Litestar, get
 
 
 @get("/ping", sync_to_thread=False)

@@ -8,9 +8,12 @@ import sys
 import textwrap
 from pathlib import Path
 
-import ah_config.cli
 import click
 import pytest
+from ah_config_support import World
+from click.testing import CliRunner, Result
+
+import ah_config.cli
 from ah_config import (
     AhGroup,
     CliError,
@@ -20,9 +23,7 @@ from ah_config import (
     require_interaction,
     resolve_from_click,
 )
-from ah_config_support import World
 from ah_domain_types import DomainValidationError, ExitCode
-from click.testing import CliRunner, Result
 
 
 def _cli() -> click.Group:

@@ -6,6 +6,9 @@ from typing import Any
 
 import click
 import pytest
+from ah_config_support import DEMO_DEFAULTS, Demo, World
+from click.testing import CliRunner
+
 from ah_config import (
     AhGroup,
     Layer,
@@ -15,8 +18,6 @@ from ah_config import (
     global_options,
     resolve_from_click,
 )
-from ah_config_support import DEMO_DEFAULTS, Demo, World
-from click.testing import CliRunner
 
 
 def _demo_cli(seen: dict[str, Any]) -> click.Group:

@@ -6,9 +6,10 @@ import json
 
 import click
 import pytest
-from ah_config import AhGroup, global_options, make_config_show_command
 from ah_config_support import World
 from click.testing import CliRunner, Result
+
+from ah_config import AhGroup, global_options, make_config_show_command
 
 
 def _cli() -> click.Group:

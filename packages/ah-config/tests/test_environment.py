@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from ah_config import ConfigError, Layer, env_leaves, load_config
 from ah_config_support import Demo, World
+
+from ah_config import ConfigError, Layer, env_leaves, load_config
 from ah_domain_types import ConfigFile, TransportMethod
 
 

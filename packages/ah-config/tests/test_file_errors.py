@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from ah_config import ConfigError, load_config, read_config_file
 from ah_config_support import Demo, World
+
+from ah_config import ConfigError, load_config, read_config_file
 
 
 @pytest.mark.parametrize(

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from ah_config import format_key, parse_key
 from hypothesis import given
 from hypothesis import strategies as st
+
+from ah_config import format_key, parse_key
 
 
 @given(st.lists(st.text(min_size=1), min_size=1, max_size=5))

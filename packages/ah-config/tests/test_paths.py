@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import pytest
+
 from ah_config import ConfigPaths, find_repo_root, normalize_platform, repo_config_paths
 
 

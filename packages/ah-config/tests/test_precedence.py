@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ah_config import Layer, LayerInput, load_config, merge_layers
 from ah_config_support import DEMO_DEFAULTS, Demo, World
-from ah_domain_types import DEFAULTS, ConfigFile
 from hypothesis import given
 from hypothesis import strategies as st
+
+from ah_config import Layer, LayerInput, load_config, merge_layers
+from ah_domain_types import DEFAULTS, ConfigFile
 
 LAYERS_LOW_TO_HIGH = [
     Layer.SYSTEM,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import tomllib
 
 import pytest
+from ah_config_support import DEMO_DEFAULTS, Demo, World
+
 from ah_config import (
     REDACTED,
     ConfigError,
@@ -14,7 +16,6 @@ from ah_config import (
     UnknownConfigKeyError,
     load_config,
 )
-from ah_config_support import DEMO_DEFAULTS, Demo, World
 
 
 def test_every_leaf_records_layer_and_source(world: World) -> None:

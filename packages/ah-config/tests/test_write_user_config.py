@@ -7,8 +7,9 @@ import sys
 import tomllib
 
 import pytest
-from ah_config import ConfigError, Layer, load_config, write_user_config
 from ah_config_support import World
+
+from ah_config import ConfigError, Layer, load_config, write_user_config
 
 
 def test_creates_private_dirs_and_file(world: World) -> None:

@@ -6,6 +6,9 @@ import math
 import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from ah_domain_types import (
     DURATION_PATTERN,
     DurationError,
@@ -13,8 +16,6 @@ from ah_domain_types import (
     format_duration,
     parse_duration,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 
 @pytest.mark.parametrize(

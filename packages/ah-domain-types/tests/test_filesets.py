@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from ah_domain_types import (
     FILESET_NAME_PATTERN,
     ConfigFile,
@@ -13,8 +16,6 @@ from ah_domain_types import (
     FilesetSpec,
     parse_required,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 LOGS = FilesetSpec(
     name="logs", include=("*.log", "out/**"), exclude=("tmp",), required=True, dest="out"

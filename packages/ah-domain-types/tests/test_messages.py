@@ -6,6 +6,7 @@ import re
 
 import msgspec
 import pytest
+
 from ah_domain_types import (
     CONTROL_MESSAGE_TYPES,
     CONTROL_PROTOCOL_VERSION,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from ah_domain_types import ExitCode, HostResult, HostState, OsKind, RunEnvelope, RunSummary
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from ah_domain_types import ExitCode, HostResult, HostState, OsKind, RunEnvelope, RunSummary
 
 
 def result(host: str, state: HostState) -> HostResult:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import ah_domain_types as adt
 import jsonschema
 import msgspec
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ah_domain_types as adt
 from ah_domain_types import (
     DURATION_PATTERN,
     FILESET_NAME_PATTERN,
@@ -73,8 +76,6 @@ from ah_domain_types import (
     Welcome,
     load_committed_schema,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 ROUNDTRIP = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

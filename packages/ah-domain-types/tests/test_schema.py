@@ -7,10 +7,11 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import ah_domain_types as adt
 import jsonschema
 import msgspec
 import pytest
+
+import ah_domain_types as adt
 from ah_domain_types import (
     DEFAULTS,
     REGENERATE_COMMAND,
@@ -77,7 +78,6 @@ def test_defaults_are_valid_config(validator: jsonschema.Draft202012Validator) -
         "timeouts": {"connect": "5s", "overall": "60s", "fence": "120s"},
         "concurrency": {"transfer": 16},
         "path-policy": {"allow-direct": True, "methods": ["direct", "connect", "relay"]},
-        "log": {"level": "info", "format": "text"},
     }
 
 

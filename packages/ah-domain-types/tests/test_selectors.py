@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from ah_domain_types import (
     DomainValidationError,
     EmptySelectionError,
@@ -15,8 +18,6 @@ from ah_domain_types import (
     SelectorError,
     TagSelector,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 
 def follower(

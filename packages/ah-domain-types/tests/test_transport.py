@@ -6,6 +6,7 @@ from typing import Any
 
 import msgspec
 import pytest
+
 from ah_domain_types import (
     ConfigFile,
     ExitCode,

@@ -6,8 +6,9 @@ import logging
 from collections.abc import Iterator
 
 import pytest
-from ah_logging import InterceptHandler
 from loguru import logger
+
+from ah_logging import InterceptHandler
 
 
 def _reset() -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from loguru import logger
+
 from ah_logging import (
     JSON_FIELDS,
     DirectiveError,
@@ -19,7 +21,6 @@ from ah_logging import (
     LogSettings,
     configure_logging,
 )
-from loguru import logger
 
 TEXT_LINE = re.compile(
     r"^(?P<ts>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z) (?P<level>[A-Z]+) +(?P<logger>[^:]+): "

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
-from ah_logging import LEVELS, DirectiveError, Directives, parse_directives, parse_level
 from hypothesis import given
 from hypothesis import strategies as st
+
+from ah_logging import LEVELS, DirectiveError, Directives, parse_directives, parse_level
 
 INFO, DEBUG, TRACE, WARN, ERROR = (LEVELS[n] for n in ("info", "debug", "trace", "warn", "error"))
 

@@ -9,9 +9,10 @@ from collections import namedtuple
 from dataclasses import dataclass
 
 import pytest
-from ah_logging import MASK, is_sensitive_key, redact, redact_text
 from hypothesis import assume, given
 from hypothesis import strategies as st
+
+from ah_logging import MASK, is_sensitive_key, redact, redact_text
 
 
 @pytest.mark.parametrize(

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ah_logging import LogSettings, configure_logging
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from loguru import logger
+
+from ah_logging import LogSettings, configure_logging
 
 SENSITIVE_NAMES = [
     "token",

@@ -8,6 +8,10 @@ from typing import Any
 
 import click
 import pytest
+from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
+
 from ah_logging import (
     DirectiveError,
     LogSettings,
@@ -17,9 +21,6 @@ from ah_logging import (
     log_options,
     log_settings_from_click,
 )
-from click.testing import CliRunner
-from hypothesis import given
-from hypothesis import strategies as st
 
 
 def test_merged_takes_flag_then_config_then_default() -> None:

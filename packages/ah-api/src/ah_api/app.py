@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from typing import Annotated, Any
 
 import msgspec
-from ah_domain_types import EnrollRequest, EnrollResponse, SelectorError, TagSelector
 from litestar import Litestar, MediaType, Request, Response, Router, get, post
 from litestar.datastructures import ResponseHeader
 from litestar.enums import RequestEncodingType
@@ -19,6 +18,8 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.params import Body, Parameter
 from litestar.types import ExceptionHandlersMap
+
+from ah_domain_types import EnrollRequest, EnrollResponse, SelectorError, TagSelector
 
 from .backend import (
     SCOPE_EXEC,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal, Protocol, runtime_checkable
 
 import msgspec
+
 from ah_connectivity.tokens import TokenError, TokenVerifier
 from ah_domain_types import EnrollRequest, EnrollResponse, FollowerStatus
 

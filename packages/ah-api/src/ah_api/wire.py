@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import msgspec
+
 from ah_domain_types import HOST_NAME_PATTERN, FollowerStatus
 
 __all__ = [

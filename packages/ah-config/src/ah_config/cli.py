@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import click
 import msgspec
 import tomli_w
+
 from ah_domain_types import DomainValidationError, ErrorBody, ErrorEnvelope, ExitCode
 from ah_domain_types.config_schema import ConfigFile
 

@@ -13,8 +13,9 @@ from typing import Any, TypeVar, overload
 
 import click
 import msgspec
-from ah_domain_types.config_schema import ConfigFile
 from click.core import ParameterSource
+
+from ah_domain_types.config_schema import ConfigFile
 
 from .errors import ConfigError
 from .keys import format_key, parse_key

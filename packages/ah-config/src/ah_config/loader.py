@@ -11,6 +11,7 @@ from pathlib import Path, PurePath
 from typing import Any, TypeVar, overload
 
 import msgspec
+
 from ah_domain_types.config_schema import DEFAULTS, ConfigFile
 
 from .errors import ConfigError

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
 from typing import Literal
+
+import msgspec
 
 __all__ = [
     "APP_DIR_NAME",
@@ -59,8 +60,7 @@ def _native(platform: PlatformName, text: str) -> PurePath:
     return Path(text) if os.name != "nt" else PurePosixPath(text)
 
 
-@dataclass(frozen=True)
-class ConfigPaths:
+class ConfigPaths(msgspec.Struct, frozen=True):
     """The system-wide and per-user configuration files for one platform."""
 
     platform: PlatformName

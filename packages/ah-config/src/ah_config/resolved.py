@@ -6,7 +6,6 @@ import copy
 import difflib
 import enum
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -102,14 +101,13 @@ class ConfigEntry(msgspec.Struct, frozen=True, rename="camel"):
     origin: Origin
 
 
-@dataclass(frozen=True)
-class LayerInput:
+class LayerInput(msgspec.Struct, frozen=True):
     """One layer ready to merge: TOML-shaped data plus where each leaf came from."""
 
     layer: Layer
     source: str
     data: Mapping[str, Any]
-    leaf_sources: Mapping[KeyPath, str] = field(default_factory=dict)
+    leaf_sources: Mapping[KeyPath, str] = msgspec.field(default_factory=dict)
     """Per-leaf source when it differs from ``source`` (env variable, flag name)."""
 
     def source_of(self, path: KeyPath) -> str:

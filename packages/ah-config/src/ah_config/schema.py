@@ -18,7 +18,6 @@ import re
 import types
 import typing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import msgspec
@@ -61,8 +60,7 @@ _BOOL_WORDS = {
 }
 
 
-@dataclass(frozen=True)
-class Shape:
+class Shape(msgspec.Struct, frozen=True):
     """How a type behaves in the layered merge."""
 
     kind: Literal["struct", "dict", "list", "leaf"]
@@ -402,8 +400,7 @@ def _validate_value(
 # --------------------------------------------------------------------------- environment
 
 
-@dataclass(frozen=True)
-class EnvLeaf:
+class EnvLeaf(msgspec.Struct, frozen=True):
     """A schema key settable from the environment."""
 
     path: KeyPath

@@ -10,6 +10,7 @@ from typing import Any
 
 import msgspec
 import tomli_w
+
 from ah_domain_types.config_schema import ConfigFile
 
 from .errors import ConfigError

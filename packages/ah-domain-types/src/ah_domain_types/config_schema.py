@@ -181,7 +181,8 @@ def default_config() -> ConfigFile:
             allow_direct=True,
             methods=[TransportMethod.DIRECT, TransportMethod.CONNECT, TransportMethod.RELAY],
         ),
-        log=LogConfig(level="info", format="text"),
+        # No [log] defaults here: they differ per binary kind (CLI text to stderr, daemon
+        # JSON-lines files) and ah-logging applies them after the merge.
     )
 
 

@@ -13,7 +13,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import httpx
 import msgspec
@@ -30,48 +29,14 @@ from ah_config import CliError
 from ah_domain_types import ExitCode
 
 __all__ = [
-    "DEFAULT_CONNECT_TIMEOUT_S",
     "ApiClient",
-    "normalize_access_point",
     "tls_context",
 ]
 
-DEFAULT_CONNECT_TIMEOUT_S = 5.0
 _READ_TIMEOUT_S = 30.0
 _BODY_EXCERPT = 200
 
 _T = TypeVar("_T")
-
-
-def normalize_access_point(text: str, *, source: str = "--access-point") -> str:
-    """``https://host:port`` from what the user wrote (a bare ``host:port`` gets ``https://``).
-
-    Only ``https`` is accepted: the API never speaks plain HTTP outside ``--insecure-dev``.
-    A malformed value is a configuration error (exit 8) naming ``source``.
-    """
-    value = text.strip().rstrip("/")
-    if value.endswith(API_BASE_PATH):
-        value = value[: -len(API_BASE_PATH)].rstrip("/")
-    if "://" not in value:
-        value = f"https://{value}"
-    parts = urlsplit(value)
-    if parts.scheme != "https" or not parts.hostname:
-        raise CliError(
-            ExitCode.CONFIGURATION,
-            f"{source}: invalid access point URL {text!r}: expected https://HOST[:PORT]",
-            kind="configuration",
-            details={"value": text, "source": source},
-        )
-    try:
-        parts.port  # noqa: B018 - urlsplit validates the port lazily
-    except ValueError:
-        raise CliError(
-            ExitCode.CONFIGURATION,
-            f"{source}: invalid port in access point URL {text!r}: expected https://HOST[:PORT]",
-            kind="configuration",
-            details={"value": text, "source": source},
-        ) from None
-    return value
 
 
 def tls_context(ca_file: Path | None = None, *, ca_pem: str | None = None) -> ssl.SSLContext:
@@ -119,7 +84,7 @@ class ApiClient:
         token: str | None,
         verify: ssl.SSLContext,
         ca_description: str,
-        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        connect_timeout_s: float,
         read_timeout_s: float = _READ_TIMEOUT_S,
     ) -> None:
         """``ca_description`` says what ``verify`` trusts (for messages), e.g. the CA file."""

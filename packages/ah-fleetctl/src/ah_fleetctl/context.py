@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import click
 from ah_config import CliError, Layer, ResolvedConfig, is_json, resolve_from_click
@@ -18,13 +20,48 @@ from ah_domain_types import ConfigFile, ExitCode
 from ah_logging import LoggingHandle, LogSettings, configure_logging, log_settings_from_click
 from loguru import logger
 
-from .client import DEFAULT_CONNECT_TIMEOUT_S, ApiClient, normalize_access_point, tls_context
+if TYPE_CHECKING:
+    from .client import ApiClient
 
-__all__ = ["BINARY", "FleetContext"]
+__all__ = ["BINARY", "DEFAULT_CONNECT_TIMEOUT_S", "FleetContext", "normalize_access_point"]
 
 BINARY = "ah-fleetctl"
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
 _META_KEY = "ah_fleetctl.context"
 _FILE_LAYERS = frozenset({Layer.SYSTEM, Layer.USER, Layer.REPO, Layer.REPO_USER, Layer.CONFIG_FILE})
+
+_API_BASE_PATH = "/api/v1"
+
+
+def normalize_access_point(text: str, *, source: str = "--access-point") -> str:
+    """``https://host:port`` from what the user wrote (a bare ``host:port`` gets ``https://``).
+
+    Only ``https`` is accepted: the API never speaks plain HTTP outside ``--insecure-dev``.
+    A malformed value is a configuration error (exit 8) naming ``source``.
+    """
+    value = text.strip().rstrip("/")
+    if value.endswith(_API_BASE_PATH):
+        value = value[: -len(_API_BASE_PATH)].rstrip("/")
+    if "://" not in value:
+        value = f"https://{value}"
+    parts = urlsplit(value)
+    if parts.scheme != "https" or not parts.hostname:
+        raise CliError(
+            ExitCode.CONFIGURATION,
+            f"{source}: invalid access point URL {text!r}: expected https://HOST[:PORT]",
+            kind="configuration",
+            details={"value": text, "source": source},
+        )
+    try:
+        parts.port  # noqa: B018 - urlsplit validates the port lazily
+    except ValueError:
+        raise CliError(
+            ExitCode.CONFIGURATION,
+            f"{source}: invalid port in access point URL {text!r}: expected https://HOST[:PORT]",
+            kind="configuration",
+            details={"value": text, "source": source},
+        ) from None
+    return value
 
 
 @dataclass(frozen=True)
@@ -115,6 +152,10 @@ class FleetContext:
     def api_client(self) -> ApiClient:
         """A client of the configured access point, TLS verified against the pinned CA (the
         system trust store when no ``ca-file`` is configured)."""
+        # Imported here: ah_api pulls in litestar, which only the commands that talk to the
+        # access point should pay for (help, usage errors and `config show` stay quick).
+        from .client import ApiClient, tls_context
+
         base_url = self.access_point()
         token = self.token()
         ca_file = self.ca_file()

@@ -12,9 +12,9 @@ import secrets
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from ah_api import ExecApiRequest, HostExec
 from ah_config import echo_json
 from ah_domain_types import (
     FollowerStatus,
@@ -35,6 +35,9 @@ from ..options import (
 )
 from ..output import prefix_lines
 from .fleet import select_followers
+
+if TYPE_CHECKING:
+    from ah_api import HostExec
 
 __all__ = ["exec_command", "host_result", "runs_dir"]
 
@@ -96,6 +99,8 @@ def host_result(
 
 
 def _missing(host: str) -> HostExec:
+    from ah_api import HostExec
+
     return HostExec(
         host=host,
         state="unreachable",
@@ -187,6 +192,8 @@ def exec_command(
     argv = list(command)
     command_text = shlex.join(argv)
     with app.api_client() as api:
+        from ah_api import ExecApiRequest  # loaded by api_client() already
+
         selected = select_followers(selector, api.followers().followers)
         names = [f.info.name for f in selected]
         logger.debug("exec --mock {} on {}", command_text, ", ".join(names))

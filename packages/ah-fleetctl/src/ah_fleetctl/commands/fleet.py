@@ -6,7 +6,6 @@ import time
 from collections.abc import Sequence
 
 import click
-from ah_api import FollowersResponse
 from ah_config import AhGroup, echo_json
 from ah_domain_types import FollowerStatus, Selector
 
@@ -64,6 +63,8 @@ def list_(
         everyone = api.followers().followers
     chosen = select_followers(selector, everyone, allow_empty_fleet=True)
     if app.json:
+        from ah_api import FollowersResponse  # after the request: see FleetContext.api_client
+
         echo_json(FollowersResponse(followers=chosen))
         return
     if not chosen:

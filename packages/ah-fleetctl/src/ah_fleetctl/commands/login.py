@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import ssl
@@ -18,11 +19,9 @@ from ah_config import (
     require_interaction,
     write_user_config,
 )
-from ah_connectivity.pki import ca_fingerprint, load_ca_certificate
 from ah_domain_types import ExitCode
 from loguru import logger
 
-from ..client import ApiClient, tls_context
 from ..context import FleetContext
 from ..options import common_options
 
@@ -64,6 +63,14 @@ def _fingerprint_option(
         return normalize_fingerprint(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
+def ca_fingerprint(pem: str) -> str:
+    """``sha256:<hex>`` over the DER form of the (first) certificate in ``pem``: the same
+    value as ``ah_connectivity.pki.ca_fingerprint`` and ``ah-access-pointd init`` print,
+    computed with the stdlib so that the CLI need not load the QUIC stack."""
+    der = ssl.PEM_cert_to_DER_cert(pem.strip())
+    return "sha256:" + hashlib.sha256(der).hexdigest()
 
 
 def _bootstrap_tls_context() -> ssl.SSLContext:
@@ -124,6 +131,8 @@ def login(ctx: click.Context, /, expected_fingerprint: str | None, **_: object) 
     against that CA), then writes remote-server, token and ca-file into the user config
     (mode 0600; the CA as fleet-ca.pem beside it; AH_HOME moves both).
     """
+    from ..client import ApiClient, tls_context  # loads ah_api: see FleetContext.api_client
+
     app = FleetContext.of(ctx)
     url = app.access_point()
     token = app.token()
@@ -142,8 +151,9 @@ def login(ctx: click.Context, /, expected_fingerprint: str | None, **_: object) 
     ) as bootstrap:
         pem = bootstrap.ca_pem()
     try:
-        actual = ca_fingerprint(load_ca_certificate(pem))
-    except ValueError as exc:
+        actual = ca_fingerprint(pem)
+        verify = tls_context(ca_pem=pem)
+    except (ValueError, ssl.SSLError) as exc:
         raise CliError(
             ExitCode.AUTH,
             f"access point {url} answered /api/v1/ca with something that is not a PEM "
@@ -174,7 +184,7 @@ def login(ctx: click.Context, /, expected_fingerprint: str | None, **_: object) 
     with ApiClient(
         url,
         token=token,
-        verify=tls_context(ca_pem=pem),
+        verify=verify,
         ca_description=f"the fetched fleet CA {actual}",
         connect_timeout_s=app.connect_timeout_s(),
     ) as api:
