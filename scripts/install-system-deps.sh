@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Installs the system programs the tests and the demo need (Debian/Ubuntu): OpenSSH server and
-# client, rsync. Does nothing when they are already present. Needs root or sudo to install.
+# client, rsync, zsh. Does nothing when they are already present. Needs root or sudo to install.
 set -euo pipefail
 missing=()
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 command -v ssh >/dev/null 2>&1 || missing+=(openssh-client)
 command -v ssh-keygen >/dev/null 2>&1 || missing+=(openssh-client)
 command -v rsync >/dev/null 2>&1 || missing+=(rsync)
+# zsh: the macOS adapter's quoting is checked against a real zsh.
+command -v zsh >/dev/null 2>&1 || missing+=(zsh)
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "system packages present: sshd, ssh, ssh-keygen, rsync"
+  echo "system packages present: sshd, ssh, ssh-keygen, rsync, zsh"
   exit 0
 fi
 sudo_cmd=()

@@ -54,6 +54,8 @@ def test_control_tags() -> None:
         "openTcp",
         "openTcpOk",
         "openTcpErr",
+        "dialData",
+        "dataChannelHello",
         "streamError",
     )
 

@@ -23,6 +23,8 @@ from ah_domain_types import (
     Ack,
     ConcurrencyConfig,
     ConfigFile,
+    DataChannelHello,
+    DialData,
     EnrollRequest,
     EnrollResponse,
     ErrorBody,
@@ -253,6 +255,16 @@ REGISTRY: dict[type[msgspec.Struct], st.SearchStrategy[Any]] = {
     OpenTcpErr: st.builds(
         OpenTcpErr, tunnel_id=text, code=st.sampled_from(TunnelErrorCode), message=text
     ),
+    DialData: st.builds(
+        DialData,
+        tunnel_id=text,
+        dst=text,
+        port=st.integers(1, 65535),
+        data_port=st.integers(1, 65535),
+        nonce=text,
+        data_host=opt(text),
+    ),
+    DataChannelHello: st.builds(DataChannelHello, tunnel_id=text, nonce=text),
     StreamError: st.builds(
         StreamError, code=st.sampled_from(StreamErrorCode).map(int), message=text
     ),

@@ -16,11 +16,13 @@ import subprocess
 import sys
 import threading
 from collections.abc import Coroutine, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+
 from ah_api import ApiServer, EnrollmentRefused, HostExec, JwtAuthenticator, create_app
 from ah_connectivity.pki import FleetCA, issue_server_cert
 from ah_connectivity.tokens import TokenSigner, user_audience
@@ -105,7 +107,9 @@ class Cli:
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
         unset: Sequence[str] = (),
+        stdin: int = subprocess.DEVNULL,
     ) -> CliResult:
+        """Run ``ah-fleetctl ARGS``; stdin is closed unless a file descriptor is given."""
         run_env = {**self.env, **(env or {})}
         for name in unset:
             run_env.pop(name, None)
@@ -113,13 +117,19 @@ class Cli:
             [*CLI, *args],
             env=run_env,
             cwd=cwd or self.cwd,
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             capture_output=True,
             text=True,
             timeout=CLI_TIMEOUT_S,
             check=False,
         )
         return CliResult(tuple(args), done.returncode, done.stdout, done.stderr)
+
+    def many(self, *calls: Sequence[str], **kwargs: Any) -> list[CliResult]:
+        """Run independent invocations concurrently (each pays the interpreter start-up);
+        results in the order of ``calls``."""
+        with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+            return list(pool.map(lambda args: self(*args, **kwargs), calls))
 
 
 @pytest.fixture
@@ -304,3 +314,41 @@ def api(_api_server: RunningApi) -> RunningApi:
     _api_server.fleet.exit_codes = {}
     _api_server.fleet.exec_calls.clear()
     return _api_server
+
+
+# --------------------------------------------------------------------------- LocalFleet
+
+
+@dataclass
+class RealFleet:
+    """A LocalFleet (real access point + followers) and a Cli pointed at it by AH_HOME."""
+
+    fleet: Any  # ah_harness_local.fleet.LocalFleet
+    cli: Cli
+
+
+FLEET_SPECS: tuple[tuple[str, dict[str, str], str | None, int], ...] = (
+    # name, tags, OS override, mock exit code
+    ("alpha", {"pool": "ci"}, None, 0),
+    ("bravo", {"pool": "ci", "gpu": "yes"}, None, 0),
+    ("charlie", {"pool": "dev"}, "macos", 3),
+)
+
+
+@pytest.fixture(scope="session")
+def real_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealFleet]:
+    """One fleet for the session: alpha and bravo (pool=ci) answer 0, charlie (pool=dev,
+    reporting macOS) answers 3 to every mock exec."""
+    from ah_harness_local.fleet import FollowerSpec, LocalFleet
+
+    base = tmp_path_factory.mktemp("fleet")
+    specs = [
+        FollowerSpec(name, tags=tags, os=os_name, mock_exit_code=code)
+        for name, tags, os_name, code in FLEET_SPECS
+    ]
+    with LocalFleet(specs, base_dir=base) as fleet:
+        work = base / "work"
+        work.mkdir()
+        env = {**fleet.env(), "NO_COLOR": "1", "HOME": str(base)}
+        env.pop("RUST_LOG", None)
+        yield RealFleet(fleet=fleet, cli=Cli(env=env, cwd=work))

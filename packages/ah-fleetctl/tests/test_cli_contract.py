@@ -141,13 +141,19 @@ def test_login_without_a_terminal_refuses_to_prompt(cli: Cli, api: RunningApi) -
     assert not (cli.ah_home / "config.toml").exists()
 
 
-def test_forwarded_command_keeps_its_own_options(cli: Cli, api: RunningApi) -> None:
-    # Option parsing stops at CMD: --json and --timeout after it belong to the command.
-    result = cli("exec", "--mock", "--host", "lin-a", "echo", "--json", "--timeout", "x", env=api.env())
-    assert result.returncode == 0, result
-    assert api.fleet.exec_calls[-1][1] == ["echo", "--json", "--timeout", "x"]
-    assert "lin-a | lin-a: echo --json --timeout x" in result.stdout
-    assert result.stdout.rstrip().endswith("1 succeeded, 0 failed, 0 unreachable")
+def test_unwritable_log_file_is_a_configuration_error(cli: Cli) -> None:
+    result = cli("fleet", "list", "--log-file", "/proc/no-such-dir/fleetctl.log")
+    assert_usage_error(result, "cannot open log file /proc/no-such-dir/fleetctl.log", code=8)
+
+
+def test_bad_configured_log_level_is_a_configuration_error(cli: Cli) -> None:
+    result = cli("fleet", "list", env={"AH_LOG_LEVEL": "loud"})
+    assert_usage_error(result, "env AH_LOG_LEVEL", "'loud'", code=8)
+
+
+def test_bad_rust_log_is_a_usage_error(cli: Cli) -> None:
+    result = cli("fleet", "list", env={"RUST_LOG": "ah_api=loud"})
+    assert_usage_error(result, "RUST_LOG", "loud")
 
 
 def test_help_and_version(cli: Cli) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from ah_harness_local import (
     ManagedProcess,
     ProcessGroup,
@@ -91,10 +92,12 @@ def test_pause_stops_the_whole_group_and_resume_continues_it(tmp_path: Path) -> 
         tree = proc.tree_pids()
         proc.pause()
         assert proc.is_paused and proc.is_running
-        wait_for(lambda: all(_state(p) == "T" for p in tree), 5, what="every process to be stopped")
+        wait_for(
+            lambda: all(_state(p) == "T" for p in tree), 15, what="every process to be stopped"
+        )
         proc.resume()
         assert not proc.is_paused
-        wait_for(lambda: all(_state(p) == "S" for p in tree), 5, what="every process to run again")
+        wait_for(lambda: all(_state(p) == "S" for p in tree), 15, what="every process to run again")
 
 
 def test_terminate_escalates_to_sigkill(tmp_path: Path) -> None:
@@ -131,8 +134,8 @@ def test_terminate_reaches_detached_descendants(tmp_path: Path) -> None:
 def test_a_paused_process_still_terminates(tmp_path: Path) -> None:
     proc = ManagedProcess(["sleep", "300"], log_dir=tmp_path)
     proc.pause()
-    wait_for(lambda: _state(proc.pid) == "T", 5, what="sleep to stop")
-    assert proc.terminate(timeout=5) == -signal.SIGTERM
+    wait_for(lambda: _state(proc.pid) == "T", 15, what="sleep to stop")
+    assert proc.terminate(timeout=15) == -signal.SIGTERM
 
 
 def test_process_group_cleans_up_on_exception(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from ah_harness_local import (
     ManagedProcess,
     ProcessGroup,
@@ -186,7 +187,7 @@ def _cmdline(pid: int) -> str:
 
 
 def test_a_paused_sshd_does_not_answer_until_resumed(sshd: RunningSshd) -> None:
-    assert sshd.login_works()
+    assert sshd.login_works(timeout=30)
     sshd.pause()
     try:
         with pytest.raises(TimeoutError, match="paused sshd to answer"):

@@ -3,4 +3,4 @@
 from ah_access_pointd.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="ah-access-pointd")

@@ -6,10 +6,10 @@ import asyncio
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import click
 import msgspec
+
 from ah_config import AhGroup, CliError, echo_json, is_json
 from ah_domain_types import (
     DomainValidationError,
@@ -21,6 +21,7 @@ from ah_domain_types import (
 from ah_logging import LogSettings, configure_logging, log_options, log_settings_from_click
 
 from . import __version__
+from .state import ApState, StateError, check_trust_domain, init_state, load_state
 
 __all__ = ["main"]
 
@@ -64,9 +65,7 @@ def _parse_duration_s(ctx: click.Context, param: click.Parameter, value: str | N
     return seconds
 
 
-def _state(state_dir: Path) -> Any:
-    from .state import StateError, load_state
-
+def _state(state_dir: Path) -> ApState:
     try:
         return load_state(state_dir)
     except StateError as exc:
@@ -131,6 +130,7 @@ class InitResult(msgspec.Struct, frozen=True, rename="camel"):
 @click.pass_context
 def init(
     ctx: click.Context,
+    /,
     state_dir: Path,
     trust_domain: str,
     sans: tuple[str, ...],
@@ -141,8 +141,6 @@ def init(
     """Create the fleet CA, the server identity and the token-signing key; print the CA
     fingerprint (give it to followers and leaders out of band)."""
     _setup_logging(ctx)
-    from .state import StateError, check_trust_domain, init_state
-
     try:
         check_trust_domain(trust_domain)
     except ValueError as exc:
@@ -218,6 +216,7 @@ def init(
 @click.pass_context
 def serve(
     ctx: click.Context,
+    /,
     state_dir: Path,
     bind: str,
     quic_port: int,
@@ -288,6 +287,7 @@ class TokenResult(msgspec.Struct, frozen=True, rename="camel"):
 @click.pass_context
 def token_enroll(
     ctx: click.Context,
+    /,
     state_dir: Path,
     name: str,
     tags: dict[str, str],
@@ -345,6 +345,7 @@ def token_enroll(
 @click.pass_context
 def token_user(
     ctx: click.Context,
+    /,
     state_dir: Path,
     subject: str,
     scopes: tuple[str, ...],

@@ -26,6 +26,9 @@ import uuid
 from dataclasses import dataclass
 
 import msgspec
+from cryptography.hazmat.primitives import serialization
+from loguru import logger
+
 from ah_api import EnrollmentRefusal, EnrollmentRefused, ExecState, HostExec
 from ah_connectivity import (
     CertificateRequestError,
@@ -50,8 +53,6 @@ from ah_domain_types import (
     FollowerStatus,
     Heartbeat,
 )
-from cryptography.hazmat.primitives import serialization
-from loguru import logger
 
 from .registry import FleetRegistry
 from .state import ApState

@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import msgspec
-from ah_domain_types import FollowerInfo
 from loguru import logger
+
+from ah_domain_types import FollowerInfo
 
 __all__ = ["FleetRegistry", "FollowerRecord", "RegistryError"]
 

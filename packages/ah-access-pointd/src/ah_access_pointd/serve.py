@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
+from loguru import logger
+
 from ah_api import ApiServer, ApiServerError, JwtAuthenticator, create_app
 from ah_config import CliError
 from ah_connectivity import ControlServer, user_audience
 from ah_domain_types import ExitCode
-from loguru import logger
 
 from . import __version__
 from .fleet import AccessPointFleet
@@ -176,12 +177,20 @@ async def run_serve(state: ApState, options: ServeOptions) -> int:
         await control.close("access point shutting down")
         fleet.close()
         registry.close()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+        _ignore_further_signals(loop)
         if options.ready_file is not None:
             _remove_own_ready_file(options.ready_file)
     _log.info("access point stopped")
     return int(ExitCode.OK)
+
+
+def _ignore_further_signals(loop: asyncio.AbstractEventLoop) -> None:
+    """We are stopping anyway: a repeated SIGTERM (a supervisor signalling the process group and
+    then each process) must not turn a clean exit into death by signal. Taking the handlers off
+    the loop first keeps loop.close() from restoring the default action."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _remove_own_ready_file(path: Path) -> None:

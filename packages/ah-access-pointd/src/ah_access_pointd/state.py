@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
+
 from ah_connectivity import (
     CA_CERT_FILE,
     CA_KEY_FILE,
@@ -79,7 +80,9 @@ class StateError(Exception):
         return self.message
 
 
-class ApSettings(msgspec.Struct, frozen=True, rename="kebab", forbid_unknown_fields=True):
+class ApSettings(
+    msgspec.Struct, frozen=True, rename="kebab", forbid_unknown_fields=True, omit_defaults=True
+):
     """``ap.toml``. ``[log]`` may be added by hand; it configures the daemon's logging."""
 
     trust_domain: str

@@ -7,29 +7,12 @@ with :class:`ApiServer`.
 
 from __future__ import annotations
 
-from .app import (
-    API_BASE_PATH,
-    BEARER_SCHEME,
-    CA_FINGERPRINT_HEADER,
-    DOCS_PATH,
-    OPENAPI_PATH,
-    create_app,
-)
-from .backend import (
-    SCOPE_EXEC,
-    SCOPE_READ_LOGS,
-    SCOPE_SSH,
-    Authenticator,
-    AuthFailed,
-    AuthFailureReason,
-    EnrollmentRefusal,
-    EnrollmentRefused,
-    FleetBackend,
-    JwtAuthenticator,
-    Principal,
-)
+# Importing the app pulls in litestar, uvicorn and aioquic (about a second of start-up). The
+# wire types and problems are all a client needs, so everything else loads on first use.
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .problems import PROBLEM_MEDIA_TYPE, ApiProblem, ProblemType
-from .server import ApiServer, ApiServerError
 from .wire import (
     ExecApiRequest,
     ExecApiResponse,
@@ -39,6 +22,71 @@ from .wire import (
     HostExec,
     Problem,
 )
+
+if TYPE_CHECKING:
+    from .app import (
+        API_BASE_PATH,
+        BEARER_SCHEME,
+        CA_FINGERPRINT_HEADER,
+        DOCS_PATH,
+        OPENAPI_PATH,
+        create_app,
+    )
+    from .backend import (
+        SCOPE_EXEC,
+        SCOPE_READ_LOGS,
+        SCOPE_SSH,
+        Authenticator,
+        AuthFailed,
+        AuthFailureReason,
+        EnrollmentRefusal,
+        EnrollmentRefused,
+        FleetBackend,
+        JwtAuthenticator,
+        Principal,
+    )
+    from .server import ApiServer, ApiServerError
+
+_LAZY = {
+    **dict.fromkeys(
+        [
+            "API_BASE_PATH",
+            "BEARER_SCHEME",
+            "CA_FINGERPRINT_HEADER",
+            "DOCS_PATH",
+            "OPENAPI_PATH",
+            "create_app",
+        ],
+        ".app",
+    ),
+    **dict.fromkeys(
+        [
+            "SCOPE_EXEC",
+            "SCOPE_READ_LOGS",
+            "SCOPE_SSH",
+            "Authenticator",
+            "AuthFailed",
+            "AuthFailureReason",
+            "EnrollmentRefusal",
+            "EnrollmentRefused",
+            "FleetBackend",
+            "JwtAuthenticator",
+            "Principal",
+        ],
+        ".backend",
+    ),
+    **dict.fromkeys(["ApiServer", "ApiServerError"], ".server"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ah_api' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "API_BASE_PATH",

@@ -81,6 +81,8 @@ class FrameDecoder(Generic[T]):
         self._buffer = bytearray()
         self._expected: int | None = None  # payload length of the frame being read
         self._error: FrameError | None = None
+        self.remainder = b""
+        """Bytes left undecoded by the last `feed(..., limit=...)`."""
 
     @property
     def buffered(self) -> int:
@@ -91,9 +93,16 @@ class FrameDecoder(Generic[T]):
     def failed(self) -> FrameError | None:
         return self._error
 
-    def feed(self, data: bytes) -> list[T]:
+    def feed(self, data: bytes, *, limit: int | None = None) -> list[T]:
+        """Decode every whole frame in `data` (plus what was buffered before).
+
+        With `limit`, stop after that many messages: the bytes after the last decoded frame
+        are not decoded but left in `remainder` (a tunnel stream switches to raw bytes right
+        after its first frame).
+        """
         if self._error is not None:
             raise self._error
+        self.remainder = b""
         out: list[T] = []
         view = memoryview(data)
         pos = 0
@@ -128,6 +137,9 @@ class FrameDecoder(Generic[T]):
                 self._expected = None
                 out.append(self._decode(payload))
                 self._buffer.clear()
+                if limit is not None and len(out) >= limit:
+                    self.remainder = bytes(view[pos:])
+                    break
         except FrameError as exc:
             self._buffer.clear()
             self._expected = None

@@ -20,6 +20,8 @@ __all__ = [
     "CONTROL_PROTOCOL_VERSION",
     "Ack",
     "ControlMessage",
+    "DataChannelHello",
+    "DialData",
     "EnrollRequest",
     "EnrollResponse",
     "ExecRequest",
@@ -51,6 +53,9 @@ class TunnelErrorCode(enum.StrEnum):
     """The destination is not on the follower's allow-list."""
     UNREACHABLE = "unreachable"
     TIMEOUT = "timeout"
+    DATA_CHANNEL_FAILED = "dataChannelFailed"
+    """The destination was reachable but the follower could not dial the access point's data
+    port back (``DialData`` only); the access point falls back to a QUIC tunnel stream."""
 
 
 class StreamErrorCode(enum.IntEnum):
@@ -131,6 +136,28 @@ class OpenTcpErr(_ControlBase, frozen=True, tag="openTcpErr"):
     message: str
 
 
+class DialData(_ControlBase, frozen=True, tag="dialData"):
+    """RPC: open ``dst:port`` (allow-listed only) and splice it with a TLS TCP connection that
+    the follower dials back to the access point's ``data_host:data_port`` (``data_host`` None:
+    the host the follower dialled for QUIC). The new connection starts with a
+    ``DataChannelHello`` carrying the same ``tunnel_id`` and ``nonce``. Reply: ``OpenTcpOk``
+    once that hello is sent, or ``OpenTcpErr``."""
+
+    tunnel_id: str
+    dst: str
+    port: Port
+    data_port: Port
+    nonce: str
+    data_host: str | None = None
+
+
+class DataChannelHello(_ControlBase, frozen=True, tag="dataChannelHello"):
+    """First frame on a data connection the follower dialled back for ``DialData``."""
+
+    tunnel_id: str
+    nonce: str
+
+
 class StreamError(_ControlBase, frozen=True, tag="streamError"):
     """Sent before closing a stream on a protocol error; ``code`` is a StreamErrorCode."""
 
@@ -149,6 +176,8 @@ ControlMessage: TypeAlias = (
     | OpenTcp
     | OpenTcpOk
     | OpenTcpErr
+    | DialData
+    | DataChannelHello
     | StreamError
 )
 
@@ -163,6 +192,8 @@ CONTROL_MESSAGE_TYPES: tuple[str, ...] = (
     "openTcp",
     "openTcpOk",
     "openTcpErr",
+    "dialData",
+    "dataChannelHello",
     "streamError",
 )
 """The ``type`` tags of :data:`ControlMessage`, in declaration order."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+
 from ah_config import AhGroup
 
 from . import __version__

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import httpx
 import msgspec
+
 from ah_api import (
     API_BASE_PATH,
     PROBLEM_MEDIA_TYPE,

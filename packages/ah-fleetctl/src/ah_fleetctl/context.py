@@ -15,10 +15,17 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import click
+from loguru import logger
+
 from ah_config import CliError, Layer, ResolvedConfig, is_json, resolve_from_click
 from ah_domain_types import ConfigFile, ExitCode
-from ah_logging import LoggingHandle, LogSettings, configure_logging, log_settings_from_click
-from loguru import logger
+from ah_logging import (
+    LogFileError,
+    LoggingHandle,
+    LogSettings,
+    configure_logging,
+    log_settings_from_click,
+)
 
 if TYPE_CHECKING:
     from .client import ApiClient
@@ -39,9 +46,7 @@ def normalize_access_point(text: str, *, source: str = "--access-point") -> str:
     Only ``https`` is accepted: the API never speaks plain HTTP outside ``--insecure-dev``.
     A malformed value is a configuration error (exit 8) naming ``source``.
     """
-    value = text.strip().rstrip("/")
-    if value.endswith(_API_BASE_PATH):
-        value = value[: -len(_API_BASE_PATH)].rstrip("/")
+    value = text.strip()
     if "://" not in value:
         value = f"https://{value}"
     parts = urlsplit(value)
@@ -61,7 +66,10 @@ def normalize_access_point(text: str, *, source: str = "--access-point") -> str:
             kind="configuration",
             details={"value": text, "source": source},
         ) from None
-    return value
+    path = parts.path.rstrip("/")
+    if path.endswith(_API_BASE_PATH):
+        path = path[: -len(_API_BASE_PATH)].rstrip("/")
+    return f"https://{parts.netloc}{path}"
 
 
 @dataclass(frozen=True)
@@ -85,9 +93,26 @@ class FleetContext:
         flags = log_settings_from_click(ctx)
         try:
             configured = LogSettings.from_config(config.typed.log)
+        except ValueError as exc:  # e.g. [log] level = "loud" in a config file
+            origin = config.origin("log.level")
+            where = origin.describe() if origin is not None else "config [log]"
+            raise CliError(
+                ExitCode.CONFIGURATION,
+                f"{where}: {exc}",
+                kind="configuration",
+                details={"key": "log"},
+            ) from None
+        try:
             handle = configure_logging(BINARY, "cli", LogSettings.merged(flags, configured, "cli"))
-        except ValueError as exc:  # bad --log-level, [log] level or RUST_LOG
+        except ValueError as exc:  # bad RUST_LOG (--log-level is checked while parsing)
             raise click.UsageError(str(exc), ctx=ctx) from None
+        except LogFileError as exc:
+            raise CliError(
+                ExitCode.CONFIGURATION,
+                f"{exc.strerror} (--log-file/--log-dir or config [log])",
+                kind="configuration",
+                details={"key": "log"},
+            ) from None
         fleet = cls(click_ctx=ctx, config=config, logging=handle)
         root.meta[_META_KEY] = fleet
         root.call_on_close(handle.close)
@@ -152,13 +177,13 @@ class FleetContext:
     def api_client(self) -> ApiClient:
         """A client of the configured access point, TLS verified against the pinned CA (the
         system trust store when no ``ca-file`` is configured)."""
+        base_url = self.access_point()
+        token = self.token()
+        ca_file = self.ca_file()
         # Imported here: ah_api pulls in litestar, which only the commands that talk to the
         # access point should pay for (help, usage errors and `config show` stay quick).
         from .client import ApiClient, tls_context
 
-        base_url = self.access_point()
-        token = self.token()
-        ca_file = self.ca_file()
         if ca_file is None:
             verify = tls_context()
             what = "the system trust store (no ca-file configured; see `ah-fleetctl login`)"

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
+
 from ah_config import global_options
 from ah_domain_types import ACCEPTED_DURATION_FORMS, DurationError, Selector, parse_duration
 from ah_logging import log_options

@@ -39,12 +39,14 @@ def free_udp_port(host: str = "127.0.0.1") -> int:
 
 
 def wait_for(
-    predicate: Callable[[], _T],
+    predicate: Callable[[], _T | None],
     timeout: float,
     interval: float = 0.02,
     what: str = "condition",
 ) -> _T:
     """Call `predicate` until it returns a truthy value and return that value.
+
+    A predicate typed `() -> X | None` gives an `X`, one typed `() -> bool` gives `True`.
 
     The predicate is always called at least once, and once more at the deadline, so a
     condition that becomes true exactly as time runs out is still seen.

@@ -3,14 +3,22 @@
 - `sshd`: one running sshd for the test, stopped when the test ends.
 - `sshd_factory`: session-wide factory; `sshd_factory()` starts one, `sshd_factory.many(n)`
   starts n concurrently; everything it started is stopped when the session ends.
+- `local_fleet`: session-wide `LocalFleet` (an access point and three linux followers
+  ``lin-a``/``lin-b``/``lin-c`` with tags ``role=a``/``b``/``c``, mock exec, 500 ms heartbeats).
+  Tests must leave it as they found it (every follower healthy).
+- `local_fleet_factory`: ``local_fleet_factory([FollowerSpec(...), ...], **LocalFleet options)``
+  starts a private fleet for this test, torn down when the test ends.
+
+The fleet fixtures import the daemons lazily, so sessions that never use them pay nothing.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -22,7 +30,18 @@ from ah_harness_local.sshd import (
     start_sshd,
 )
 
-__all__ = ["SshdFactory", "sshd", "sshd_factory"]
+if TYPE_CHECKING:
+    from ah_harness_local.fleet import FollowerSpec, LocalFleet
+
+__all__ = [
+    "LOCAL_FLEET_SPECS",
+    "SshdFactory",
+    "local_fleet",
+    "local_fleet_factory",
+    "local_fleet_specs",
+    "sshd",
+    "sshd_factory",
+]
 
 
 class SshdFactory:
@@ -121,3 +140,60 @@ def sshd(sshd_factory: SshdFactory, tmp_path: Path) -> Iterator[RunningSshd]:
         yield running
     finally:
         running.stop()
+
+
+LOCAL_FLEET_SPECS: tuple[tuple[str, dict[str, str]], ...] = (
+    ("lin-a", {"role": "a"}),
+    ("lin-b", {"role": "b"}),
+    ("lin-c", {"role": "c"}),
+)
+"""Names and tags of the session fleet's followers."""
+
+
+def local_fleet_specs() -> list[FollowerSpec]:
+    """The follower specs of the `local_fleet` fixture."""
+    from ah_harness_local.fleet import FollowerSpec
+
+    return [FollowerSpec(name, tags) for name, tags in LOCAL_FLEET_SPECS]
+
+
+@pytest.fixture(scope="session")
+def local_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFleet]:
+    """One fleet for the whole session: access point + lin-a/lin-b/lin-c (role=a/b/c)."""
+    from ah_harness_local.fleet import LocalFleet
+
+    # Heartbeats every 500 ms: health changes are not what the session fleet is for, and a
+    # loaded machine must not make its followers flap.
+    with LocalFleet(
+        local_fleet_specs(),
+        base_dir=tmp_path_factory.mktemp("local-fleet"),
+        heartbeat_interval="500ms",
+    ) as fleet:
+        yield fleet
+
+
+@pytest.fixture
+def local_fleet_factory(tmp_path: Path) -> Iterator[Callable[..., LocalFleet]]:
+    """Start private fleets for one test; each is torn down when the test ends."""
+    from ah_harness_local.fleet import LocalFleet
+
+    fleets: list[LocalFleet] = []
+
+    def make(followers: Sequence[FollowerSpec], **options: Any) -> LocalFleet:
+        options.setdefault("base_dir", tmp_path / f"fleet-{len(fleets)}")
+        fleet = LocalFleet(followers, **options)
+        fleets.append(fleet)
+        fleet.start()
+        return fleet
+
+    try:
+        yield make
+    finally:
+        errors: list[Exception] = []
+        for fleet in reversed(fleets):
+            try:
+                fleet.close()
+            except Exception as exc:
+                errors.append(exc)
+        if errors:
+            raise ExceptionGroup("closing local fleets failed", errors)

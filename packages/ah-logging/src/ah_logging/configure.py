@@ -53,6 +53,7 @@ QUIET_LIBRARIES: tuple[str, ...] = (
     "litestar",
     "multipart",
     "paramiko",
+    "quic",  # aioquic's per-connection logger is named "quic", not "aioquic.*"
     "urllib3",
     "uvicorn",
     "watchfiles",

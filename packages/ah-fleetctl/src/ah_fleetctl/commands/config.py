@@ -6,6 +6,7 @@ import functools
 from typing import Any
 
 import click
+
 from ah_config import AhGroup, make_config_show_command
 
 from ..options import common_options

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
+from loguru import logger
+
 from ah_config import echo_json
 from ah_domain_types import (
     FollowerStatus,
@@ -24,7 +26,6 @@ from ah_domain_types import (
     RunSummary,
 )
 from ah_logging import default_log_dir
-from loguru import logger
 
 from ..context import BINARY, FleetContext
 from ..options import (
@@ -82,6 +83,17 @@ def _write_host_log(run_dir: Path, result: HostExec) -> Path:
     return path
 
 
+def _keep_logs(app: FleetContext, execs: Sequence[HostExec]) -> tuple[Path | None, dict[str, str]]:
+    """Write every host's output under a new run directory. The results matter more than
+    their copies on disk: when the directory cannot be written, warn and go on without."""
+    try:
+        run_dir = _new_run_dir(app)
+        return run_dir, {r.host: str(_write_host_log(run_dir, r)) for r in execs}
+    except OSError as exc:
+        click.echo(f"warning: cannot keep the per-host logs: {exc}", err=True)
+        return None, {}
+
+
 def host_result(
     result: HostExec, follower: FollowerStatus | None, *, command: str, log_path: str | None
 ) -> HostResult:
@@ -118,6 +130,8 @@ def _note(result: HostResult, timeout_s: float) -> str | None:
     if result.state is HostState.FAILED:
         why = f"exit code {result.exit_code}" if result.exit_code is not None else "did not run"
         text = f"failed ({why})"
+        if result.error == why:  # the follower's reason says no more than the exit code
+            return text
     elif result.state is HostState.TIMEOUT:
         text = f"timed out (limit {timeout_s:g}s)"
     else:
@@ -204,15 +218,10 @@ def exec_command(
 
     by_host = {r.host: r for r in answer.hosts}
     followers = {f.info.name: f for f in selected}
-    run_dir = _new_run_dir(app)
     execs = [by_host.get(name) or _missing(name) for name in names]
+    run_dir, log_paths = _keep_logs(app, execs)
     results = [
-        host_result(
-            r,
-            followers.get(r.host),
-            command=command_text,
-            log_path=str(_write_host_log(run_dir, r)),
-        )
+        host_result(r, followers.get(r.host), command=command_text, log_path=log_paths.get(r.host))
         for r in execs
     ]
     summary = RunSummary.from_results(results)
@@ -221,7 +230,7 @@ def exec_command(
         commands=[command_text],
         hosts=results,
         summary=summary,
-        run_dir=str(run_dir),
+        run_dir=None if run_dir is None else str(run_dir),
     )
     if app.json:
         echo_json(envelope)

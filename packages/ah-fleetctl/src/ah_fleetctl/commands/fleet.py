@@ -6,6 +6,7 @@ import time
 from collections.abc import Sequence
 
 import click
+
 from ah_config import AhGroup, echo_json
 from ah_domain_types import FollowerStatus, Selector
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 import msgspec
+from loguru import logger
+
 from ah_config import (
     CliError,
     ConfigPaths,
@@ -20,7 +22,6 @@ from ah_config import (
     write_user_config,
 )
 from ah_domain_types import ExitCode
-from loguru import logger
 
 from ..context import FleetContext
 from ..options import common_options
@@ -131,8 +132,6 @@ def login(ctx: click.Context, /, expected_fingerprint: str | None, **_: object) 
     against that CA), then writes remote-server, token and ca-file into the user config
     (mode 0600; the CA as fleet-ca.pem beside it; AH_HOME moves both).
     """
-    from ..client import ApiClient, tls_context  # loads ah_api: see FleetContext.api_client
-
     app = FleetContext.of(ctx)
     url = app.access_point()
     token = app.token()
@@ -141,6 +140,7 @@ def login(ctx: click.Context, /, expected_fingerprint: str | None, **_: object) 
         require_interaction(
             ctx, "confirming the fleet CA fingerprint (pass --ca-fingerprint sha256:HEX)"
         )
+    from ..client import ApiClient, tls_context  # loads ah_api: see FleetContext.api_client
 
     with ApiClient(
         url,

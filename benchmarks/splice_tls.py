@@ -1,0 +1,132 @@
+"""Raw TLS→TLS splice throughput: blocking threads vs asyncio streams.
+
+The middle process (this one) accepts a TLS connection from a source, dials a TLS sink and
+pumps the bytes, the way the access point splices a CONNECT client with a data channel. Source
+and sink run in a child process, so only the splice competes for this interpreter.
+
+    uv run python benchmarks/splice_tls.py [--mb 200] [--mode thread|asyncio|both]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import socket
+import ssl
+import threading
+import time
+from typing import Any
+
+from ah_connectivity import FleetCA, issue_server_cert
+from ah_connectivity.splice import Splice, SpliceEnd
+from ah_connectivity.tls import client_context, server_context
+
+CHUNK = 256 * 1024
+
+
+def _identity(cert_pem: bytes, key_pem: bytes) -> Any:
+    from ah_connectivity.pki import Identity
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(key_pem, None)
+    return Identity(key=key, cert=x509.load_pem_x509_certificate(cert_pem))  # type: ignore[arg-type]
+
+
+def sink(ca_pem: bytes, cert_pem: bytes, key_pem: bytes, q: Any) -> None:
+    """Child: a TLS server that counts what it receives."""
+    server_ctx = server_context(_identity(cert_pem, key_pem), ca_pem, client_certs=False)
+    listener = socket.create_server(("127.0.0.1", 0))
+    q.put(listener.getsockname()[1])
+    conn, _ = listener.accept()
+    tls = server_ctx.wrap_socket(conn, server_side=True)
+    buf = bytearray(CHUNK)
+    received = 0
+    while n := tls.recv_into(buf):
+        received += n
+    tls.close()
+    q.put(received)
+
+
+def source(ca_pem: bytes, port: int, mb: int, q: Any) -> None:
+    """Child: a TLS client that sends `mb` MiB into the middle."""
+    raw = socket.create_connection(("127.0.0.1", port))
+    tls = client_context(ca_pem).wrap_socket(raw)
+    payload = memoryview(bytes(CHUNK))
+    start = time.monotonic()
+    for _ in range(mb * 1024 * 1024 // CHUNK):
+        tls.sendall(payload)
+    socket.socket.shutdown(tls, socket.SHUT_WR)
+    tls.recv(1)  # the middle closes once the sink has everything
+    q.put(time.monotonic() - start)
+
+
+def run_mode(mode: str, mb: int) -> float:
+    ca = FleetCA.generate("bench.fleet")
+    ident = issue_server_cert(ca)
+    listener = socket.create_server(("127.0.0.1", 0))
+    ctx_server = server_context(ident, ca, client_certs=False)
+    ctx_client = client_context(ca)
+    sink_q: Any = multiprocessing.Queue()
+    source_q: Any = multiprocessing.Queue()
+    sink_proc = multiprocessing.Process(
+        target=sink, args=(ca.cert_pem, ident.cert_pem, ident.key_pem, sink_q)
+    )
+    sink_proc.start()
+    sink_port = int(sink_q.get())
+    source_proc = multiprocessing.Process(
+        target=source, args=(ca.cert_pem, listener.getsockname()[1], mb, source_q)
+    )
+
+    def go() -> None:
+        source_proc.start()
+
+    if mode == "thread":
+        go()
+        conn, _ = listener.accept()
+        client = ctx_server.wrap_socket(conn, server_side=True)
+        upstream = ctx_client.wrap_socket(socket.create_connection(("127.0.0.1", sink_port)))
+        Splice(SpliceEnd(client, "src"), SpliceEnd(upstream, "sink")).run()
+    else:
+
+        async def main() -> None:
+            done = asyncio.Event()
+
+            async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+                while data := await r.read(CHUNK):
+                    w.write(data)
+                    await w.drain()
+                w.close()
+
+            async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+                ur, uw = await asyncio.open_connection("127.0.0.1", sink_port, ssl=ctx_client)
+                await asyncio.gather(pump(r, uw), pump(ur, w))
+                done.set()
+
+            server = await asyncio.start_server(handle, sock=listener, ssl=ctx_server)
+            go()
+            await done.wait()
+            server.close()
+
+        asyncio.run(main())
+    received = sink_q.get()
+    seconds = source_q.get()
+    sink_proc.join()
+    source_proc.join()
+    assert received == mb * 1024 * 1024, (received, mb)
+    return received / seconds / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mb", type=int, default=200)
+    parser.add_argument("--mode", default="both")
+    args = parser.parse_args()
+    modes = ["thread", "asyncio"] if args.mode == "both" else [args.mode]
+    for mode in modes:
+        print(f"{mode:8s} TLS->TLS splice: {run_mode(mode, args.mb):7.1f} MB/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

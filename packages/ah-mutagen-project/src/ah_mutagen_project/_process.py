@@ -1,0 +1,99 @@
+"""Run one external command with a deadline; on timeout or cancellation kill its whole
+process group (rsync's ssh child, mutagen's helpers) and reap it before returning."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import msgspec
+
+__all__ = ["CommandResult", "CommandTimeout", "run_command"]
+
+
+class CommandTimeout(TimeoutError):
+    """The command did not finish by its deadline and was killed (with its process group)."""
+
+    def __init__(self, what: str, timeout: float, stderr: bytes = b"") -> None:
+        super().__init__(f"{what} did not finish within {timeout:g}s and was killed")
+        self.what = what
+        self.timeout = timeout
+        self.stderr = stderr
+
+
+class CommandResult(msgspec.Struct, frozen=True):
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    took_s: float
+
+    def output_tail(self, limit: int = 2000) -> str:
+        """stderr (else stdout) decoded, stripped, at most ``limit`` trailing characters."""
+        text = (self.stderr or self.stdout).decode("utf-8", "replace").strip()
+        return text if len(text) <= limit else "…" + text[-limit:]
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+async def run_command(
+    argv: Sequence[str],
+    *,
+    timeout: float,
+    what: str,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> CommandResult:
+    """Run ``argv`` in a new session with stdin from /dev/null and capture its output.
+
+    Raises:
+        CommandTimeout: after ``timeout`` seconds (the process group has been killed).
+        FileNotFoundError: ``argv[0]`` does not exist.
+    """
+    started = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+        env=dict(env) if env is not None else None,
+        cwd=cwd,
+    )
+    timed_out = False
+    stdout = stderr = b""
+    try:
+        try:
+            async with asyncio.timeout(max(timeout, 0.0)):
+                stdout, stderr = await proc.communicate()
+        except TimeoutError:
+            timed_out = True
+    finally:
+        # Reached on timeout and also when the caller is cancelled (e.g. an outer deadline):
+        # nothing we started may outlive the call.
+        if proc.returncode is None:
+            _kill_group(proc.pid)
+            with contextlib.suppress(ProcessLookupError):
+                await proc.wait()
+    if timed_out:
+        partial = b""
+        if proc.stderr is not None:
+            with contextlib.suppress(Exception):
+                partial = await asyncio.wait_for(proc.stderr.read(), 1.0)
+        raise CommandTimeout(what, timeout, partial)
+    assert proc.returncode is not None
+    return CommandResult(
+        argv=tuple(argv),
+        returncode=proc.returncode,
+        stdout=stdout,
+        stderr=stderr,
+        took_s=time.monotonic() - started,
+    )

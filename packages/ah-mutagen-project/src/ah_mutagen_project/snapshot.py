@@ -1,0 +1,301 @@
+"""Leader snapshots: the content id of a workspace minus ignores, with a persistent stat cache.
+
+The walk, the ignore rule and the id are :mod:`ah_mutagen_project.digest_script` — the same
+code the followers run — so a leader snapshot id and a follower digest of the same tree are
+equal by construction. What this module adds is the stat cache and the manifest types.
+
+Stat cache
+----------
+A file's SHA-256 is reused when its ``(relative path, size, mtime_ns, inode, ctime_ns)`` equal
+those recorded when it was last hashed. The cache is a msgpack file (``cache_path``), written
+atomically, holding only files seen in the latest scan; a missing, unreadable or foreign cache
+(another root, another format) just means hashing everything again.
+
+The racy-mtime problem: a file modified twice within one timestamp tick (1 ns on ext4, 10 ms
+to 2 s on other filesystems; the kernel also stamps from a coarse clock) keeps the same mtime,
+and if the first version had been cached, the second would be trusted wrongly. So a hash is
+only *stored* when both the file's mtime and ctime are at least ``racy_window_s`` (2 s, the
+coarsest common granularity: FAT) older than the moment the scan started; younger files are
+hashed on every scan until they settle. A modification after the cached hash always lands in
+a later tick than the recorded one, so it changes the key. A file that changes while being
+read (its stat differs before and after) is not cached either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import msgspec
+
+from ah_mutagen_project import digest_script
+from ah_mutagen_project.ignores import user_ignores
+
+__all__ = [
+    "RACY_WINDOW_S",
+    "EntryKind",
+    "Manifest",
+    "ManifestDiff",
+    "ManifestEntry",
+    "Snapshot",
+    "SnapshotError",
+    "take_snapshot",
+]
+
+RACY_WINDOW_S = 2.0
+"""Files whose mtime or ctime is younger than this at scan start are hashed, never cached."""
+
+_CACHE_FORMAT = "ah-snapshot-cache/1"
+
+
+class SnapshotError(OSError):
+    """The workspace could not be read (the message names the path)."""
+
+
+class EntryKind(enum.StrEnum):
+    FILE = digest_script.KIND_FILE
+    DIRECTORY = digest_script.KIND_DIR
+    SYMLINK = digest_script.KIND_LINK
+
+
+class ManifestEntry(msgspec.Struct, frozen=True, array_like=True):
+    """One entry; encoded as ``[path, kind, executable, size, data]`` like the digest JSON."""
+
+    path: str
+    """Relative, ``/``-separated."""
+    kind: EntryKind
+    executable: bool
+    """Owner-executable bit (files only)."""
+    size: int
+    data: str
+    """SHA-256 hex (files), link target (symlinks), empty (directories)."""
+
+    def as_tuple(self) -> tuple[str, str, int, int, str]:
+        return (self.path, self.kind.value, int(self.executable), self.size, self.data)
+
+
+class ManifestDiff(msgspec.Struct, frozen=True):
+    """Paths by which two manifests differ, each tuple sorted.
+
+    For ``expected.diff(actual)``: ``added`` are only in ``actual``, ``removed`` only in
+    ``expected``, ``changed`` in both with a different kind, content, size, executable bit or
+    link target.
+    """
+
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.added or self.removed or self.changed)
+
+    def paths(self) -> list[str]:
+        """Every differing path, sorted."""
+        return sorted({*self.added, *self.removed, *self.changed})
+
+    def describe(self, limit: int = 10) -> str:
+        """``missing: a, b; unexpected: c; differs: d (+3 more)`` — at most ``limit`` paths
+        per group, from the point of view of ``expected`` (the leader)."""
+        parts: list[str] = []
+        for label, paths in (
+            ("missing", self.removed),
+            ("unexpected", self.added),
+            ("differs", self.changed),
+        ):
+            if paths:
+                shown = ", ".join(paths[:limit])
+                more = f" (+{len(paths) - limit} more)" if len(paths) > limit else ""
+                parts.append(f"{label}: {shown}{more}")
+        return "; ".join(parts) or "no differences"
+
+
+class Manifest(msgspec.Struct, frozen=True):
+    """The entries of a tree, sorted by path bytes (see ``digest_script``)."""
+
+    entries: tuple[ManifestEntry, ...]
+
+    @classmethod
+    def from_tuples(cls, rows: Iterable[Sequence[object]]) -> Manifest:
+        """Build from ``[path, kind, executable, size, data]`` rows (the digest JSON).
+
+        Raises:
+            ValueError: naming the first malformed row.
+        """
+        entries: list[ManifestEntry] = []
+        for index, row in enumerate(rows):
+            if len(row) != 5:
+                raise ValueError(f"manifest row {index}: expected 5 fields, got {row!r}")
+            path, kind, executable, size, data = row
+            if not (
+                isinstance(path, str)
+                and isinstance(kind, str)
+                and isinstance(executable, int)
+                and isinstance(size, int)
+                and isinstance(data, str)
+            ):
+                raise ValueError(f"manifest row {index}: wrong field types in {row!r}")
+            try:
+                entry_kind = EntryKind(kind)
+            except ValueError:
+                raise ValueError(
+                    f"manifest row {index}: unknown kind {kind!r} for {path!r}; "
+                    f"expected one of {[k.value for k in EntryKind]}"
+                ) from None
+            entries.append(ManifestEntry(path, entry_kind, bool(executable), size, data))
+        entries.sort(key=lambda e: digest_script.path_bytes(e.path))
+        return cls(tuple(entries))
+
+    def content_id(self, *, exec_bits: bool = True) -> str:
+        """The ``snap-…`` id; ``exec_bits=False`` for followers without executable bits."""
+        return digest_script.content_id((e.as_tuple() for e in self.entries), exec_bits)
+
+    def by_path(self) -> dict[str, ManifestEntry]:
+        return {e.path: e for e in self.entries}
+
+    def diff(self, other: Manifest, *, exec_bits: bool = True) -> ManifestDiff:
+        """How ``other`` differs from this manifest (see :class:`ManifestDiff`)."""
+        mine = self.by_path()
+        theirs = other.by_path()
+
+        def key(entry: ManifestEntry) -> tuple[object, ...]:
+            executable = entry.executable if exec_bits else False
+            return (entry.kind, executable, entry.size, entry.data)
+
+        return ManifestDiff(
+            added=tuple(sorted(theirs.keys() - mine.keys())),
+            removed=tuple(sorted(mine.keys() - theirs.keys())),
+            changed=tuple(
+                sorted(p for p in mine.keys() & theirs.keys() if key(mine[p]) != key(theirs[p]))
+            ),
+        )
+
+
+class Snapshot(msgspec.Struct, frozen=True):
+    """A leader snapshot: the content id, the manifest, and what the stat cache saved."""
+
+    id: str
+    root: str
+    ignores: tuple[str, ...]
+    """The sync-ignores it was taken with (VCS metadata is implied)."""
+    manifest: Manifest
+    files_hashed: int
+    """Files whose content was read and hashed in this scan."""
+    files_cached: int
+    """Files whose hash came from the stat cache."""
+    took_s: float
+
+
+class _CachedFile(msgspec.Struct, frozen=True, array_like=True):
+    size: int
+    mtime_ns: int
+    ino: int
+    ctime_ns: int
+    sha256: str
+
+
+class _CacheDocument(msgspec.Struct):
+    format: str
+    root: str
+    files: dict[str, _CachedFile]
+
+
+def _load_cache(cache_path: Path | None, root: str) -> dict[str, _CachedFile]:
+    if cache_path is None:
+        return {}
+    try:
+        document = msgspec.msgpack.decode(cache_path.read_bytes(), type=_CacheDocument)
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        return {}  # missing or damaged: a cold scan rebuilds it
+    if document.format != _CACHE_FORMAT or document.root != root:
+        return {}
+    return document.files
+
+
+def _store_cache(cache_path: Path, root: str, files: dict[str, _CachedFile]) -> None:
+    data = msgspec.msgpack.encode(_CacheDocument(_CACHE_FORMAT, root, files))
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=cache_path.name + ".", dir=cache_path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, cache_path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _cache_key(st: os.stat_result, digest: str) -> _CachedFile:
+    return _CachedFile(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, digest)
+
+
+def take_snapshot(
+    root: str | os.PathLike[str],
+    ignores: Sequence[str] | None = None,
+    *,
+    cache_path: Path | None = None,
+    racy_window_s: float = RACY_WINDOW_S,
+    clock: Callable[[], float] = time.time,
+) -> Snapshot:
+    """Snapshot the tree at ``root`` minus ``ignores`` (``None``: the default sync-ignores).
+
+    ``cache_path`` enables the persistent stat cache; ``clock`` (wall-clock seconds) is what
+    the racy window is measured against.
+
+    Raises:
+        SnapshotError: the root is not a directory, or an entry could not be read.
+        IgnorePatternError: an ignore pattern is outside the supported syntax.
+    """
+    started = time.monotonic()
+    root_text = os.path.abspath(os.fspath(root))
+    patterns = user_ignores(ignores)
+    rules = digest_script.IgnoreRules(patterns)
+    old = _load_cache(cache_path, root_text)
+    new: dict[str, _CachedFile] = {}
+    # Only files that were already quiet for the whole window before the scan began may be
+    # cached (see the module docstring).
+    settled_ns = int((clock() - racy_window_s) * 1e9)
+    counters = {"hashed": 0, "cached": 0}
+
+    def file_digest(abs_path: str, rel_path: str, st: os.stat_result) -> str:
+        cached = old.get(rel_path)
+        if (
+            cached is not None
+            and cached == _cache_key(st, cached.sha256)
+            and max(st.st_mtime_ns, st.st_ctime_ns) <= settled_ns
+        ):
+            counters["cached"] += 1
+            new[rel_path] = cached
+            return cached.sha256
+        digest = digest_script.sha256_file(abs_path)
+        counters["hashed"] += 1
+        after = os.stat(abs_path, follow_symlinks=False)
+        unchanged = _cache_key(after, digest) == _cache_key(st, digest)
+        if unchanged and max(st.st_mtime_ns, st.st_ctime_ns) <= settled_ns:
+            new[rel_path] = _cache_key(st, digest)
+        return digest
+
+    try:
+        rows = digest_script.scan_tree(root_text, rules, file_digest)
+    except digest_script.TreeError as exc:
+        raise SnapshotError(str(exc)) from exc
+    manifest = Manifest(
+        tuple(ManifestEntry(p, EntryKind(k), bool(x), s, d) for p, k, x, s, d in rows)
+    )
+    if cache_path is not None and new != old:
+        _store_cache(cache_path, root_text, new)
+    return Snapshot(
+        id=digest_script.content_id(rows),
+        root=root_text,
+        ignores=patterns,
+        manifest=manifest,
+        files_hashed=counters["hashed"],
+        files_cached=counters["cached"],
+        took_s=time.monotonic() - started,
+    )

@@ -1,0 +1,198 @@
+"""Output of a run: host-attributed terminal lines, per-host log files, and the summary."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import secrets
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Literal, TextIO
+
+from ah_domain_types import HostResult, HostState, RunSummary, validate_host_name
+
+__all__ = [
+    "HOST_COLOURS",
+    "HostLog",
+    "LinePrinter",
+    "RunDirectory",
+    "StreamName",
+    "colour_enabled",
+    "format_summary",
+]
+
+StreamName = Literal["stdout", "stderr"]
+
+HOST_COLOURS: tuple[str, ...] = ("36", "33", "35", "32", "34", "91", "96", "93", "95", "92")
+"""ANSI SGR foreground codes cycled over hosts (red is kept out: it reads as an error)."""
+
+_RESET = "\x1b[0m"
+
+
+def colour_enabled(stream: TextIO, environ: Mapping[str, str] | None = None) -> bool:
+    """Colour only on a terminal, and never when ``NO_COLOR`` is set to a non-empty value
+    (https://no-color.org)."""
+    env = os.environ if environ is None else environ
+    if env.get("NO_COLOR", ""):
+        return False
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty is not None and isatty())
+
+
+class LinePrinter:
+    """Writes ``host | line`` to ``stream``; thread-safe and never interleaved mid-line.
+
+    Every call takes one lock and performs a single ``write`` of whole lines followed by a
+    flush, so lines of different hosts never mix even when callbacks run on several
+    threads. The host column is padded to the longest host name. Text containing line
+    breaks is written as several prefixed lines.
+    """
+
+    def __init__(
+        self,
+        stream: TextIO,
+        hosts: Sequence[str],
+        *,
+        colour: bool | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+        self._width = max((len(h) for h in hosts), default=0)
+        self.colour = colour_enabled(stream, environ) if colour is None else colour
+        self._colours = {h: HOST_COLOURS[i % len(HOST_COLOURS)] for i, h in enumerate(hosts)}
+
+    def _prefix(self, host: str) -> str:
+        padded = host.ljust(self._width)
+        if not self.colour:
+            return f"{padded} | "
+        code = self._colours.get(host, "39")
+        return f"\x1b[{code}m{padded}{_RESET} | "
+
+    def line(self, host: str, text: str) -> None:
+        """Write ``text`` (one or more lines, without terminator) attributed to ``host``."""
+        prefix = self._prefix(host)
+        pieces = text.replace("\r\n", "\n").split("\n")
+        block = "".join(f"{prefix}{piece}\n" for piece in pieces)
+        with self._lock:
+            self._stream.write(block)
+            self._stream.flush()
+
+
+class HostLog:
+    """One host's log file: every line tagged with its stream (``out |`` / ``err |``) and
+    job headers/footers as ``== ...`` lines. Thread-safe; each call writes whole lines."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._file = path.open("a", encoding="utf-8", errors="surrogateescape", newline="\n")
+
+    def write_line(self, stream: StreamName, text: str) -> None:
+        tag = "out" if stream == "stdout" else "err"
+        block = "".join(f"{tag} | {piece}\n" for piece in text.split("\n"))
+        with self._lock:
+            self._file.write(block)
+            self._file.flush()
+
+    def write_note(self, text: str) -> None:
+        with self._lock:
+            self._file.write(f"== {text}\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+class RunDirectory:
+    """``<base>/runs/<UTC timestamp>-<id>/`` holding one ``<host>.log`` per host.
+
+    The directory is created on construction (never reused: a clash picks a new id).
+    """
+
+    def __init__(
+        self,
+        base: Path | str,
+        *,
+        run_id: str | None = None,
+        now: dt.datetime | None = None,
+    ) -> None:
+        stamp = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+        runs = Path(base) / "runs"
+        runs.mkdir(parents=True, exist_ok=True)
+        ident = run_id or secrets.token_hex(4)
+        while True:
+            candidate = runs / f"{stamp}-{ident}"
+            try:
+                candidate.mkdir()
+            except FileExistsError:
+                if run_id is not None:
+                    raise FileExistsError(
+                        f"run directory {candidate} already exists; pick another run id"
+                    ) from None
+                ident = secrets.token_hex(4)
+                continue
+            break
+        self.path = candidate
+        self.run_id = ident
+        self._logs: dict[str, HostLog] = {}
+        self._paths: dict[str, Path] = {}
+        self._lock = threading.Lock()
+
+    def log_path(self, host: str) -> Path:
+        """Where ``host``'s log goes (the name is validated, so it cannot escape the dir)."""
+        return self.path / f"{validate_host_name(host)}.log"
+
+    def open_log(self, host: str) -> HostLog:
+        """The (shared, append-mode) log of ``host``; opened on first use (again after
+        :meth:`close`, appending)."""
+        with self._lock:
+            log = self._logs.get(host)
+            if log is None:
+                log = self._logs[host] = HostLog(self.log_path(host))
+                self._paths[host] = log.path
+            return log
+
+    def log_paths(self) -> dict[str, Path]:
+        """Every log written in this run directory so far, by host."""
+        with self._lock:
+            return dict(self._paths)
+
+    def close(self) -> None:
+        """Close the open log files (the engine does this when its run ends)."""
+        with self._lock:
+            for log in self._logs.values():
+                log.close()
+            self._logs.clear()
+
+
+def _describe(result: HostResult) -> str:
+    if result.state is HostState.FAILED and result.exit_code is not None:
+        detail = f"exit {result.exit_code}"
+        if result.error:
+            detail += f": {result.error}"
+        return detail
+    return result.error or ""
+
+
+def format_summary(results: Iterable[HostResult]) -> str:
+    """Every non-ok result (host, state, command, reason), then the count line
+    ``X succeeded, Y failed, Z unreachable[, ...]``, which is always present."""
+    results = list(results)
+    bad = [r for r in results if r.state is not HostState.OK]
+    lines: list[str] = []
+    if bad:
+        host_width = max(len(r.host) for r in bad)
+        state_width = max(len(r.state.value) for r in bad)
+        for r in bad:
+            line = f"{r.host.ljust(host_width)}  {r.state.value.ljust(state_width)}"
+            if r.command is not None:
+                line += f"  [{r.command}]"
+            reason = _describe(r)
+            if reason:
+                line += f"  {reason}"
+            lines.append(line.rstrip())
+    lines.append(RunSummary.from_results(results).line())
+    return "\n".join(lines)
