@@ -251,20 +251,27 @@ candidate_lists = st.lists(
     unique=True,
 )
 kinds = st.sampled_from(list(FailureKind))
-which = st.one_of(st.just("current"), st.sampled_from(list(TransportMethod)))
-step = st.sampled_from([0.0, 0.0, 0.1, 0.5, 1.0, 3.0, 6.0, 40.0, -1.0])
-events = st.lists(
-    st.one_of(
-        st.tuples(st.just("start"), step),
-        st.tuples(st.just("tick"), step),
-        st.tuples(st.just("succeed"), step, which, st.floats(0, 500)),
-        st.tuples(st.just("fail"), step, which, kinds),
-        st.tuples(st.just("timeout"), step, which),
-        st.tuples(st.just("probe_ok"), step, st.floats(0, 500)),
-        st.tuples(st.just("probe_fail"), step, kinds),
-    ),
-    max_size=60,
+which = st.one_of(
+    st.just("current"),
+    st.just("current"),
+    st.just("current"),
+    st.sampled_from(list(TransportMethod)),
 )
+step = st.one_of(
+    st.sampled_from([0.0, 0.1, 0.5, 1.0]),
+    st.sampled_from([0.0, 0.1, 0.5, 1.0]),
+    st.sampled_from([0.0, 0.1, 0.5, 1.0]),
+    st.sampled_from([2.0, 6.0, 40.0, -1.0]),
+)
+event_names = st.sampled_from(
+    ["succeed", "probe_fail", "succeed", "probe_fail", "fail", "probe_ok", "probe_fail",
+     "timeout", "tick", "start", "succeed"]
+)  # fmt: skip
+events = st.lists(
+    st.tuples(event_names, step, which, st.floats(0, 500), kinds),
+    min_size=5,
+    max_size=80,
+).map(lambda seq: [("start", 0.0, "current", 0.0, FailureKind.OTHER), *seq])
 
 
 @dataclass
@@ -285,15 +292,20 @@ class Observer:
     fixes: int = 0
     give_ups: int = 0
 
-    def apply(self, event: tuple[object, ...]) -> None:
-        name, dt = event[0], event[1]
-        assert isinstance(dt, float)
+    def apply(self, event: tuple[str, float, str | TransportMethod, float, FailureKind]) -> None:
+        name, dt, target_choice, rtt, kind = event
         self.now += dt
         self.clock = max(self.clock, self.now)
         s = self.selector
         current = s.current_attempt
         before_failures = len(s.failures)
         self.succeeded = None
+        target = TransportMethod.DIRECT
+        if isinstance(target_choice, TransportMethod):
+            target = target_choice
+        elif current is not None:
+            target = current.method
+        actions: list[PathAction]
         if name == "start":
             restartable = s.phase in (PathPhase.IDLE, PathPhase.FAILED)
             actions = s.start(self.now)
@@ -301,30 +313,17 @@ class Observer:
                 self.new_round(list(s.candidates))
         elif name == "tick":
             actions = s.tick(self.now)
-        elif name in ("succeed", "fail", "timeout"):
-            target = event[2]
-            if target == "current":
-                target = current.method if current is not None else TransportMethod.DIRECT
-            assert isinstance(target, TransportMethod)
-            if name == "succeed":
-                rtt = event[3]
-                assert isinstance(rtt, float)
-                actions = s.attempt_succeeded(target, rtt, self.now)
-                if current is not None and current.method == target:
-                    self.succeeded = (current, rtt)
-            elif name == "fail":
-                kind = event[3]
-                assert isinstance(kind, FailureKind)
-                actions = s.attempt_failed(target, "boom", self.now, kind=kind)
-            else:
-                actions = s.attempt_timed_out(target, self.now)
+        elif name == "succeed":
+            actions = s.attempt_succeeded(target, rtt, self.now)
+            if current is not None and current.method == target:
+                self.succeeded = (current, rtt)
+        elif name == "fail":
+            actions = s.attempt_failed(target, "boom", self.now, kind=kind)
+        elif name == "timeout":
+            actions = s.attempt_timed_out(target, self.now)
         elif name == "probe_ok":
-            rtt = event[2]
-            assert isinstance(rtt, float)
             actions = s.probe_succeeded(rtt, self.now)
         else:
-            kind = event[2]
-            assert isinstance(kind, FailureKind)
             actions = s.probe_failed("probe failed", self.now, kind=kind)
         self.round_failed += sum(1 for f in s.failures[before_failures:] if f.stage == "attempt")
         for action in actions:
@@ -404,12 +403,15 @@ class Observer:
 
 
 @settings(max_examples=400, deadline=None)
-@given(candidate_lists, events)
+@given(
+    st.one_of(candidate_lists, candidate_lists.filter(bool), candidate_lists.filter(bool)), events
+)
 def test_random_event_sequences_keep_every_invariant(
-    candidates: list[PathCandidate], sequence: list[tuple[object, ...]]
+    candidates: list[PathCandidate],
+    sequence: list[tuple[str, float, str | TransportMethod, float, FailureKind]],
 ) -> None:
     observer = Observer(PathSelector("f1", candidates, per_method_timeout_s=5,
-                                     overall_timeout_s=12, probe_interval_s=30))  # fmt: skip
+                                     overall_timeout_s=20, probe_interval_s=30))  # fmt: skip
     ranks = [METHOD_ORDER.index(c.method) for c in observer.selector.candidates]
     assert ranks == sorted(ranks)
     degraded = 0
@@ -439,3 +441,40 @@ def test_succeeding_attempt_always_gets_fixed_in_order(
     assert isinstance(fix, FixPath)
     assert fix.path.method == ordered[failing].method
     assert fix.path.relay == ordered[failing].relay
+
+
+@settings(max_examples=200, deadline=None)
+@given(candidate_lists.filter(bool), st.data())
+def test_reestablishing_starts_from_the_last_good_candidate(
+    candidates: list[PathCandidate], data: st.DataObject
+) -> None:
+    selector = PathSelector("f1", candidates, failures_to_degrade=3)
+    ordered = list(selector.candidates)
+    winner = data.draw(st.integers(0, len(ordered) - 1))
+    now = 0.0
+    actions = selector.start(now)
+    for n in range(winner):
+        now += 1
+        actions = selector.attempt_failed(ordered[n], "no", now)
+    now += 1
+    selector.attempt_succeeded(ordered[winner], 5.0, now)
+    for _ in range(3):
+        now += 30
+        actions = selector.probe_failed("down", now)
+    assert isinstance(actions[0], Degraded)
+    expected = [ordered[winner], *(c for c in ordered if c != ordered[winner])]
+    restore_at = data.draw(st.integers(0, len(expected)))  # == len: none works
+    for n, candidate in enumerate(expected):
+        assert tried(actions) == candidate
+        now += 1
+        if n == restore_at:
+            restored = selector.attempt_succeeded(candidate, 9.0, now)[0]
+            assert isinstance(restored, Restored)
+            assert restored.path.method == candidate.method
+            assert restored.previous.method == ordered[winner].method
+            return
+        actions = selector.attempt_failed(candidate, "still down", now)
+    give_up = only(actions, GiveUp)
+    assert isinstance(give_up, GiveUp)
+    assert isinstance(give_up.diagnostic, AllMethodsFailed)
+    assert len(give_up.diagnostic.failures) == len(expected)

@@ -3,9 +3,11 @@ command forms all agree with the leader snapshot."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -176,3 +178,29 @@ def test_parse_rejects_junk_and_forged_manifests(tmp_path: Path) -> None:
     document["entries"][0][1] = "x"
     with pytest.raises(RemoteDigestError, match="unknown kind 'x'"):
         parse_digest_output(json.dumps(document).encode(), manifest=True)
+
+
+def _old_pythons() -> list[str]:
+    """Older interpreters on this machine (PATH or pyenv), to check the script's floor."""
+    found: list[str] = []
+    for version in ("3.6", "3.7", "3.8"):
+        # Real installs first: a pyenv *shim* fails unless pyenv selects that version.
+        candidates = sorted(
+            glob.glob(os.path.expanduser(f"~/.pyenv/versions/{version}.*/bin/python{version}"))
+        )
+        which = shutil.which(f"python{version}")
+        if which and "/shims/" not in which:
+            candidates.append(which)
+        found += [c for c in candidates if c and os.access(c, os.X_OK)][:1]
+    return found
+
+
+@pytest.mark.parametrize("python", _old_pythons() or ["none"])
+def test_script_runs_on_old_follower_pythons(python: str, tree: Path) -> None:
+    if python == "none":
+        pytest.skip("no Python 3.6-3.8 interpreter on this machine")
+    result = _run([python, "-I", "-S", str(SCRIPT), "--root", str(tree), *IGNORE_ARGS, "--json"])
+    assert result.returncode == 0, result.stderr
+    remote = parse_digest_output(result.stdout.encode(), manifest=True)
+    snap = take_snapshot(tree)
+    assert remote.id == snap.id and remote.manifest == snap.manifest

@@ -74,6 +74,8 @@ def test_plan_mismatch_forces_one_resync_then_names_paths() -> None:
 def test_plan_rejects_misuse() -> None:
     with pytest.raises(ValueError, match="h1"):
         FencePlan(SNAP, ["h1", "h1"])
+    with pytest.raises(ValueError, match="no hosts"):
+        FencePlan(SNAP, [])
     plan = FencePlan(SNAP, ["h1"])
     with pytest.raises(KeyError, match="nope"):
         plan.begin("nope")

@@ -4,6 +4,10 @@ Every TCP leg is TLS with the fleet CA as the only trust anchor. Peers are ident
 SPIFFE ID (`ah_connectivity.pki`), not by host name: a client checks the chain during the
 handshake and then `verify_tls_peer` requires the expected ID, just as the QUIC shells do.
 
+Every context sets OP_IGNORE_UNEXPECTED_EOF: tunnels half-close with a bare TCP FIN (see
+`ah_connectivity.splice`), and without the option OpenSSL 3 answers that EOF with a fatal
+decode_error alert on the still-open direction.
+
 Server contexts issue no TLS 1.3 session tickets: a ticket is a post-handshake write, and the
 splice threads read and write one socket from two threads, so nothing but application data
 may need writing after the handshake.
@@ -95,6 +99,7 @@ def server_context(
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     _load_identity(context, identity)
     context.num_tickets = 0
+    context.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
     if client_certs:
         context.load_verify_locations(cadata=_ca_pem(ca))
         context.verify_mode = ssl.CERT_OPTIONAL
@@ -111,6 +116,7 @@ def client_context(
     context.check_hostname = False
     context.verify_mode = ssl.CERT_REQUIRED
     context.load_verify_locations(cadata=_ca_pem(ca))
+    context.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
     if identity is not None:
         _load_identity(context, identity)
     return context

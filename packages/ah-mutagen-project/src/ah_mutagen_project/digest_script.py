@@ -4,7 +4,8 @@ This one file is the whole algorithm, shared by the leader (``ah_mutagen_project
 imports it and adds a stat cache) and the followers, which run it either as the
 ``ah-tree-digest`` console script or, where nothing is installed, by piping this very source
 into ``python3 -`` over SSH (``remote_digest_command``). It therefore imports only the standard
-library and keeps to Python 3.8 syntax at run time.
+library and runs on Python 3.6 and later (RHEL 8's platform python): annotations that use
+newer syntax are strings, never evaluated.
 
 Usage: ``python3 digest_script.py --root DIR [--ignore PATTERN]... [--json] [--no-exec-bit]``
 
@@ -48,7 +49,7 @@ each followed by a NUL byte. Paths are relative, ``/``-separated; names that are
 UTF-8 are hashed by their raw bytes.
 """
 
-from __future__ import annotations
+# ruff: noqa: UP037  (quoted annotations keep this file importable on Python 3.6)
 
 import argparse
 import fnmatch
@@ -128,16 +129,16 @@ def _check_component(pattern: str, component: str) -> None:
 class IgnoreRules:
     """Compiled ignore patterns (see the module docstring for the matching rule)."""
 
-    def __init__(self, patterns: Iterable[str], *, vcs: bool = True) -> None:
-        ordered: list[str] = []
+    def __init__(self, patterns: "Iterable[str]", *, vcs: bool = True) -> None:
+        ordered: "list[str]" = []
         for pattern in [*(VCS_IGNORES if vcs else ()), *patterns]:
             if pattern not in ordered:
                 ordered.append(pattern)
-        self.patterns: tuple[str, ...] = tuple(ordered)
-        self._leaf_names: set[str] = set()
-        self._leaf_dir_names: set[str] = set()
-        self._leaf_globs: list[tuple[str, bool]] = []
-        self._anchored: dict[int, list[tuple[tuple[str, ...], bool]]] = {}
+        self.patterns: "tuple[str, ...]" = tuple(ordered)
+        self._leaf_names: "set[str]" = set()
+        self._leaf_dir_names: "set[str]" = set()
+        self._leaf_globs: "list[tuple[str, bool]]" = []
+        self._anchored: "dict[int, list[tuple[tuple[str, ...], bool]]]" = {}
         for pattern in self.patterns:
             self._add(pattern)
 
@@ -192,7 +193,7 @@ class IgnoreRules:
                     continue
                 if all(
                     fnmatch.fnmatchcase(part, comp) if _has_glob(comp) else part == comp
-                    # Equal lengths by construction; no strict= (this file must run on Python 3.8).
+                    # Equal lengths by construction; no strict= (this file must run on Python 3.6).
                     for part, comp in zip(parts, components)  # noqa: B905
                 ):
                     return True
@@ -225,8 +226,8 @@ def path_bytes(path: str) -> bytes:
 
 
 def scan_tree(
-    root: str, rules: IgnoreRules, file_digest: FileDigester | None = None
-) -> list[Entry]:
+    root: str, rules: "IgnoreRules", file_digest: "FileDigester | None" = None
+) -> "list[Entry]":
     """Every entry under ``root`` not ignored by ``rules``, sorted by path bytes.
 
     Raises:
@@ -235,8 +236,8 @@ def scan_tree(
     digester = file_digest or _default_digester
     if not os.path.isdir(root):
         raise TreeError(f"tree root {root!r} is not a directory (or does not exist)")
-    entries: list[Entry] = []
-    pending: list[tuple[str, str]] = [(root, "")]
+    entries: "list[Entry]" = []
+    pending: "list[tuple[str, str]]" = [(root, "")]
     while pending:
         directory, prefix = pending.pop()
         try:
@@ -277,7 +278,7 @@ def scan_tree(
     return entries
 
 
-def content_id(entries: Iterable[Entry], exec_bits: bool = True) -> str:
+def content_id(entries: "Iterable[Entry]", exec_bits: bool = True) -> str:
     """The ``snap-<hex>`` id of the canonical manifest of ``entries`` (sorted by path bytes)."""
     digest = hashlib.sha256()
     header = FORMAT if exec_bits else FORMAT + " no-exec-bit"
@@ -328,7 +329,7 @@ def _fail(as_json: bool, kind: str, message: str, code: int) -> int:
     return code
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: "Sequence[str] | None" = None) -> int:
     """Run the digest command; returns the exit status (0 ok, 1 unreadable tree, 2 usage)."""
     args = _parser().parse_args(argv)
     exec_bits = not args.no_exec_bit

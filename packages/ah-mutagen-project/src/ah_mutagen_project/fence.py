@@ -107,6 +107,8 @@ class FencePlan:
     def __init__(self, snapshot_id: str, hosts: Sequence[str], manifest: Manifest | None = None):
         if isinstance(hosts, str):
             raise TypeError("hosts must be a sequence of host names, not one string")
+        if not hosts:
+            raise ValueError("fence: no hosts to fence (an empty selection is an error)")
         duplicates = sorted({h for h in hosts if list(hosts).count(h) > 1})
         if duplicates:
             raise ValueError(f"fence: hosts listed more than once: {', '.join(duplicates)}")

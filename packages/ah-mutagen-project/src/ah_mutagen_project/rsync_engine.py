@@ -1,7 +1,8 @@
 """The rsync-over-SSH sync engine (the default where Mutagen is absent).
 
-Command: ``rsync -rlpt --delete --mkpath --out-format='%i %n' --timeout=N -e '<ssh>'
-[--checksum] --exclude=... SRC/ DEST:DST``. The choices:
+Command: ``rsync -rlpt --delete --mkpath --out-format='%i %n' --modify-window=-1
+--timeout=N -e '<ssh -F config -o BatchMode=yes>' [--checksum] --exclude=PATTERN...
+SRC/ HOST:DST/``. The choices:
 
 * ``-rlpt`` rather than ``-a``: recursion, symlinks as symlinks, permissions (the exec bit is
   part of the snapshot) and mtimes (needed by the next quick check). Not owner/group (the
