@@ -45,7 +45,12 @@ def run_as_sshd(outer_shell: str, rendered: str, home: Path) -> bytes:
     """Run ``rendered`` the way sshd does: ``<login shell> -c <string>``."""
     env = {"HOME": str(home), "PATH": os.environ["PATH"], "LC_ALL": "C.UTF-8"}
     proc = subprocess.run(
-        [outer_shell, "-c", rendered], env=env, capture_output=True, timeout=30, check=False
+        [outer_shell, "-c", rendered],
+        env=env,
+        cwd=home,  # a quoting bug must not scatter files into the checkout
+        capture_output=True,
+        timeout=30,
+        check=False,
     )
     assert proc.returncode == 0, (proc.returncode, proc.stderr)
     return proc.stdout
