@@ -13,8 +13,6 @@ import argparse
 import asyncio
 import multiprocessing
 import socket
-import ssl
-import threading
 import time
 from typing import Any
 
@@ -26,9 +24,10 @@ CHUNK = 256 * 1024
 
 
 def _identity(cert_pem: bytes, key_pem: bytes) -> Any:
-    from ah_connectivity.pki import Identity
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
+
+    from ah_connectivity.pki import Identity
 
     key = serialization.load_pem_private_key(key_pem, None)
     return Identity(key=key, cert=x509.load_pem_x509_certificate(cert_pem))  # type: ignore[arg-type]
@@ -110,8 +109,8 @@ def run_mode(mode: str, mb: int) -> float:
             server.close()
 
         asyncio.run(main())
-    received = sink_q.get()
-    seconds = source_q.get()
+    received = int(sink_q.get())
+    seconds = float(source_q.get())
     sink_proc.join()
     source_proc.join()
     assert received == mb * 1024 * 1024, (received, mb)

@@ -6,13 +6,15 @@ from __future__ import annotations
 import asyncio
 import ssl
 import threading
-from collections.abc import Coroutine, Iterator
+import time
+from collections.abc import Collection, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import httpx
 import jsonschema
+import msgspec
 import pytest
 from cryptography.hazmat.primitives import serialization
 from litestar import Litestar
@@ -21,8 +23,14 @@ from ah_api import (
     ApiServer,
     EnrollmentRefusal,
     EnrollmentRefused,
+    EventHub,
     HostExec,
     JwtAuthenticator,
+    PushEndpoint,
+    SessionSummary,
+    SseSettings,
+    StoredEvent,
+    Subscription,
     create_app,
 )
 from ah_connectivity.pki import (
@@ -38,13 +46,18 @@ from ah_connectivity.tokens import (
     user_audience,
 )
 from ah_domain_types import (
+    EVENT_CLASSES,
+    EVENT_TYPES,
     EnrollRequest,
     EnrollResponse,
+    Event,
     FollowerHealth,
     FollowerInfo,
     FollowerStatus,
     OsKind,
     Resources,
+    SessionInfo,
+    encode_event_json,
 )
 
 TRUST_DOMAIN = "api-test.fleet"
@@ -291,17 +304,37 @@ class ApiChecker:
         return {**content[media_type]["schema"], "components": self.openapi["components"]}
 
     def json(self, response: httpx.Response, path: str, *, status: int) -> Any:
-        """Assert ``status`` and validate the body against the route's documented schema."""
+        """Assert ``status`` and validate the body against the route's documented schema,
+        and that every response header it documents as required is there."""
         assert response.status_code == status, (response.status_code, response.text)
         media_type = response.headers["content-type"].split(";")[0].strip()
         body = response.json()
         schema = self.schema_for(response.request.method, path, status, media_type)
         jsonschema.Draft202012Validator(schema).validate(body)
+        self.required_headers(response, path, status)
         if status >= 400:
             assert media_type == "application/problem+json"
             assert body["status"] == status
             assert body["type"].startswith("urn:ah:problem:")
         return body
+
+    def required_headers(self, response: httpx.Response, path: str, status: int) -> None:
+        operation = self.openapi["paths"][path][response.request.method.lower()]
+        documented = operation["responses"][str(status)].get("headers", {})
+        for name, header in documented.items():
+            if header.get("required"):
+                assert name.lower() in response.headers, (
+                    f"{response.request.method} {path} {status} lacks the required header {name}"
+                )
+
+    def event_item_schema(self) -> dict[str, Any]:
+        """The schema of one event as the events route documents it (an EventsPage item)."""
+        page = self.openapi["components"]["schemas"]["EventsPage"]
+        return {**page["properties"]["events"]["items"], "components": self.openapi["components"]}
+
+    def event(self, data: Any) -> None:
+        """Validate one SSE ``data:`` payload against the documented event schema."""
+        jsonschema.Draft202012Validator(self.event_item_schema()).validate(data)
 
     def problem(self, response: httpx.Response, status: int) -> Any:
         """For answers no route documents (unknown route, 405, 500): a problem document."""
@@ -318,3 +351,154 @@ class ApiChecker:
 @pytest.fixture(scope="module")
 def check(openapi: dict[str, Any]) -> ApiChecker:
     return ApiChecker(openapi)
+
+
+# --------------------------------------------------------------------------- sessions
+
+EVENT_TYPE_OF: dict[type, str] = dict(zip(EVENT_CLASSES, EVENT_TYPES, strict=True))
+
+
+@dataclass
+class InMemorySessions:
+    """A test double of the access point's event store + live hub (implements
+    ``SessionBackend``); the hub and the SSE machinery are the real ones. Call ``append`` on
+    the server's event loop (``loop_thread.run``)."""
+
+    followers: list[FollowerStatus]
+    hub: EventHub = field(default_factory=EventHub)
+    summaries: dict[str, SessionSummary] = field(default_factory=dict)
+    events: dict[str, list[StoredEvent]] = field(default_factory=dict)
+
+    async def append(self, session_id: str, events: Sequence[Event], leader: str = "alice") -> list[int]:
+        stored = self.events.setdefault(session_id, [])
+        summary = self.summaries.get(session_id)
+        if summary is None:
+            summary = SessionSummary(
+                id=session_id, leader=leader, created_ms=int(time.time() * 1000),
+                last_event_ms=None, last_seq=0,
+            )  # fmt: skip
+        fresh: list[StoredEvent] = []
+        ts = summary.last_event_ms or 0.0
+        for event in events:
+            seq = len(stored) + 1
+            ts = max(ts, time.time() * 1000)
+            final = msgspec.structs.replace(event, session_id=session_id, seq=seq, ts_ms=ts)
+            item = StoredEvent(seq, EVENT_TYPE_OF[type(final)], ts, encode_event_json(final))
+            stored.append(item)
+            fresh.append(item)
+        self.summaries[session_id] = msgspec.structs.replace(
+            summary, last_event_ms=ts, last_seq=len(stored)
+        )
+        self.hub.publish(session_id, fresh)
+        return [e.seq for e in fresh]
+
+    def _select(
+        self, session_id: str, after: int, until: int | None, types: Collection[str] | None
+    ) -> list[StoredEvent]:
+        return [
+            e
+            for e in self.events.get(session_id, [])
+            if e.seq > after and (until is None or e.seq <= until) and (not types or e.type in types)
+        ]
+
+    def read_events(
+        self,
+        session_id: str,
+        *,
+        after: int = 0,
+        until: int | None = None,
+        types: Collection[str] | None = None,
+        limit: int,
+        offset: int = 0,
+        descending: bool = False,
+    ) -> list[StoredEvent]:
+        chosen = self._select(session_id, after, until, types)
+        if descending:
+            chosen.reverse()
+        return chosen[offset : offset + limit]
+
+    def count_events(
+        self,
+        session_id: str,
+        *,
+        after: int = 0,
+        until: int | None = None,
+        types: Collection[str] | None = None,
+    ) -> int:
+        return len(self._select(session_id, after, until, types))
+
+    def subscribe(self, session_id: str, max_queue: int) -> Subscription:
+        return self.hub.subscribe(session_id, max_queue)
+
+    def list_sessions(self) -> list[SessionSummary]:
+        return sorted(self.summaries.values(), key=lambda s: s.created_ms, reverse=True)
+
+    def get_session(self, session_id: str) -> SessionSummary | None:
+        return self.summaries.get(session_id)
+
+    def session_info(self, session_id: str, hosts_glob: str) -> SessionInfo | None:
+        summary = self.summaries.get(session_id)
+        if summary is None:
+            return None
+        return SessionInfo(
+            id=session_id,
+            leader=summary.leader,
+            created_ms=summary.created_ms,
+            followers=list(self.followers),
+            endpoints={"events": f"/api/v1/sessions/{session_id}/events"},
+            last_event_ms=summary.last_event_ms,
+            last_seq=summary.last_seq,
+        )
+
+    def push_endpoint(self) -> PushEndpoint | None:
+        return PushEndpoint(host="127.0.0.1", port=4433, alpn="ah-leader/1", trust_domain=TRUST_DOMAIN)
+
+
+SSE_TEST_SETTINGS = SseSettings(keepalive_s=0.2, queue_size=40, history_page=7, retry_ms=50)
+
+
+@dataclass
+class RunningSessionsApi(RunningApi):
+    sessions: InMemorySessions = field(default_factory=lambda: InMemorySessions([]))
+    loop_thread: LoopThread | None = None
+
+    def append(self, session_id: str, events: Sequence[Event]) -> list[int]:
+        assert self.loop_thread is not None
+        return self.loop_thread.run(self.sessions.append(session_id, events))
+
+
+@pytest.fixture(scope="module")
+def sessions_api(
+    tls: TlsMaterial, signer: TokenSigner, loop_thread: LoopThread
+) -> Iterator[RunningSessionsApi]:
+    """A real server with the session routes over an in-memory store (small SSE limits:
+    keep-alive every 0.2 s, 40 queued events, history pages of 7)."""
+    fleet = InMemoryFleet(ca=tls.ca, verifier_signer=signer, followers=default_followers())
+    sessions = InMemorySessions(default_followers())
+    authenticator = JwtAuthenticator(signer.verifier(), user_audience(TRUST_DOMAIN))
+    app = create_app(
+        fleet, authenticator, version=API_VERSION, sessions=sessions, sse=SSE_TEST_SETTINGS
+    )
+    server = ApiServer(app, certfile=tls.certfile, keyfile=tls.keyfile)
+    port = loop_thread.run(server.start("127.0.0.1", 0))
+    try:
+        yield RunningSessionsApi(
+            f"https://127.0.0.1:{port}", port, fleet, tls, server, app, sessions, loop_thread
+        )
+    finally:
+        loop_thread.run(server.stop())
+
+
+@pytest.fixture(scope="module")
+def sessions_openapi(sessions_api: RunningSessionsApi) -> dict[str, Any]:
+    with sessions_api.client() as client:
+        response = client.get("/api/v1/openapi.json")
+    assert response.status_code == 200, response.text
+    document: dict[str, Any] = response.json()
+    return document
+
+
+@pytest.fixture(scope="module")
+def scheck(sessions_openapi: dict[str, Any]) -> ApiChecker:
+    """An ApiChecker over the document of the server that serves the session routes."""
+    return ApiChecker(sessions_openapi)

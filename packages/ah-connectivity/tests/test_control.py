@@ -5,6 +5,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from ah_connectivity import (
     NO_ERROR,
     AccessPointControl,
@@ -33,8 +36,6 @@ from ah_domain_types import (
     StreamErrorCode,
     Welcome,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 INTERVAL = 100
 

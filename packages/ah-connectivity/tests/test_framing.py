@@ -5,6 +5,9 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from ah_connectivity import (
     DEFAULT_MAX_FRAME_SIZE,
     FrameDecoder,
@@ -23,8 +26,6 @@ from ah_domain_types import (
     StreamError,
     StreamErrorCode,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 ints = st.integers(min_value=0, max_value=2**40)
 text = st.text(max_size=40)

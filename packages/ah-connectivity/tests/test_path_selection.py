@@ -111,6 +111,20 @@ def test_attempt_deadline_and_overall_timeout() -> None:
     assert selector.path is None
 
 
+def test_a_result_arriving_after_its_deadline_is_stale() -> None:
+    """Two relays: the first one's success comes in after its deadline, when the second is
+    already being tried. It must neither fix the first nor count for the second."""
+    ap3 = PathCandidate(TransportMethod.RELAY, "f1:22", relay="ap-3")
+    selector = PathSelector("f1", [RELAY, ap3], per_method_timeout_s=5)
+    selector.start(0)
+    actions = selector.attempt_succeeded(TransportMethod.RELAY, 1.0, 5.5)
+    assert actions == [TryMethod(ap3, 10.5)]
+    assert selector.path is None and selector.current_attempt == ap3
+    assert selector.failures[0].kind is FailureKind.TIMEOUT
+    fix = selector.attempt_succeeded(TransportMethod.RELAY, 2.0, 6)[0]
+    assert isinstance(fix, FixPath) and fix.path.relay == "ap-3"
+
+
 def test_all_methods_failed_and_the_best_reason() -> None:
     selector = PathSelector("f1", [DIRECT, CONNECT, RELAY])
     selector.start(0)

@@ -7,6 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from ah_connectivity import (
     CA_CERT_FILE,
     CA_KEY_FILE,
@@ -26,9 +30,6 @@ from ah_connectivity import (
     spiffe_id_for_follower,
     verify_peer,
 )
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 
 def mode(path: Path) -> int:

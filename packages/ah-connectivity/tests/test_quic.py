@@ -14,6 +14,13 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import pytest
+from aioquic.asyncio.client import connect
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.asyncio.server import serve
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from cryptography.hazmat.primitives import serialization
+
 from ah_connectivity import (
     ALPN,
     Backoff,
@@ -40,12 +47,6 @@ from ah_domain_types import (
     StreamErrorCode,
     Welcome,
 )
-from aioquic.asyncio.client import connect
-from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.asyncio.server import serve
-from aioquic.quic import events
-from aioquic.quic.configuration import QuicConfiguration
-from cryptography.hazmat.primitives import serialization
 
 GARBAGE = b"\x00\x00\x00\x05\xc1\xc1\xc1\xc1\xc1"  # a 5-byte frame of invalid msgpack
 OVERSIZED = b"\x00\x20\x00\x00" + b"\x00" * 64  # announces 2 MiB, over the 1 MiB limit

@@ -18,6 +18,7 @@ from ah_domain_types import (
     HOST_KEY_FINGERPRINT_PATTERN,
     HOST_NAME_PATTERN,
     HOST_PORT_PATTERN,
+    SESSION_ID_PATTERN,
     TAG_KEY_PATTERN,
     TAG_VALUE_PATTERN,
     Ack,
@@ -62,6 +63,12 @@ from ah_domain_types import (
     PathPolicyConfig,
     PathRecord,
     PathRestoredEvent,
+    PushAck,
+    PushBatch,
+    PushHello,
+    PushRefusal,
+    PushRefused,
+    PushWelcome,
     Resources,
     RunEnvelope,
     RunSummary,
@@ -102,6 +109,8 @@ required_flags = st.one_of(
     st.integers(min_value=0, max_value=1),
     st.sampled_from(["yes", "No", "TRUE", "false", "1", "0"]),
 )
+session_ids = st.from_regex(SESSION_ID_PATTERN, fullmatch=True)
+producers = st.from_regex(r"^[A-Za-z0-9_-]{1,64}$", fullmatch=True)
 enforced_keys = st.from_regex(r"^[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*$", fullmatch=True)
 
 
@@ -209,6 +218,8 @@ REGISTRY: dict[type[msgspec.Struct], st.SearchStrategy[Any]] = {
         created_ms=non_neg,
         followers=st.lists(follower_statuses, max_size=2),
         endpoints=st.dictionaries(text, text, max_size=2),
+        last_event_ms=opt(ms_floats),
+        last_seq=non_neg,
     ),
     FenceHostResult: fence_host_results,
     FenceMetadata: st.builds(
@@ -317,6 +328,25 @@ REGISTRY: dict[type[msgspec.Struct], st.SearchStrategy[Any]] = {
     PathRestoredEvent: st.builds(
         PathRestoredEvent, host=host_names, path=path_records, **event_common()
     ),
+    # leader event push
+    PushHello: st.builds(
+        PushHello,
+        token=text,
+        session_id=session_ids,
+        producer=producers,
+        protocol_version=st.integers(1, 10),
+        client_version=text,
+    ),
+    PushWelcome: st.builds(
+        PushWelcome,
+        session_id=session_ids,
+        producer=producers,
+        acked_lseq=non_neg,
+        last_seq=non_neg,
+        max_batch_events=st.integers(1, 10_000),
+    ),
+    PushAck: st.builds(PushAck, last_lseq=non_neg, first_seq=non_neg, last_seq=non_neg),
+    PushRefused: st.builds(PushRefused, code=st.sampled_from(PushRefusal), message=text),
     # configuration
     SshConfig: st.builds(SshConfig, user=opt(text), identity_file=opt(text)),
     FilesetConfig: fileset_configs,
@@ -346,6 +376,13 @@ REGISTRY: dict[type[msgspec.Struct], st.SearchStrategy[Any]] = {
     ),
     HostOverrideConfig: st.builds(HostOverrideConfig, workspace=opt(text), ssh_user=opt(text)),
 }
+REGISTRY[PushBatch] = st.builds(
+    PushBatch,
+    first_lseq=st.integers(1, 2**40),
+    events=st.lists(
+        st.one_of([REGISTRY[tp] for tp in adt.Event.__args__]), min_size=1, max_size=3
+    ),
+)
 REGISTRY[ErrorEnvelope] = st.builds(ErrorEnvelope, error=REGISTRY[ErrorBody])
 REGISTRY[ConfigFile] = st.builds(
     ConfigFile,
@@ -370,6 +407,10 @@ UNIONS: dict[str, tuple[Any, st.SearchStrategy[Any]]] = {
         st.one_of([REGISTRY[tp] for tp in adt.ControlMessage.__args__]),
     ),
     "Event": (adt.Event, st.one_of([REGISTRY[tp] for tp in adt.Event.__args__])),
+    "PushMessage": (
+        adt.PushMessage,
+        st.one_of([REGISTRY[tp] for tp in adt.PushMessage.__args__]),
+    ),
 }
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -60,6 +62,25 @@ def read_pids(path: Path) -> list[int]:
         return [int(word) for word in path.read_text().split()]
     except FileNotFoundError:
         return []
+
+
+@pytest.fixture
+def pid_files(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """Pid files for remote commands; whatever they list is killed at teardown, so a
+    failing test (or a peer that died before we could stop its commands) leaves nothing."""
+    created: list[Path] = []
+
+    def make(name: str) -> Path:
+        path = tmp_path / name
+        created.append(path)
+        return path
+
+    yield make
+    for path in created:
+        for pid in read_pids(path):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if not pid_gone(pid):
+                    os.kill(pid, signal.SIGKILL)
 
 
 async def wait_async(predicate: Callable[[], object], timeout: float, what: str) -> None:
@@ -197,9 +218,9 @@ def _sleeper(pid_file: Path, *, ignore_term: bool = False) -> str:
 
 @pytest.mark.parametrize("ignore_term", [False, True], ids=["term", "term-ignored"])
 def test_timeout_kills_the_remote_processes(
-    shared_sshd: RunningSshd, run: Run, tmp_path: Path, ignore_term: bool
+    shared_sshd: RunningSshd, run: Run, pid_files: Callable[[str], Path], ignore_term: bool
 ) -> None:
-    pid_file = tmp_path / "pids"
+    pid_file = pid_files("pids")
 
     async def body() -> None:
         async with await open_transport(shared_sshd) as t:
@@ -219,9 +240,9 @@ def test_timeout_kills_the_remote_processes(
 
 
 def test_asyncio_cancel_kills_the_remote_processes(
-    shared_sshd: RunningSshd, run: Run, tmp_path: Path
+    shared_sshd: RunningSshd, run: Run, pid_files: Callable[[str], Path]
 ) -> None:
-    pid_file = tmp_path / "pids"
+    pid_file = pid_files("pids")
 
     async def body() -> None:
         async with await open_transport(shared_sshd) as t:
@@ -242,11 +263,11 @@ def test_asyncio_cancel_kills_the_remote_processes(
 
 
 def test_cancel_event_and_failing_callback_stop_the_command(
-    shared_sshd: RunningSshd, run: Run, tmp_path: Path
+    shared_sshd: RunningSshd, run: Run, pid_files: Callable[[str], Path]
 ) -> None:
     async def body() -> None:
         async with await open_transport(shared_sshd) as t:
-            pid_file = tmp_path / "pids-event"
+            pid_file = pid_files("pids-event")
             cancel = asyncio.Event()
             outcome = await t.run(_sleeper(pid_file), on_stdout=lambda _: cancel.set(),
                                   cancel=cancel)  # fmt: skip
@@ -254,7 +275,7 @@ def test_cancel_event_and_failing_callback_stop_the_command(
             pids = read_pids(pid_file)
             await wait_async(lambda: all(pid_gone(p) for p in pids), 10, f"{pids} to end")
 
-            pid_file = tmp_path / "pids-callback"
+            pid_file = pid_files("pids-callback")
 
             def explode(line: str) -> None:
                 raise RuntimeError(f"callback failed on {line!r}")
@@ -332,12 +353,13 @@ def test_only_public_key_auth_is_used(sshd_factory: SshdFactory, run: Run, tmp_p
 
     try:
         run(body())
-        log = sshd.log_text()
         wait_for(lambda: "Accepted publickey" in sshd.log_text(), 5, what="the accepted login")
+        wait_for(lambda: "Failed publickey" in sshd.log_text(), 5, what="the refused key")
+        log = sshd.log_text()
         # The server only ever saw public-key requests: no password, no keyboard-interactive.
-        methods = set(re.findall(r"(?:Accepted|Failed) (\w[\w-]*) for", sshd.log_text()))
-        assert methods <= {"publickey"}, log
-        assert "password" not in sshd.log_text().lower().replace("passwordauthentication", "")
+        methods = set(re.findall(r"(?:Accepted|Failed) (\w[\w-]*) for", log))
+        assert methods == {"publickey"}, log
+        assert "password" not in log.lower(), log
     finally:
         sshd.stop()
 
@@ -412,14 +434,14 @@ def private_sshd(sshd_factory: SshdFactory, tmp_path: Path) -> Iterator[RunningS
 
 
 def test_killed_peer_fails_running_and_new_commands(
-    private_sshd: RunningSshd, run: Run, tmp_path: Path
+    private_sshd: RunningSshd, run: Run, pid_files: Callable[[str], Path]
 ) -> None:
     async def body() -> None:
         t = await open_transport(private_sshd)
         try:
             started = asyncio.Event()
             task = asyncio.ensure_future(
-                t.run(_sleeper(tmp_path / "pids"), on_stdout=lambda _: started.set())
+                t.run(_sleeper(pid_files("pids")), on_stdout=lambda _: started.set())
             )
             await asyncio.wait_for(started.wait(), 10)
             private_sshd.process.kill()  # SIGKILL sshd and every session it started
@@ -436,15 +458,19 @@ def test_killed_peer_fails_running_and_new_commands(
     run(body())
 
 
-def test_paused_peer_is_declared_lost_by_keepalive(private_sshd: RunningSshd, run: Run) -> None:
+def test_paused_peer_is_declared_lost_by_keepalive(
+    private_sshd: RunningSshd, run: Run, pid_files: Callable[[str], Path]
+) -> None:
     options = SshOptions(keepalive_interval_s=0.2, keepalive_timeout_s=1.0, kill_grace_s=0.5)
+    # The connection is gone, so nobody can stop this command remotely: pid_files reaps it.
+    pid_file = pid_files("pids")
 
     async def body() -> None:
         t = await open_transport(private_sshd, options=options)
         try:
             assert (await t.capture("true")).outcome.ok
-            task = asyncio.ensure_future(t.run("sleep 1000"))
-            await wait_async(lambda: t.open_channels == 1, 10, "the command's channel")
+            task = asyncio.ensure_future(t.run(f"sleep 1000 & echo $! > {pid_file}; wait"))
+            await wait_async(lambda: read_pids(pid_file), 10, "the command to start")
             private_sshd.pause()  # SIGSTOP: the TCP connection stays up but nothing answers
             with pytest.raises(SshConnectionLost, match="keepalive"):
                 await asyncio.wait_for(task, 10)
@@ -453,6 +479,29 @@ def test_paused_peer_is_declared_lost_by_keepalive(private_sshd: RunningSshd, ru
         finally:
             private_sshd.resume()
             await t.close()
+
+    run(body())
+
+
+def test_probe_of_a_paused_peer_answers_at_its_deadline(
+    private_sshd: RunningSshd, run: Run
+) -> None:
+    """Without keepalives, opening the probe's channel alone would block for
+    connect_timeout_s (10 s); the probe still answers at its own 0.5 s deadline."""
+    options = SshOptions(keepalive_interval_s=0, kill_grace_s=0.5)
+
+    async def body() -> None:
+        async with await open_transport(private_sshd, options=options) as t:
+            assert (await t.probe()).ok
+            private_sshd.pause()
+            try:
+                result = await asyncio.wait_for(t.probe(timeout=0.5), 5)
+                assert not result.ok and result.error is not None
+                assert "timed out after 0.5s" in result.error
+            finally:
+                private_sshd.resume()
+            after = await t.probe(timeout=10)
+            assert after.ok, after.error
 
     run(body())
 

@@ -12,8 +12,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .merge import ReplayLiveMerge
 from .problems import PROBLEM_MEDIA_TYPE, ApiProblem, ProblemType
 from .wire import (
+    EventSort,
+    EventsPage,
     ExecApiRequest,
     ExecApiResponse,
     ExecState,
@@ -21,6 +24,9 @@ from .wire import (
     HealthResponse,
     HostExec,
     Problem,
+    PushEndpoint,
+    SessionsResponse,
+    SessionSummary,
 )
 
 if TYPE_CHECKING:
@@ -46,6 +52,16 @@ if TYPE_CHECKING:
         Principal,
     )
     from .server import ApiServer, ApiServerError
+    from .sessions import LAST_SEQ_HEADER, MAX_PER_PAGE, SessionBackend, session_routes
+    from .sse import (
+        EVENT_STREAM_MEDIA_TYPE,
+        EventHub,
+        EventStreamResponse,
+        SsePump,
+        SseSettings,
+        StoredEvent,
+        Subscription,
+    )
 
 _LAZY = {
     **dict.fromkeys(
@@ -76,6 +92,21 @@ _LAZY = {
         ".backend",
     ),
     **dict.fromkeys(["ApiServer", "ApiServerError"], ".server"),
+    **dict.fromkeys(
+        ["LAST_SEQ_HEADER", "MAX_PER_PAGE", "SessionBackend", "session_routes"], ".sessions"
+    ),
+    **dict.fromkeys(
+        [
+            "EVENT_STREAM_MEDIA_TYPE",
+            "EventHub",
+            "EventStreamResponse",
+            "SsePump",
+            "SseSettings",
+            "StoredEvent",
+            "Subscription",
+        ],
+        ".sse",
+    ),
 }
 
 
@@ -93,6 +124,9 @@ __all__ = [
     "BEARER_SCHEME",
     "CA_FINGERPRINT_HEADER",
     "DOCS_PATH",
+    "EVENT_STREAM_MEDIA_TYPE",
+    "LAST_SEQ_HEADER",
+    "MAX_PER_PAGE",
     "OPENAPI_PATH",
     "PROBLEM_MEDIA_TYPE",
     "SCOPE_EXEC",
@@ -106,6 +140,10 @@ __all__ = [
     "Authenticator",
     "EnrollmentRefusal",
     "EnrollmentRefused",
+    "EventHub",
+    "EventSort",
+    "EventStreamResponse",
+    "EventsPage",
     "ExecApiRequest",
     "ExecApiResponse",
     "ExecState",
@@ -117,5 +155,15 @@ __all__ = [
     "Principal",
     "Problem",
     "ProblemType",
+    "PushEndpoint",
+    "ReplayLiveMerge",
+    "SessionBackend",
+    "SessionSummary",
+    "SessionsResponse",
+    "SsePump",
+    "SseSettings",
+    "StoredEvent",
+    "Subscription",
     "create_app",
+    "session_routes",
 ]

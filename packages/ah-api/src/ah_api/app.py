@@ -32,6 +32,8 @@ from .backend import (
     Principal,
 )
 from .problems import PROBLEM_MEDIA_TYPE, ApiProblem, ProblemType
+from .sessions import SessionBackend, session_routes
+from .sse import SseSettings
 from .wire import ExecApiRequest, ExecApiResponse, FollowersResponse, HealthResponse, Problem
 
 __all__ = [
@@ -216,9 +218,13 @@ def create_app(
     *,
     version: str,
     title: str = "Agent Harbor fleet API",
+    sessions: SessionBackend | None = None,
+    sse: SseSettings | None = None,
 ) -> Litestar:
     """The REST API over ``backend``; every request needing a token goes through
-    ``authenticator``. ``version`` is reported by ``healthz``/``readyz`` and the OpenAPI info."""
+    ``authenticator``. ``version`` is reported by ``healthz``/``readyz`` and the OpenAPI info.
+    With ``sessions``, the session routes (list, info, events as JSON or SSE, push endpoint)
+    are mounted too (``sse`` tunes their event streams)."""
 
     def principal_for(request: Request[Any, Any, Any], *, any_of: Sequence[str]) -> Principal:
         bearer = _bearer_token(request)
@@ -436,9 +442,25 @@ def create_app(
         Exception: _internal_error_response,
         500: _internal_error_response,
     }
+    # -- session events (issue 7) --------------------------------------------------------
+    session_handlers = (
+        session_routes(sessions, principal_for, sse or SseSettings())
+        if sessions is not None
+        else []
+    )
+    # -------------------------------------------------------------------------------------
     api = Router(
         API_BASE_PATH,
-        route_handlers=[healthz, readyz, ca, enroll, followers, exec_, openapi_json],
+        route_handlers=[
+            healthz,
+            readyz,
+            ca,
+            enroll,
+            followers,
+            exec_,
+            openapi_json,
+            *session_handlers,
+        ],
     )
     return Litestar(
         route_handlers=[api],

@@ -37,6 +37,9 @@ class ProblemType(enum.StrEnum):
     ENROLL_UNKNOWN = "urn:ah:problem:enroll-unknown"
     # Requests that name things that do not exist or are malformed.
     UNKNOWN_HOST = "urn:ah:problem:unknown-host"
+    UNKNOWN_SESSION = "urn:ah:problem:unknown-session"
+    BAD_SESSION_ID = "urn:ah:problem:bad-session-id"
+    BAD_EVENT_TYPE = "urn:ah:problem:bad-event-type"
     BAD_TAG = "urn:ah:problem:bad-tag"
     INVALID_REQUEST = "urn:ah:problem:invalid-request"
     # Generic HTTP-level problems.

@@ -6,9 +6,11 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from ah_domain_types import HOST_NAME_PATTERN, FollowerStatus
+from ah_domain_types import HOST_NAME_PATTERN, Event, FollowerStatus
 
 __all__ = [
+    "EventSort",
+    "EventsPage",
     "ExecApiRequest",
     "ExecApiResponse",
     "ExecState",
@@ -16,6 +18,9 @@ __all__ = [
     "HealthResponse",
     "HostExec",
     "Problem",
+    "PushEndpoint",
+    "SessionSummary",
+    "SessionsResponse",
 ]
 
 HostName = Annotated[str, msgspec.Meta(pattern=HOST_NAME_PATTERN, max_length=63)]
@@ -78,3 +83,52 @@ class Problem(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
     detail: str
     instance: str | None = None
     """The request path that produced the problem."""
+
+
+class SessionSummary(msgspec.Struct, frozen=True, rename="camel"):
+    """One session as ``GET /api/v1/sessions`` lists it."""
+
+    id: str
+    leader: str
+    """Subject of the token that opened the session."""
+    created_ms: int
+    last_event_ms: float | None
+    """``tsMs`` of the latest event (None before the first one)."""
+    last_seq: Annotated[int, msgspec.Meta(ge=0)]
+    """``seq`` of the latest event: also the number of events (0 before the first one)."""
+
+
+class SessionsResponse(msgspec.Struct, frozen=True, rename="camel"):
+    """``GET /api/v1/sessions``: every session, newest first."""
+
+    sessions: list[SessionSummary]
+
+
+EventSort = Literal["asc", "desc"]
+
+
+class EventsPage(msgspec.Struct, frozen=True, rename="camel"):
+    """``GET /api/v1/sessions/{id}/events`` as JSON: one page of the session's stored events
+    matching the filters, ordered by ``seq``."""
+
+    session_id: str
+    events: list[Event]
+    page: Annotated[int, msgspec.Meta(ge=1)]
+    per_page: Annotated[int, msgspec.Meta(ge=1, le=200)]
+    total: Annotated[int, msgspec.Meta(ge=0)]
+    """Events matching the filters, over all pages."""
+    sort: EventSort
+    last_seq: Annotated[int, msgspec.Meta(ge=0)]
+    """The session's highest ``seq`` (to follow it live from there: ``?after=lastSeq``)."""
+
+
+class PushEndpoint(msgspec.Struct, frozen=True, rename="camel"):
+    """``GET /api/v1/push``: where a leader pushes its session events (QUIC, ALPN
+    ``alpn``, on the access point's QUIC port). Dial the host you reach the API at, unless
+    it cannot carry UDP; ``host`` is what the access point advertises to followers."""
+
+    host: str
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
+    alpn: str
+    trust_domain: str
+    """The access point presents ``spiffe://<trustDomain>/ah/serve``."""

@@ -23,6 +23,7 @@ import re
 from typing import ClassVar
 
 import msgspec
+
 from ah_domain_types import HOST_NAME_PATTERN
 
 __all__ = [

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 
 import msgspec
+
 from ah_domain_types import (
     CONTROL_PROTOCOL_VERSION,
     Ack,

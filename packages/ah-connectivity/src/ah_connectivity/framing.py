@@ -12,6 +12,7 @@ import struct
 from typing import Any, ClassVar, Generic, TypeVar
 
 import msgspec
+
 from ah_domain_types import StreamErrorCode
 
 __all__ = [

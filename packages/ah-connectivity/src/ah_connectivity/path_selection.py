@@ -477,7 +477,9 @@ class PathSelector:
         self._next_probe_at = None
         self._probe_failures = 0
         last_good = self._last_good
-        order = list(self.candidates)
+        order = [c for c in self.candidates if c != last_good]
+        if last_good is not None:
+            order.insert(0, last_good)
         actions.append(Degraded(self.host, path, failures, error))
         return [*actions, *self._begin_round(order, reestablishing=True)]
 

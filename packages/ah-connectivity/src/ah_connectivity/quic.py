@@ -5,7 +5,15 @@ Stream layout on one follower's QUIC connection (ALPN ``ah-control/1``):
 * stream 0, the first client-initiated bidirectional stream: the **control** stream, driven
   by `FollowerControl` (follower) and `AccessPointControl` (access point);
 * one new server-initiated bidirectional stream per **RPC**: one request frame (+FIN) from
-  the access point, one reply frame (+FIN) from the follower.
+  the access point, one reply frame (+FIN) from the follower;
+* one new server-initiated bidirectional stream per **tunnel**: ``OpenTcp`` from the access
+  point, ``OpenTcpOk`` / ``OpenTcpErr`` from the follower, then raw bytes both ways until
+  FIN (EOF) or RESET_STREAM (reset). Tunnel streams have a fixed receive window that only
+  moves as the application consumes bytes, so a slow reader slows the sender down instead of
+  growing a buffer.
+
+``DialData`` is an RPC the follower's `ControlClient` answers itself: it dials a TLS data
+connection back to the access point (`ah_connectivity.data_channel`).
 
 Every stream carries length-prefixed msgpack frames (`ah_connectivity.framing`). A malformed
 or oversized frame closes only that stream: a `StreamError` frame (when the stream can still
@@ -21,25 +29,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import secrets
 import socket
 import ssl
+import struct
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, Protocol, TypeVar, cast
 
-from ah_domain_types import (
-    ControlMessage,
-    FollowerHealth,
-    FollowerInfo,
-    StreamError,
-    StreamErrorCode,
-    Welcome,
-)
 from aioquic.asyncio.protocol import QuicConnectionProtocol, QuicStreamHandler
 from aioquic.asyncio.server import QuicServer, serve
 from aioquic.quic import events
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
+from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection
+from aioquic.quic.packet import QuicFrameType
+from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.recovery import QuicPacketSpace
+from aioquic.quic.stream import QuicStream
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from loguru import logger
@@ -60,6 +67,7 @@ from ah_connectivity.control import (
     SessionClosed,
     SessionEstablished,
 )
+from ah_connectivity.data_channel import serve_dial_data
 from ah_connectivity.framing import (
     DEFAULT_MAX_FRAME_SIZE,
     FrameDecoder,
@@ -76,6 +84,27 @@ from ah_connectivity.pki import (
     follower_name_from_spiffe_id,
     verify_peer,
 )
+from ah_connectivity.splice import Splice
+from ah_connectivity.tls import client_context, tune_tcp
+from ah_connectivity.tunnel import (
+    TunnelPolicy,
+    TunnelRefused,
+    TunnelTimeout,
+    TunnelUnavailable,
+)
+from ah_domain_types import (
+    ControlMessage,
+    DialData,
+    FollowerHealth,
+    FollowerInfo,
+    OpenTcp,
+    OpenTcpErr,
+    OpenTcpOk,
+    StreamError,
+    StreamErrorCode,
+    TunnelErrorCode,
+    Welcome,
+)
 
 __all__ = [
     "ALPN",
@@ -85,10 +114,14 @@ __all__ = [
     "ControlServer",
     "ControlServerHandler",
     "FollowerConnection",
+    "QuicTunnel",
+    "QuicTunnelReader",
+    "QuicTunnelWriter",
     "RpcConnectionLost",
     "RpcError",
     "RpcHandler",
     "RpcTimeout",
+    "bridge_tunnel",
 ]
 
 ALPN = "ah-control/1"
@@ -98,6 +131,16 @@ _log = logger.bind(component="ah-connectivity.quic")
 
 RpcHandler = Callable[[ControlMessage], Awaitable[ControlMessage]]
 """Follower side: answers one RPC request (e.g. ExecRequest → ExecResult)."""
+
+TUNNEL_WINDOW = 4 * 1024 * 1024
+"""Receive window of a tunnel stream: bytes the peer may send beyond what was consumed."""
+TUNNEL_SEND_HIGH_WATER = 2 * 1024 * 1024
+"""`QuicTunnel.drain` waits while more than this is queued (unsent or unacknowledged)."""
+TUNNEL_SEND_LOW_WATER = 512 * 1024
+TUNNEL_CHUNK = 256 * 1024
+_LINGER_RST = struct.pack("ii", 1, 0)
+
+_T = TypeVar("_T")
 
 
 class ConnectionCloseCode(enum.IntEnum):
@@ -130,6 +173,19 @@ class RpcConnectionLost(RpcError):
     pass
 
 
+UDP_SOCKET_BUFFER = 4 * 1024 * 1024
+
+
+def _enlarge_udp_buffers(sock: socket.socket | None) -> None:
+    """Bigger UDP socket buffers (up to the kernel's cap): with the defaults a burst of
+    tunnel packets overflows them, and every drop halves the congestion window."""
+    if sock is None:
+        return
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, option, UDP_SOCKET_BUFFER)
+
+
 def _client_initiated(sid: int) -> bool:
     return sid & 1 == 0
 
@@ -138,7 +194,7 @@ def _bidirectional(sid: int) -> bool:
     return sid & 2 == 0
 
 
-StreamKind = Literal["control", "rpc-out", "rpc-in", "refused"]
+StreamKind = Literal["control", "rpc-out", "rpc-in", "tunnel-out", "tunnel-in", "refused"]
 
 
 @dataclass(eq=False)
@@ -153,6 +209,11 @@ class _Stream:
     local_finished: bool = False
     peer_finished: bool = False
     peer_done: asyncio.Event = field(default_factory=asyncio.Event)
+    raw_after_first: bool = False
+    """The stream may turn into a raw tunnel after its first frame (decode only that one)."""
+    messages_seen: int = 0
+    tunnel: QuicTunnel | None = None
+    """Set once the stream carries raw tunnel bytes."""
 
 
 def _ca_cert(ca: FleetCA | x509.Certificate) -> x509.Certificate:
@@ -163,7 +224,50 @@ def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-class _ClientCertRequestingConnection(QuicConnection):
+class _TunnelFlowConnection(QuicConnection):
+    """A QuicConnection whose tunnel streams get consumption-based receive windows.
+
+    aioquic doubles a stream's receive window whenever the peer has sent half of it, however
+    little the application has read, so a fast sender could fill memory behind a slow
+    reader. For streams registered in ``tunnel_credit`` (``{stream id: [consumed, window]}``)
+    the window is instead ``consumed + window``: the sender stalls when the reader does.
+    """
+
+    def tunnel_credit(self) -> dict[int, list[int]]:
+        credit: dict[int, list[int]] | None = self.__dict__.get("_ah_tunnel_credit")
+        if credit is None:
+            credit = self.__dict__["_ah_tunnel_credit"] = {}
+        return credit
+
+    def _write_stream_limits(
+        self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: QuicStream
+    ) -> None:
+        sid = stream.stream_id
+        credit = self.tunnel_credit().get(sid) if sid is not None else None
+        if sid is None or credit is None or not stream.max_stream_data_local:
+            super()._write_stream_limits(builder, space, stream)
+            return
+        consumed, window = credit
+        target = consumed + window
+        # Raise in steps of a quarter window, not one frame per packet.
+        if target - stream.max_stream_data_local >= window // 4:
+            stream.max_stream_data_local = target
+        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
+            buf = builder.start_frame(
+                QuicFrameType.MAX_STREAM_DATA,
+                capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
+                handler=self._on_max_stream_data_delivery,
+                handler_args=(stream,),
+            )
+            buf.push_uint_var(sid)
+            buf.push_uint_var(stream.max_stream_data_local)
+            stream.max_stream_data_local_sent = stream.max_stream_data_local
+
+
+DEFAULT_TUNNEL_POLICY = TunnelPolicy()
+
+
+class _ClientCertRequestingConnection(_TunnelFlowConnection):
     """A server-side QuicConnection that asks the client for its certificate.
 
     aioquic only sends a TLS CertificateRequest when its (test-only) context flag is set, and
@@ -199,6 +303,8 @@ class _FramedConnection(QuicConnectionProtocol):
         self._sm_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._disposed = False
+        self._draining: set[QuicTunnel] = set()
+        """Tunnels whose writer waits for the send buffer to shrink."""
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -228,6 +334,11 @@ class _FramedConnection(QuicConnectionProtocol):
         if self._streams.get(stream.sid) is not stream:
             return
         del self._streams[stream.sid]
+        if stream.tunnel is not None:
+            self._draining.discard(stream.tunnel)
+            quic = self._quic
+            if isinstance(quic, _TunnelFlowConnection):
+                quic.tunnel_credit().pop(stream.sid, None)
         if _client_initiated(stream.sid) != self._quic.configuration.is_client:
             self._peer_done.add(stream.sid)
             if len(self._peer_done) > 256:
@@ -356,6 +467,33 @@ class _FramedConnection(QuicConnectionProtocol):
         if self._disposed:
             return
         super().datagram_received(data, addr)
+        if self._draining:
+            # Acknowledgements free send buffers: let blocked tunnel writers go on.
+            for tunnel in list(self._draining):
+                tunnel._progress()
+
+    # -- tunnel plumbing ----------------------------------------------------------------
+
+    def _tunnel_register(self, stream: _Stream, window: int) -> None:
+        quic = self._quic
+        if isinstance(quic, _TunnelFlowConnection):
+            quic.tunnel_credit()[stream.sid] = [0, window]
+
+    def _tunnel_consumed(self, stream: _Stream, count: int) -> None:
+        quic = self._quic
+        if not isinstance(quic, _TunnelFlowConnection):
+            return
+        credit = quic.tunnel_credit().get(stream.sid)
+        if credit is None:
+            return
+        credit[0] += count
+        qs = quic._streams.get(stream.sid)
+        if qs is not None and credit[0] + credit[1] - qs.max_stream_data_local >= credit[1] // 4:
+            self._transmit_soon()
+
+    def _tunnel_send_buffered(self, stream: _Stream) -> int:
+        qs = self._quic._streams.get(stream.sid)
+        return 0 if qs is None else len(qs.sender._buffer)
 
     def transmit(self) -> None:
         if self._disposed:
@@ -376,11 +514,17 @@ class _FramedConnection(QuicConnectionProtocol):
                 if stream is not None:
                     # aioquic already reset our sending side with the peer's code.
                     stream.local_finished = True
+                    if stream.tunnel is not None:
+                        stream.tunnel._stopped(event.error_code)
                     self.on_stop_sending(stream, event.error_code)
             elif isinstance(event, events.ConnectionTerminated):
                 self.termination = event
                 for stream in list(self._streams.values()):
                     stream.peer_done.set()
+                    if stream.tunnel is not None:
+                        stream.tunnel._lost(
+                            f"connection closed: {event.reason_phrase or 'no reason'}"
+                        )
                     if stream.future is not None and not stream.future.done():
                         stream.future.set_exception(
                             RpcConnectionLost(
@@ -412,18 +556,31 @@ class _FramedConnection(QuicConnectionProtocol):
             stream = accepted
         if stream.failed:
             return
+        if stream.tunnel is not None:
+            self._tunnel_data(stream, data, end)
+            return
         if data:
             error: FrameError | None = None
+            first_only = stream.raw_after_first and stream.messages_seen == 0
             try:
-                messages = stream.decoder.feed(data)
+                messages = stream.decoder.feed(data, limit=1 if first_only else None)
             except FrameError as exc:
                 messages, error = exc.messages, exc
+            rest = stream.decoder.remainder if first_only else b""
             for msg in messages:
+                stream.messages_seen += 1
                 self.on_message(stream, msg)
                 if stream.failed or self._streams.get(sid) is not stream:
                     return
             if error is not None:
                 self.on_stream_error(stream, error.code, error.message)
+                return
+            if stream.tunnel is not None:
+                # The first frame opened a tunnel: whatever followed it is raw bytes.
+                self._tunnel_data(stream, rest, end)
+                return
+            if rest:
+                self._on_stream_data(sid, rest, end)
                 return
         if end:
             stream.peer_finished = True
@@ -438,12 +595,25 @@ class _FramedConnection(QuicConnectionProtocol):
             self.on_peer_finished(stream)
             self._maybe_forget(stream)
 
+    def _tunnel_data(self, stream: _Stream, data: bytes, end: bool) -> None:
+        tunnel = stream.tunnel
+        assert tunnel is not None
+        if data:
+            tunnel._feed(data)
+        if end:
+            stream.peer_finished = True
+            stream.peer_done.set()
+            tunnel._feed_eof()
+            self._maybe_forget(stream)
+
     def _on_reset(self, sid: int, code: int) -> None:
         stream = self._streams.get(sid)
         if stream is None:
             return
         stream.peer_finished = True
         stream.peer_done.set()
+        if stream.tunnel is not None:
+            stream.tunnel._peer_reset(code)
         self.on_peer_reset(stream, code)
         self._maybe_forget(stream)
 
@@ -487,6 +657,367 @@ def _code_name(code: int) -> str:
         return StreamErrorCode(code).name
     except ValueError:
         return "NO_ERROR" if code == 0 else "UNKNOWN"
+
+
+# ==========================================================================================
+# Tunnel streams
+# ==========================================================================================
+
+
+class QuicTunnel:
+    """One tunnel stream in raw mode (after OpenTcp / OpenTcpOk). Event-loop only.
+
+    Reading consumes the stream's receive window (see `_TunnelFlowConnection`); writing
+    queues into aioquic and `drain` waits while more than `TUNNEL_SEND_HIGH_WATER` bytes are
+    unsent or unacknowledged. EOF is a FIN, `abort` a RESET_STREAM plus STOP_SENDING.
+    """
+
+    def __init__(
+        self,
+        proto: _FramedConnection,
+        stream: _Stream,
+        tunnel_id: str,
+        *,
+        window: int = TUNNEL_WINDOW,
+        high_water: int = TUNNEL_SEND_HIGH_WATER,
+        low_water: int = TUNNEL_SEND_LOW_WATER,
+    ) -> None:
+        self._proto = proto
+        self._stream = stream
+        self.tunnel_id = tunnel_id
+        self.high_water = high_water
+        self.low_water = low_water
+        self._buffer = bytearray()
+        self._eof = False
+        self._read_error: BaseException | None = None
+        self._write_error: BaseException | None = None
+        self._write_closed = False
+        self._aborted = False
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        stream.tunnel = self
+        proto._tunnel_register(stream, window)
+        self.reader = QuicTunnelReader(self)
+        self.writer = QuicTunnelWriter(self)
+
+    def __repr__(self) -> str:
+        return f"QuicTunnel({self.tunnel_id!r}, stream {self._stream.sid}, {self._proto.label})"
+
+    @property
+    def stream_id(self) -> int:
+        return self._stream.sid
+
+    @property
+    def broken(self) -> bool:
+        """Reset or aborted by either side, or the connection is gone."""
+        return self._aborted or self._read_error is not None
+
+    # -- events from the connection ---------------------------------------------------
+
+    def _wake_reader(self) -> None:
+        waiter = self._read_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake_writer(self) -> None:
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _feed(self, data: bytes) -> None:
+        self._buffer += data
+        self.bytes_received += len(data)
+        self._wake_reader()
+
+    def _feed_eof(self) -> None:
+        self._eof = True
+        self._wake_reader()
+
+    def _peer_reset(self, code: int) -> None:
+        if self._read_error is None:
+            self._read_error = ConnectionResetError(
+                f"tunnel {self.tunnel_id} was reset by {self._proto.label} (code {code})"
+            )
+        self._wake_reader()
+
+    def _stopped(self, code: int) -> None:
+        if self._write_error is None:
+            self._write_error = BrokenPipeError(
+                f"{self._proto.label} stopped reading tunnel {self.tunnel_id} (code {code})"
+            )
+        self._proto._draining.discard(self)
+        self._wake_writer()
+
+    def _lost(self, reason: str) -> None:
+        error = ConnectionAbortedError(f"tunnel {self.tunnel_id}: {reason}")
+        if self._read_error is None and not self._eof:
+            self._read_error = error
+        if self._write_error is None:
+            self._write_error = error
+        self._wake_reader()
+        self._wake_writer()
+
+    def _progress(self) -> None:
+        if (
+            self._write_error is not None
+            or self._proto._tunnel_send_buffered(self._stream) <= self.low_water
+        ):
+            self._proto._draining.discard(self)
+            self._wake_writer()
+
+    # -- reading ------------------------------------------------------------------------
+
+    async def read(self, n: int = -1) -> bytes:
+        """Up to `n` bytes (all buffered if negative); b"" at EOF; ConnectionError on reset."""
+        while not self._buffer:
+            if self._read_error is not None:
+                raise self._read_error
+            if self._eof:
+                return b""
+            self._read_waiter = self._proto._loop.create_future()
+            try:
+                await self._read_waiter
+            finally:
+                self._read_waiter = None
+        if n < 0 or n >= len(self._buffer):
+            data = bytes(self._buffer)
+            self._buffer.clear()
+        else:
+            data = bytes(self._buffer[:n])
+            del self._buffer[:n]
+        self._proto._tunnel_consumed(self._stream, len(data))
+        return data
+
+    def at_eof(self) -> bool:
+        return self._eof and not self._buffer
+
+    # -- writing ------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self._write_error is not None:
+            raise self._write_error
+        if self._write_closed:
+            raise BrokenPipeError(f"tunnel {self.tunnel_id}: write after write_eof")
+        if not data:
+            return
+        if not self._proto._write(self._stream.sid, bytes(data), False):
+            self._write_error = BrokenPipeError(
+                f"tunnel {self.tunnel_id}: stream {self._stream.sid} no longer writable"
+            )
+            raise self._write_error
+        self.bytes_sent += len(data)
+
+    async def drain(self) -> None:
+        while True:
+            if self._write_error is not None:
+                raise self._write_error
+            if self._proto._tunnel_send_buffered(self._stream) <= self.high_water:
+                return
+            self._drain_waiter = self._proto._loop.create_future()
+            self._proto._draining.add(self)
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
+                self._proto._draining.discard(self)
+
+    def write_eof(self) -> None:
+        """Send FIN (idempotent)."""
+        if self._write_closed or self._aborted:
+            return
+        self._write_closed = True
+        stream = self._stream
+        if not stream.local_finished:
+            stream.local_finished = True
+            self._proto._write(stream.sid, b"", True)
+        self._proto._maybe_forget(stream)
+
+    def abort(self, code: int = StreamErrorCode.INTERNAL) -> None:
+        """Reset both directions of the stream now (idempotent)."""
+        if self._aborted:
+            return
+        self._aborted = True
+        proto, stream = self._proto, self._stream
+        error = ConnectionAbortedError(f"tunnel {self.tunnel_id} aborted")
+        if self._read_error is None:
+            self._read_error = error
+        if self._write_error is None:
+            self._write_error = error
+        if not proto.is_terminated and not proto._disposed:
+            with contextlib.suppress(ValueError, RuntimeError):
+                if not stream.local_finished:
+                    proto._quic.reset_stream(stream.sid, code)
+            with contextlib.suppress(ValueError, RuntimeError):
+                if not stream.peer_finished:
+                    proto._quic.stop_stream(stream.sid, code)
+            proto._transmit_soon()
+        stream.local_finished = True
+        stream.failed = True
+        stream.peer_done.set()
+        proto._forget(stream)
+        self._wake_reader()
+        self._wake_writer()
+
+
+class QuicTunnelReader:
+    """The receiving half of a `QuicTunnel`, shaped like `asyncio.StreamReader`."""
+
+    def __init__(self, tunnel: QuicTunnel) -> None:
+        self.tunnel = tunnel
+
+    async def read(self, n: int = -1) -> bytes:
+        return await self.tunnel.read(n)
+
+    async def readexactly(self, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            chunk = await self.tunnel.read(n - len(out))
+            if not chunk:
+                raise asyncio.IncompleteReadError(bytes(out), n)
+            out += chunk
+        return bytes(out)
+
+    def at_eof(self) -> bool:
+        return self.tunnel.at_eof()
+
+
+class QuicTunnelWriter:
+    """The sending half of a `QuicTunnel`, shaped like `asyncio.StreamWriter`."""
+
+    def __init__(self, tunnel: QuicTunnel) -> None:
+        self.tunnel = tunnel
+
+    def write(self, data: bytes) -> None:
+        self.tunnel.write(data)
+
+    async def drain(self) -> None:
+        await self.tunnel.drain()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.tunnel.write_eof()
+
+    def close(self) -> None:
+        """FIN our side; an unread peer side is reset (nobody will read it)."""
+        self.tunnel.write_eof()
+        if not self.tunnel._eof:
+            self.tunnel.abort()
+
+    def abort(self) -> None:
+        self.tunnel.abort()
+
+    def is_closing(self) -> bool:
+        return self.tunnel._write_closed or self.tunnel._aborted
+
+    async def wait_closed(self) -> None:
+        await self.tunnel._stream.peer_done.wait()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "tunnel_id":
+            return self.tunnel.tunnel_id
+        if name == "peername":
+            return self.tunnel._proto.peer_address
+        return default
+
+
+def _reset_socket_writer(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+    writer.transport.abort()
+
+
+async def bridge_tunnel(
+    tunnel: QuicTunnel,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    *,
+    reset_socket: Callable[[], None] | None = None,
+    chunk: int = TUNNEL_CHUNK,
+) -> tuple[int, int]:
+    """Pump between a tunnel stream and a socket's asyncio streams until both directions end.
+
+    EOF travels as EOF (FIN ↔ write_eof). A reset or error on either side resets both: the
+    tunnel is aborted and `reset_socket()` runs (default: close the socket with a TCP RST).
+    Returns (bytes tunnel→socket, bytes socket→tunnel).
+    """
+    counts = [0, 0]
+
+    async def tunnel_to_socket() -> None:
+        while data := await tunnel.read(chunk):
+            writer.write(data)
+            counts[0] += len(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+
+    async def socket_to_tunnel() -> None:
+        while data := await reader.read(chunk):
+            tunnel.write(data)
+            counts[1] += len(data)
+            await tunnel.drain()
+        tunnel.write_eof()
+
+    tasks = [
+        asyncio.ensure_future(tunnel_to_socket()),
+        asyncio.ensure_future(socket_to_tunnel()),
+    ]
+    failed = True
+    try:
+        pending: set[asyncio.Future[None]] = set(tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+            if any(not t.cancelled() and t.exception() is not None for t in done):
+                break
+        else:
+            failed = False
+    finally:
+        for task in tasks:
+            task.cancel()
+        if failed:
+            tunnel.abort()
+            if reset_socket is not None:
+                reset_socket()
+            else:
+                _reset_socket_writer(writer)
+        else:
+            writer.close()
+        for task in tasks:
+            if task.done() and not task.cancelled():
+                task.exception()  # mark retrieved
+    return counts[0], counts[1]
+
+
+async def _in_thread(fn: Callable[[], _T], name: str) -> _T:
+    """Run blocking `fn` in a new daemon thread (the default executor is small and tunnels
+    may block it for a connect timeout each)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_T] = loop.create_future()
+
+    def deliver(ok: bool, value: Any) -> None:
+        if future.done():
+            return
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+    def main() -> None:
+        try:
+            result: Any = fn()
+            ok = True
+        except BaseException as exc:
+            result, ok = exc, False
+        with contextlib.suppress(RuntimeError):  # the loop is closed
+            loop.call_soon_threadsafe(deliver, ok, result)
+
+    threading.Thread(target=main, name=name, daemon=True).start()
+    return await future
 
 
 # ==========================================================================================
@@ -605,6 +1136,78 @@ class FollowerConnection:
             )
         return reply
 
+    async def open_tunnel(
+        self, dst: str, port: int, timeout: float = 10.0, *, tunnel_id: str | None = None
+    ) -> tuple[QuicTunnelReader, QuicTunnelWriter]:
+        """Open a tunnel stream to `dst:port` on the follower's side.
+
+        Sends ``OpenTcp`` on a new bidirectional stream and waits for the answer; after
+        ``OpenTcpOk`` the stream carries raw bytes both ways. Raises `TunnelRefused` (the
+        follower's ``OpenTcpErr``: not allow-listed, unreachable, timeout), `TunnelTimeout`,
+        or `TunnelUnavailable` (not connected, connection lost, no tunnel support).
+        """
+        proto = self._proto
+        if not self.connected:
+            raise TunnelUnavailable(f"follower {self.name!r} is not connected")
+        tunnel_id = tunnel_id or secrets.token_hex(8)
+        frame = encode_frame(
+            OpenTcp(dst=dst, port=port, tunnel_id=tunnel_id), max_frame_size=proto.max_frame_size
+        )
+        sid = proto._quic.get_next_available_stream_id()
+        stream = proto._new_stream(sid, "tunnel-out")
+        stream.raw_after_first = True
+        stream.future = proto._loop.create_future()
+        proto._write(sid, frame, False)
+
+        def give_up() -> None:
+            if not stream.failed and not proto.is_terminated and not proto._disposed:
+                with contextlib.suppress(ValueError, RuntimeError):
+                    proto._quic.reset_stream(sid, StreamErrorCode.INTERNAL)
+                    proto._quic.stop_stream(sid, StreamErrorCode.INTERNAL)
+                proto._transmit_soon()
+            if stream.tunnel is not None:
+                stream.tunnel.abort()
+            proto._forget(stream)
+
+        try:
+            async with asyncio.timeout(timeout):
+                reply = await stream.future
+        except TimeoutError:
+            give_up()
+            message = (
+                f"follower {self.name!r} did not answer OpenTcp {dst}:{port} within {timeout:g} s"
+            )
+            _log.warning("{}: {}", proto.label, message)
+            raise TunnelTimeout(message) from None
+        except RpcError as exc:
+            give_up()
+            raise TunnelUnavailable(
+                f"tunnel {tunnel_id} to follower {self.name!r} failed: {exc.message}"
+            ) from None
+        except BaseException:
+            give_up()
+            raise
+        tunnel = stream.tunnel
+        if isinstance(reply, OpenTcpOk) and tunnel is not None:
+            return tunnel.reader, tunnel.writer
+        proto.finish(stream)
+        with contextlib.suppress(ValueError):
+            if not stream.peer_finished and not proto.is_terminated:
+                proto._quic.stop_stream(sid, StreamErrorCode.INTERNAL)
+        proto._forget(stream)
+        if isinstance(reply, OpenTcpErr):
+            raise TunnelRefused(
+                reply.code,
+                f"follower {self.name!r} refused a tunnel to {dst}:{port}: {reply.message}",
+            )
+        if isinstance(reply, StreamError):
+            raise TunnelUnavailable(
+                f"follower {self.name!r} cannot open tunnels: {reply.message} (code {reply.code})"
+            )
+        raise TunnelUnavailable(
+            f"follower {self.name!r} answered OpenTcp with {type(reply).__name__}"
+        )
+
     def close(
         self, reason: str = "closed by the access point", code: int = ConnectionCloseCode.NO_ERROR
     ) -> None:
@@ -703,6 +1306,14 @@ class _AccessPointConnection(_FramedConnection):
         if stream.kind == "rpc-out":
             self._rpc_out_message(stream, msg)
             return
+        if stream.kind == "tunnel-out":
+            future = stream.future
+            if future is None or future.done():
+                return
+            if isinstance(msg, OpenTcpOk):
+                QuicTunnel(self, stream, msg.tunnel_id)
+            future.set_result(msg)
+            return
         sm, follower = self.control, self.follower
         if sm is None or follower is None:
             return
@@ -726,10 +1337,14 @@ class _AccessPointConnection(_FramedConnection):
             self.apply(
                 self.control.connection_lost("follower closed its control stream", self.now_ms())
             )
-        elif stream.kind == "rpc-out" and stream.future is not None and not stream.future.done():
+        elif (
+            stream.kind in ("rpc-out", "tunnel-out")
+            and stream.future is not None
+            and not stream.future.done()
+        ):
             stream.future.set_exception(
                 RpcError(
-                    StreamErrorCode.MALFORMED_FRAME, "follower ended the RPC stream without a reply"
+                    StreamErrorCode.MALFORMED_FRAME, "follower ended the stream without a reply"
                 )
             )
             self._forget(stream)
@@ -831,7 +1446,11 @@ class ControlServer:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         idle_timeout_s: float = 60.0,
         goodbye_timeout_s: float = 1.0,
+        max_datagram_size: int = SMALLEST_MAX_DATAGRAM_SIZE,
     ) -> None:
+        """`max_datagram_size`: UDP payload limit for what this side sends. The default (1200)
+        crosses any path; raise it only where larger datagrams are known to pass (loopback,
+        jumbo-frame LANs) — pure-Python QUIC's throughput grows with it."""
         self.identity = identity
         self.ca_cert = _ca_cert(ca)
         self.trust_domain = trust_domain
@@ -843,6 +1462,7 @@ class ControlServer:
         self.max_frame_size = max_frame_size
         self.idle_timeout_s = idle_timeout_s
         self.goodbye_timeout_s = goodbye_timeout_s
+        self.max_datagram_size = max_datagram_size
         self._quic_server: QuicServer | None = None
         self._protocols: set[_AccessPointConnection] = set()
         self._followers: dict[str, FollowerConnection] = {}
@@ -852,7 +1472,10 @@ class ControlServer:
 
     def _configuration(self) -> QuicConfiguration:
         config = QuicConfiguration(
-            is_client=False, alpn_protocols=[ALPN], idle_timeout=self.idle_timeout_s
+            is_client=False,
+            alpn_protocols=[ALPN],
+            idle_timeout=self.idle_timeout_s,
+            max_datagram_size=self.max_datagram_size,
         )
         config.certificate = self.identity.cert
         config.private_key = self.identity.key
@@ -881,6 +1504,7 @@ class ControlServer:
         transport = cast(asyncio.DatagramTransport, self._quic_server._transport)
         self.host = host
         self.port = int(transport.get_extra_info("sockname")[1])
+        _enlarge_udp_buffers(transport.get_extra_info("socket"))
         _log.info("QUIC control server listening on {}:{}/udp", host, self.port)
         return self.port
 
@@ -980,8 +1604,11 @@ class _FollowerConnectionProtocol(_FramedConnection):
         self.apply(self.control.start(self.now_ms()))
 
     def accept_stream(self, sid: int) -> _Stream | None:
-        # Only server-initiated bidirectional streams reach here: each one is an RPC.
-        return self._new_stream(sid, "rpc-in")
+        # Only server-initiated bidirectional streams reach here: each one is an RPC or a
+        # tunnel (the first frame tells).
+        stream = self._new_stream(sid, "rpc-in")
+        stream.raw_after_first = self.client.tunnel_policy is not None
+        return stream
 
     def on_message(self, stream: _Stream, msg: ControlMessage) -> None:
         if stream.kind == "control":
@@ -997,7 +1624,106 @@ class _FollowerConnectionProtocol(_FramedConnection):
             )
             return
         stream.request_seen = True
-        stream.task = self.spawn(self._serve_rpc(stream, msg))
+        policy = self.client.tunnel_policy
+        if isinstance(msg, OpenTcp) and policy is not None:
+            stream.kind = "tunnel-in"
+            tunnel = QuicTunnel(self, stream, msg.tunnel_id)
+            stream.task = self.spawn(self._serve_tunnel(stream, tunnel, msg, policy))
+        elif isinstance(msg, DialData) and policy is not None:
+            stream.task = self.spawn(self._serve_dial_data(stream, msg, policy))
+        else:
+            stream.task = self.spawn(self._serve_rpc(stream, msg))
+
+    def _refuse_tunnel(
+        self, stream: _Stream, tunnel: QuicTunnel, code: TunnelErrorCode, message: str
+    ) -> None:
+        if not tunnel.broken and not self.is_terminated:
+            frame = encode_frame(OpenTcpErr(tunnel_id=tunnel.tunnel_id, code=code, message=message))
+            self._write(stream.sid, frame, True)
+            stream.local_finished = True
+        # Nothing will read what the access point might still send.
+        tunnel.abort(0)
+
+    async def _serve_tunnel(
+        self, stream: _Stream, tunnel: QuicTunnel, request: OpenTcp, policy: TunnelPolicy
+    ) -> None:
+        tid = request.tunnel_id
+        target = policy.resolve(request.dst, request.port)
+        if target is None:
+            message = f"{request.dst}:{request.port} is not on this follower's tunnel allow-list"
+            _log.warning("refusing tunnel {} from {}: {}", tid, self.label, message)
+            self._refuse_tunnel(stream, tunnel, TunnelErrorCode.REFUSED_NOT_ALLOWED, message)
+            return
+        host, port = target
+        try:
+            async with asyncio.timeout(policy.connect_timeout_s):
+                reader, writer = await asyncio.open_connection(host, port)
+        except TimeoutError:
+            message = f"{host}:{port} did not accept within {policy.connect_timeout_s:g} s"
+            _log.warning("tunnel {}: {}", tid, message)
+            self._refuse_tunnel(stream, tunnel, TunnelErrorCode.TIMEOUT, message)
+            return
+        except OSError as exc:
+            message = f"cannot connect to {host}:{port}: {exc.strerror or exc}"
+            _log.warning("tunnel {}: {}", tid, message)
+            self._refuse_tunnel(stream, tunnel, TunnelErrorCode.UNREACHABLE, message)
+            return
+        if tunnel.broken or self.is_terminated:
+            _reset_socket_writer(writer)
+            return
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            tune_tcp(sock)
+        self._write(stream.sid, encode_frame(OpenTcpOk(tunnel_id=tid)), False)
+        _log.info("tunnel {} opened to {}:{} over QUIC stream {}", tid, host, port, stream.sid)
+        loop = self._loop
+        started = loop.time()
+        try:
+            down, up = await bridge_tunnel(tunnel, reader, writer)
+        except asyncio.CancelledError:
+            _log.info("tunnel {} to {}:{} reset", tid, host, port)
+            raise
+        _log.info(
+            "tunnel {} to {}:{} closed: {} bytes in, {} bytes out, {:.3f} s",
+            tid,
+            host,
+            port,
+            down,
+            up,
+            loop.time() - started,
+        )
+
+    async def _serve_dial_data(
+        self, stream: _Stream, request: DialData, policy: TunnelPolicy
+    ) -> None:
+        client = self.client
+        try:
+            context = client.data_channel_context()
+            reply: ControlMessage = await _in_thread(
+                lambda: serve_dial_data(
+                    request,
+                    policy,
+                    default_host=client.host,
+                    context=context,
+                    ca=client.ca_cert,
+                    trust_domain=client.trust_domain,
+                    dial_timeout_s=client.data_dial_timeout_s,
+                    on_splice=client._track_splice,
+                ),
+                f"dial-data {request.tunnel_id}",
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            _log.exception("DialData {} failed", request.tunnel_id)
+            reply = OpenTcpErr(
+                tunnel_id=request.tunnel_id,
+                code=TunnelErrorCode.DATA_CHANNEL_FAILED,
+                message=f"{type(exc).__name__}: {exc}",
+            )
+        if stream.failed or self.is_terminated:
+            return
+        self.send_message(stream, reply, end=True)
 
     async def _serve_rpc(self, stream: _Stream, request: ControlMessage) -> None:
         try:
@@ -1112,7 +1838,13 @@ class ControlClient:
         server_name: str | None = None,
         on_connected: Callable[[Welcome], None] | None = None,
         on_disconnected: Callable[[str], None] | None = None,
+        tunnel_policy: TunnelPolicy | None = DEFAULT_TUNNEL_POLICY,
+        data_dial_timeout_s: float = 10.0,
+        max_datagram_size: int = SMALLEST_MAX_DATAGRAM_SIZE,
     ) -> None:
+        """`tunnel_policy` says which destinations the access point may open tunnels to
+        (default: 127.0.0.1:22 only); None turns tunnel handling off, and ``OpenTcp`` /
+        ``DialData`` then reach `on_rpc` like any other request."""
         self.host = host
         self.port = port
         self.identity = identity
@@ -1130,6 +1862,12 @@ class ControlClient:
         self.server_name = server_name
         self.on_connected = on_connected
         self.on_disconnected = on_disconnected
+        self.tunnel_policy = tunnel_policy
+        self.data_dial_timeout_s = data_dial_timeout_s
+        self.max_datagram_size = max_datagram_size
+        self._data_context: ssl.SSLContext | None = None
+        self._splices: set[Splice] = set()
+        self._splices_lock = threading.Lock()
 
         self.attempts = 0
         """Connection attempts so far."""
@@ -1149,6 +1887,29 @@ class ControlClient:
     def connected(self) -> bool:
         proto = self._proto
         return proto is not None and self.welcome is not None and not proto.session_done.done()
+
+    def data_channel_context(self) -> ssl.SSLContext:
+        """The TLS client context for data connections (follower certificate, fleet CA)."""
+        if self._data_context is None:
+            self._data_context = client_context(self.ca_cert, self.identity)
+        return self._data_context
+
+    def _track_splice(self, splice: Splice) -> None:
+        with self._splices_lock:
+            self._splices = {s for s in self._splices if not s.done}
+            self._splices.add(splice)
+
+    @property
+    def active_data_tunnels(self) -> int:
+        """Data-channel tunnels still splicing (they outlive a QUIC reconnect)."""
+        with self._splices_lock:
+            return sum(1 for s in self._splices if not s.done)
+
+    def abort_data_tunnels(self, reason: str = "follower shutting down") -> None:
+        with self._splices_lock:
+            splices, self._splices = self._splices, set()
+        for splice in splices:
+            splice.abort(reason)
 
     def _notify(self) -> None:
         self._changed.set()
@@ -1189,7 +1950,10 @@ class ControlClient:
 
     def _configuration(self) -> QuicConfiguration:
         config = QuicConfiguration(
-            is_client=True, alpn_protocols=[ALPN], idle_timeout=self.idle_timeout_s
+            is_client=True,
+            alpn_protocols=[ALPN],
+            idle_timeout=self.idle_timeout_s,
+            max_datagram_size=self.max_datagram_size,
         )
         config.certificate = self.identity.cert
         config.private_key = self.identity.key
@@ -1251,13 +2015,14 @@ class ControlClient:
             missed_ack_intervals=self.missed_ack_intervals,
             welcome_timeout_ms=self.welcome_timeout_ms,
         )
-        quic = QuicConnection(configuration=self._configuration())
+        quic = _TunnelFlowConnection(configuration=self._configuration())
         transport, protocol = await loop.create_datagram_endpoint(
             lambda: _FollowerConnectionProtocol(quic, client=self, control=control),
             local_addr=local,
             family=family,
         )
         proto = protocol
+        _enlarge_udp_buffers(transport.get_extra_info("socket"))
         self.welcome = None
         try:
             proto.connect(addr)
@@ -1320,9 +2085,12 @@ class ControlClient:
             self._notify()
 
     async def stop(self, reason: str = "follower shutting down") -> None:
-        """Send Goodbye (when connected), close, and make `run()` return."""
+        """Send Goodbye (when connected), close, abort data tunnels, make `run()` return."""
         _log.info("stopping control client: {}", reason)
         self._stop_reason = reason
         self._stopping.set()
-        if self._running:
-            await self.wait_for(lambda c: not c._running, self.goodbye_timeout_s + 5.0)
+        try:
+            if self._running:
+                await self.wait_for(lambda c: not c._running, self.goodbye_timeout_s + 5.0)
+        finally:
+            self.abort_data_tunnels(reason)

@@ -46,6 +46,7 @@ DEFAULT_SPLICE_BUFFER = 256 * 1024
 
 _log = logger.bind(component="ah-connectivity.splice")
 _LINGER_RST = struct.pack("ii", 1, 0)
+_ESCALATE_AFTER_S = 0.5
 
 SpliceOutcome = Literal["eof", "reset", "aborted"]
 
@@ -152,13 +153,25 @@ class Splice:
         for end in (self.a, self.b):
             with contextlib.suppress(OSError):
                 end.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-            # Wake a thread blocked in recv/send on it (close() alone would not).
-            _raw_shutdown(end.sock, socket.SHUT_RDWR)
+            # Wake a thread blocked in recv on it (close() alone would not). SHUT_RD sends
+            # nothing, so the peer's first news is the RST of the final close.
+            _raw_shutdown(end.sock, socket.SHUT_RD)
             if end.on_abort is not None:
                 try:
                     end.on_abort()
                 except Exception:
                     _log.exception("on_abort hook of {} failed", end.name)
+        # A thread blocked in sendall (its peer not reading) only wakes on SHUT_WR, which
+        # sends a FIN first: do that only if the splice has not wound down shortly.
+        timer = threading.Timer(_ESCALATE_AFTER_S, self._escalate)
+        timer.daemon = True
+        timer.start()
+
+    def _escalate(self) -> None:
+        if self._done.is_set():
+            return
+        for end in (self.a, self.b):
+            _raw_shutdown(end.sock, socket.SHUT_RDWR)
 
     def _pump_guarded(self, src: SpliceEnd, dst: SpliceEnd, counter: str) -> None:
         try:

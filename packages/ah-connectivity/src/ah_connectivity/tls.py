@@ -6,7 +6,9 @@ handshake and then `verify_tls_peer` requires the expected ID, just as the QUIC 
 
 Every context sets OP_IGNORE_UNEXPECTED_EOF: tunnels half-close with a bare TCP FIN (see
 `ah_connectivity.splice`), and without the option OpenSSL 3 answers that EOF with a fatal
-decode_error alert on the still-open direction.
+decode_error alert on the still-open direction. Sockets are wrapped with
+``suppress_ragged_eofs=False``: with the option a FIN still reads as a clean EOF, while a
+TCP reset raises (`ssl.SSLEOFError`) instead of looking like one.
 
 Server contexts issue no TLS 1.3 session tickets: a ticket is a post-handshake write, and the
 splice threads read and write one socket from two threads, so nothing but application data
@@ -37,8 +39,8 @@ from ah_connectivity.pki import (
 
 __all__ = [
     "client_context",
-    "server_context",
     "serve_spiffe_for_ca",
+    "server_context",
     "trust_domain_of_ca",
     "tune_tcp",
     "verify_tls_peer",

@@ -22,11 +22,11 @@ from typing import Any, ClassVar, Literal, Protocol, TypeVar, get_args
 
 import jwt
 import msgspec
-from ah_domain_types import parse_duration
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ah_connectivity.pki import validate_follower_name, write_private_file
+from ah_domain_types import parse_duration
 
 __all__ = [
     "ALGORITHM",

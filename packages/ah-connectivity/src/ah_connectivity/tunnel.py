@@ -14,9 +14,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ah_domain_types import TunnelErrorCode
-
 from ah_connectivity.splice import SpliceEnd
+from ah_domain_types import TunnelErrorCode
 
 __all__ = [
     "LOCAL_HOST_ALIASES",

@@ -95,10 +95,29 @@ from .patterns import (
     TAG_SELECTOR_PATTERN,
     TAG_VALUE_PATTERN,
 )
+from .push import (
+    PUSH_MESSAGE_TYPES,
+    PUSH_PROTOCOL_VERSION,
+    PushAck,
+    PushBatch,
+    PushHello,
+    PushMessage,
+    PushRefusal,
+    PushRefused,
+    PushWelcome,
+)
 from .results import HostResult, HostState, RunEnvelope, RunSummary
 from .schema import REGENERATE_COMMAND, generate_schema, load_committed_schema, render_schema
 from .selectors import Selector, TagSelector
-from .sessions import FenceHostResult, FenceHostState, FenceMetadata, SessionInfo
+from .sessions import (
+    SESSION_ID_PATTERN,
+    FenceHostResult,
+    FenceHostState,
+    FenceMetadata,
+    SessionId,
+    SessionInfo,
+    validate_session_id,
+)
 from .transport import PathRecord, TransportMethod, parse_transport_method
 
 __version__ = "0.1.0"
@@ -116,7 +135,10 @@ __all__ = [
     "HOST_NAME_PATTERN",
     "HOST_PORT_PATTERN",
     "IMPLICIT_TAG_KEYS",
+    "PUSH_MESSAGE_TYPES",
+    "PUSH_PROTOCOL_VERSION",
     "REGENERATE_COMMAND",
+    "SESSION_ID_PATTERN",
     "TAG_KEY_PATTERN",
     "TAG_SELECTOR_PATTERN",
     "TAG_VALUE_PATTERN",
@@ -170,11 +192,19 @@ __all__ = [
     "PathPolicyConfig",
     "PathRecord",
     "PathRestoredEvent",
+    "PushAck",
+    "PushBatch",
+    "PushHello",
+    "PushMessage",
+    "PushRefusal",
+    "PushRefused",
+    "PushWelcome",
     "Resources",
     "RunEnvelope",
     "RunSummary",
     "Selector",
     "SelectorError",
+    "SessionId",
     "SessionInfo",
     "SshConfig",
     "StreamError",
@@ -201,5 +231,6 @@ __all__ = [
     "render_schema",
     "validate_fileset_name",
     "validate_host_name",
+    "validate_session_id",
     "validate_tags",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -23,9 +24,10 @@ from ah_ssh_bridge.transport import (
 
 __all__ = ["FingerprintLookup", "SocketFactory", "SshBridge", "SshPool"]
 
-SocketFactory = Callable[[str], Awaitable[socket.socket]]
+SocketFactory = Callable[[str], Awaitable[socket.socket] | socket.socket]
 """``(follower name) -> connected socket`` along the follower's path (direct TCP, TLS
-CONNECT tunnel, relay); errors it raises propagate to the caller of :meth:`SshPool.get`."""
+CONNECT tunnel, relay), as a coroutine or a plain function (which then runs on the event
+loop, so it should not block); errors it raises propagate to :meth:`SshPool.get`."""
 
 FingerprintLookup = Callable[[str], str]
 """``(follower name) -> SHA256:... host-key fingerprint`` the follower reported."""
@@ -89,7 +91,8 @@ class SshPool:
                 raise SshError(
                     name, f"no host-key fingerprint known for {name}; cannot verify its sshd"
                 ) from None
-            sock = await self._dial(name)
+            dialled = self._dial(name)
+            sock = await dialled if inspect.isawaitable(dialled) else dialled
             transport = await SshTransport.open(
                 sock,
                 host=name,

@@ -48,8 +48,9 @@ def wrap_command(
 ) -> RemoteCommand:
     """Build what the login shell runs: marker line, ``export``s, then the command itself.
 
-    The command follows on its own line, so even a syntax error in it cannot stop the
-    marker from being printed first (shells parse ``-c`` text one command at a time).
+    The command runs through ``eval`` of its quoted text, so the script the shell parses is
+    always valid: zsh parses a whole ``-c`` script before running any of it, and a syntax
+    error in the command must not stop the marker (it becomes the command's own error).
     """
     nonce = nonce or secrets.token_hex(8)
     lines: list[str] = []
@@ -62,7 +63,7 @@ def wrap_command(
                 "(expected letters, digits and '_', not starting with a digit)"
             )
         lines.append(f"export {name}={shlex.quote(value)}")
-    lines.append(command)
+    lines.append(f"eval {shlex.quote(command)}")
     return RemoteCommand("\n".join(lines), nonce)
 
 

@@ -3,10 +3,10 @@
 Threads: paramiko's own transport thread reads packets; every blocking paramiko call
 (handshake, channel open, exec, reading a channel, sending stdin, closing) runs on this
 transport's thread pool; callbacks and results are delivered on the event loop that called
-:meth:`SshTransport.run`. Each command is a new ``session`` channel. Concurrency is capped
-below the server's ``MaxSessions``: ``max_sessions - 1`` slots for commands and one slot kept
-for control work (liveness probe, keepalive, killing a timed-out command's process group),
-so a probe is never stuck behind long-running commands.
+:meth:`SshTransport.run`. Each command is a new ``session`` channel. Concurrency stays within
+the server's ``MaxSessions``: ``max_sessions - 2`` slots for commands, one for liveness work
+(probe, keepalive) so a probe is never stuck behind long-running commands, and one for
+killing stopped commands (never waiting on the slot of the command it kills).
 """
 
 from __future__ import annotations
@@ -122,10 +122,10 @@ class SshOptions(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(
                 f"keepalive_interval_s must be >= 0 (0 disables), got {self.keepalive_interval_s}"
             )
-        if self.max_sessions < 2:
+        if self.max_sessions < 3:
             raise ValueError(
-                f"max_sessions must be >= 2 (one slot is kept for probes and kills), "
-                f"got {self.max_sessions}"
+                f"max_sessions must be >= 3 (one slot each is kept for probes and for "
+                f"killing stopped commands), got {self.max_sessions}"
             )
         if self.kill_grace_s < 0:
             raise ValueError(f"kill_grace_s must be >= 0, got {self.kill_grace_s}")
@@ -337,8 +337,10 @@ class SshTransport:
         self.host_key_fingerprint = host_key_fingerprint
         self._transport = transport
         self._executor = executor
-        self._command_slots = asyncio.Semaphore(options.max_sessions - 1)
+        self._command_slots = asyncio.Semaphore(options.max_sessions - 2)
         self._control_slot = asyncio.Semaphore(1)
+        self._kill_slot = asyncio.Semaphore(1)
+        self._background: set[asyncio.Future[Any]] = set()
         self._closed = False
         self._lost_reason: str | None = None
         self._channels_lock = threading.Lock()
@@ -491,8 +493,8 @@ class SshTransport:
                     timeout=max(0.1, deadline - time.monotonic())
                 )
                 break
-            except paramiko.ChannelException as exc:
-                if exc.code != _OPEN_CONNECT_FAILED or time.monotonic() + delay >= deadline:
+            except paramiko.SSHException as exc:
+                if not _may_be_session_limit(exc) or time.monotonic() + delay >= deadline:
                     raise
                 if self._transport_dead():
                     raise
@@ -512,17 +514,16 @@ class SshTransport:
         if self._lost_reason is not None:
             reason = self._lost_reason
         else:
+            # paramiko also parks channel-open failures there; only a transport error counts.
             saved = getattr(self._transport, "saved_exception", None)
-            reason = _describe(saved) if saved is not None else "connection closed"
+            if saved is None or isinstance(saved, paramiko.ChannelException):
+                reason = "connection closed"
+            else:
+                reason = _describe(saved)
         return SshConnectionLost(self.host, f"SSH connection to {self.host} lost: {reason}")
 
     def _transport_dead(self) -> bool:
-        t = self._transport
-        return (
-            self._lost_reason is not None
-            or not t.is_active()
-            or getattr(t, "saved_exception", None) is not None
-        )
+        return self._lost_reason is not None or not self._transport.is_active()
 
     def _check_usable(self) -> None:
         if self._closed and self._lost_reason is None:
@@ -608,24 +609,34 @@ class SshTransport:
         out: list[str] = []
         err: list[str] = []
         started = time.monotonic()
-        try:
-            outcome = await self._run(
+        attempt = asyncio.ensure_future(
+            self._run(
                 PROBE_COMMAND,
                 on_stdout=out.append,
                 on_stderr=err.append,
-                timeout=timeout,
+                timeout=None,
                 env=None,
                 stdin=None,
                 cancel=None,
                 control=True,
             )
-        except SshError as exc:
-            return ProbeResult(False, None, None, None, str(exc))
-        rtt_ms = (time.monotonic() - started) * 1000.0
-        if outcome.timed_out:
+        )
+        # The deadline covers everything, waiting for the slot and opening the channel
+        # included, and the answer comes at the deadline: stopping the probe (kill, close)
+        # carries on in the background.
+        done, _ = await asyncio.wait({attempt}, timeout=timeout)
+        if not done:
+            attempt.cancel()
+            self._background.add(attempt)
+            attempt.add_done_callback(self._forget_background)
             return ProbeResult(
                 False, None, None, None, f"probe of {self.host} timed out after {timeout}s"
             )
+        try:
+            outcome = attempt.result()
+        except SshError as exc:
+            return ProbeResult(False, None, None, None, str(exc))
+        rtt_ms = (time.monotonic() - started) * 1000.0
         if outcome.exit_code != 0:
             detail = "; ".join(err[-3:]) or "no stderr"
             return ProbeResult(
@@ -646,6 +657,11 @@ class SshTransport:
                 "(expected the uname -a line, then the numeric uid)",
             )
         return ProbeResult(True, rtt_ms, lines[-2].strip(), int(lines[-1].strip()), None)
+
+    def _forget_background(self, task: asyncio.Future[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved; a stopped probe's error is of no interest
 
     async def _run(
         self,
@@ -761,7 +777,7 @@ class SshTransport:
                 seen.cancel()
         if job.pgid is not None and not worker.done():
             try:
-                async with self._control_slot:
+                async with self._kill_slot:
                     await self._in_thread(self._kill_group_blocking, job.pgid)
             except SshError as exc:
                 logger.warning(
@@ -1005,6 +1021,15 @@ def _drain(
         if lines is not None:
             out.extend(lines.feed(data))
     return out
+
+
+def _may_be_session_limit(exc: BaseException) -> bool:
+    """True for sshd's "no more sessions" refusal (open failure code 2). paramiko keeps
+    the refusal in one transport-wide slot, so with several opens in flight another thread
+    may take it and this one only sees the generic "Unable to open channel."."""
+    if isinstance(exc, paramiko.ChannelException):
+        return bool(exc.code == _OPEN_CONNECT_FAILED)
+    return type(exc) is paramiko.SSHException and str(exc) == "Unable to open channel."
 
 
 def _wait_server_close(channel: Any, timeout: float) -> None:

@@ -23,6 +23,7 @@ from .. import (
     events,
     filesets,
     hosts,
+    push,
     results,
     selectors,
     sessions,
@@ -52,6 +53,7 @@ _MODULES: tuple[ModuleType, ...] = (
     results,
     control,
     events,
+    push,
     config_schema,
 )
 
@@ -59,6 +61,7 @@ _MODULES: tuple[ModuleType, ...] = (
 _UNIONS: tuple[tuple[str, Any], ...] = (
     ("ControlMessage", control.ControlMessage),
     ("Event", events.Event),
+    ("PushMessage", push.PushMessage),
 )
 
 

@@ -1,0 +1,431 @@
+"""Server-sent events of a session: live fan-out, the per-client pump, and its response.
+
+* `StoredEvent`: one stored event as the store hands it out (seq, type, tsMs, JSON body); its
+  SSE frame ``id: <seq>\\nevent: <type>\\ndata: <json>\\n\\n`` is built once and shared by
+  every client.
+* `EventHub`: in-process fan-out. `publish` never blocks: each `Subscription` has a bounded
+  queue; a subscriber whose queue would overflow is marked overflowed and gets nothing more
+  (its client is disconnected and resumes with ``Last-Event-ID``); others are unaffected.
+* `SsePump`: one client. Subscribes first, replays history after the client's last id in
+  pages, then follows live (`ah_api.merge.ReplayLiveMerge` makes the seam exact), and sends a
+  ``: ka`` comment whenever it was idle for ``keepalive_s``.
+* `EventStreamResponse`: streams a pump; when the pump's subscription overflows while the
+  client is not even reading (the write is stuck), the connection is closed at once instead
+  of waiting for the client to drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from anyio import create_task_group
+from litestar.enums import MediaType
+from litestar.response import Stream
+from litestar.response.streaming import ASGIStreamingResponse
+
+from .merge import ReplayLiveMerge
+
+if TYPE_CHECKING:
+    from litestar import Litestar, Request
+    from litestar.background_tasks import BackgroundTask, BackgroundTasks
+    from litestar.datastructures import Cookie
+    from litestar.response.base import ASGIResponse
+    from litestar.types import Receive, Send, TypeEncodersMap
+
+__all__ = [
+    "EVENT_STREAM_MEDIA_TYPE",
+    "EventHub",
+    "EventStreamResponse",
+    "SsePump",
+    "SseSettings",
+    "StoredEvent",
+    "Subscription",
+]
+
+EVENT_STREAM_MEDIA_TYPE = "text/event-stream"
+KEEPALIVE = b": ka\n\n"
+
+_log = logging.getLogger("ah_api")
+
+
+@dataclass(frozen=True)
+class SseSettings:
+    keepalive_s: float = 15.0
+    """An idle stream gets a ``: ka`` comment this often (proxies and clients see it alive)."""
+    queue_size: int = 1000
+    """Live events a client may lag behind before it is disconnected."""
+    history_page: int = 500
+    """Events read from the store per replay step."""
+    retry_ms: int = 1000
+    """Reconnection delay suggested to EventSource clients (the stream's first line)."""
+
+    def __post_init__(self) -> None:
+        if self.keepalive_s <= 0 or self.queue_size < 1 or self.history_page < 1:
+            raise ValueError(f"invalid SSE settings {self}")
+
+
+@dataclass(eq=False, slots=True)
+class StoredEvent:
+    """One stored event of a session."""
+
+    seq: int
+    type: str
+    ts_ms: float
+    data: bytes
+    """The event as JSON (with its ``seq`` and ``tsMs``), one line."""
+    _frame: bytes | None = field(default=None, repr=False)
+
+    @property
+    def frame(self) -> bytes:
+        """The event as one SSE message."""
+        frame = self._frame
+        if frame is None:
+            frame = self._frame = b"id: %d\nevent: %s\ndata: %s\n\n" % (
+                self.seq,
+                self.type.encode(),
+                self.data,
+            )
+        return frame
+
+
+class Subscription:
+    """Live events of one session for one client (event-loop thread only)."""
+
+    def __init__(self, hub: EventHub, session_id: str, max_queue: int) -> None:
+        self.hub = hub
+        self.session_id = session_id
+        self.max_queue = max_queue
+        self.queue: deque[StoredEvent] = deque()
+        self.overflowed = False
+        self.closed = False
+        self.on_overflow: Callable[[], None] | None = None
+        self._ready = asyncio.Event()
+
+    def offer(self, events: Sequence[StoredEvent]) -> None:
+        if self.overflowed or self.closed:
+            return
+        if len(self.queue) + len(events) > self.max_queue:
+            self.overflowed = True
+            self.queue.clear()
+            self._ready.set()
+            if self.on_overflow is not None:
+                self.on_overflow()
+            return
+        self.queue.extend(events)
+        self._ready.set()
+
+    def take(self) -> list[StoredEvent]:
+        items = list(self.queue)
+        self.queue.clear()
+        self._ready.clear()
+        return items
+
+    def reset(self) -> None:
+        """Forget the overflow (and everything queued): only while the client is still
+        replaying history, which covers whatever was dropped."""
+        self.overflowed = False
+        self.queue.clear()
+        self._ready.clear()
+
+    async def wait(self, timeout: float) -> bool:
+        """Until something is queued or the queue overflowed (True), or ``timeout`` (False)."""
+        if self.queue or self.overflowed:
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await self._ready.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.hub._remove(self)
+
+
+class EventHub:
+    """Fan-out of newly stored events to live subscribers, per session."""
+
+    def __init__(self) -> None:
+        self._subscribers: dict[str, set[Subscription]] = {}
+        self.overflows = 0
+        """Subscribers disconnected for lagging, since start."""
+
+    def subscribe(self, session_id: str, max_queue: int) -> Subscription:
+        subscription = Subscription(self, session_id, max_queue)
+        self._subscribers.setdefault(session_id, set()).add(subscription)
+        return subscription
+
+    def publish(self, session_id: str, events: Sequence[StoredEvent]) -> None:
+        """Offer ``events`` (ascending seqs, just stored) to every subscriber; never blocks."""
+        subscribers = self._subscribers.get(session_id)
+        if not subscribers or not events:
+            return
+        for subscription in list(subscribers):
+            was = subscription.overflowed
+            subscription.offer(events)
+            if subscription.overflowed and not was:
+                self.overflows += 1
+
+    def subscriber_count(self, session_id: str | None = None) -> int:
+        if session_id is not None:
+            return len(self._subscribers.get(session_id, ()))
+        return sum(len(s) for s in self._subscribers.values())
+
+    def _remove(self, subscription: Subscription) -> None:
+        subscribers = self._subscribers.get(subscription.session_id)
+        if subscribers is not None:
+            subscribers.discard(subscription)
+            if not subscribers:
+                del self._subscribers[subscription.session_id]
+
+
+class EventSource(Protocol):
+    """What a pump reads: the session's store and its live feed."""
+
+    def read_events(
+        self,
+        session_id: str,
+        *,
+        after: int = 0,
+        until: int | None = None,
+        types: Collection[str] | None = None,
+        limit: int,
+        offset: int = 0,
+        descending: bool = False,
+    ) -> list[StoredEvent]: ...
+
+    def subscribe(self, session_id: str, max_queue: int) -> Subscription: ...
+
+
+class SsePump:
+    """The byte chunks of one client's event stream (an async iterator)."""
+
+    def __init__(
+        self,
+        source: EventSource,
+        session_id: str,
+        *,
+        after: int,
+        types: Collection[str] | None,
+        settings: SseSettings,
+    ) -> None:
+        self.source = source
+        self.session_id = session_id
+        self.types = frozenset(types) if types else None
+        self.settings = settings
+        self._subscription: Subscription | None = None
+        self.merge: ReplayLiveMerge[StoredEvent] = ReplayLiveMerge(after)
+        self.abort = asyncio.Event()
+        """Set when the client lags so far behind live events that it must be cut off."""
+        self.sent_events = 0
+        self._started = False
+        self._finished = False
+
+    @property
+    def subscription(self) -> Subscription:
+        if self._subscription is None:
+            raise RuntimeError("the pump has not started")
+        return self._subscription
+
+    def _overflowed(self) -> None:
+        if self.merge.live:
+            self.abort.set()
+
+    def close(self) -> None:
+        self._finished = True
+        if self._subscription is not None:
+            self._subscription.close()
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._finished:
+            raise StopAsyncIteration
+        if not self._started:
+            self._started = True
+            # Subscribe before the first history read: nothing committed after this point
+            # can be missed, whatever the reads see (the merge drops the overlap).
+            subscription = self.source.subscribe(self.session_id, self.settings.queue_size)
+            subscription.on_overflow = self._overflowed
+            self._subscription = subscription
+            return b"retry: %d\n\n" % self.settings.retry_ms
+        while not self.merge.live:
+            chunk = self._replay_step()
+            if chunk:
+                return chunk
+        while True:
+            subscription = self.subscription
+            if subscription.overflowed:
+                self.close()
+                _log.info(
+                    "event stream of session %s: client lags more than %d events behind; "
+                    "disconnecting it (it resumes with Last-Event-ID %d)",
+                    self.session_id,
+                    subscription.max_queue,
+                    self.merge.cursor,
+                )
+                raise StopAsyncIteration
+            items = subscription.take()
+            if items:
+                chunk = self._frames(self.merge.arrived((e.seq, e) for e in self._matching(items)))
+                if chunk:
+                    return chunk
+                continue
+            if not await subscription.wait(self.settings.keepalive_s):
+                return KEEPALIVE
+
+    def _replay_step(self) -> bytes:
+        subscription = self.subscription
+        if subscription.overflowed:
+            # Still replaying: the dropped live events are in the store; read on.
+            subscription.reset()
+            self.merge.restart_history()
+        limit = self.settings.history_page
+        page = self.source.read_events(
+            self.session_id, after=self.merge.cursor, types=self.types, limit=limit
+        )
+        return self._frames(
+            self.merge.history(((e.seq, e) for e in page), exhausted=len(page) < limit)
+        )
+
+    def _matching(self, items: Iterable[StoredEvent]) -> Iterable[StoredEvent]:
+        types = self.types
+        return items if types is None else (e for e in items if e.type in types)
+
+    def _frames(self, events: list[StoredEvent]) -> bytes:
+        self.sent_events += len(events)
+        return b"".join(e.frame for e in events)
+
+
+class _StalledResponseLogFilter(logging.Filter):
+    """uvicorn logs an error when an ASGI app returns before completing its response; for an
+    event stream we cut off on purpose that is expected, so it becomes an info line."""
+
+    message = "ASGI callable returned without completing response."
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expected = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.expected and record.getMessage() == self.message:
+            self.expected -= 1
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "closed the connection of a stalled event-stream client", ()
+        return True
+
+
+_stalled_filter = _StalledResponseLogFilter()
+logging.getLogger("uvicorn.error").addFilter(_stalled_filter)
+
+
+class _EventStreamASGIResponse(ASGIStreamingResponse):
+    """Streams an `SsePump`; each write races the pump's abort signal."""
+
+    def __init__(self, *, pump: SsePump, **kwargs: Any) -> None:
+        super().__init__(iterator=pump, **kwargs)
+        self.pump = pump
+
+    async def send_body(self, send: Send, receive: Receive) -> None:
+        pump = self.pump
+        try:
+            async with create_task_group() as task_group:
+                cancel_scope = task_group.cancel_scope
+
+                async def stream() -> None:
+                    if await self._stream_abortable(send):
+                        # Cut off: stop listening for the client too, and return without
+                        # completing the response, so the server closes the connection.
+                        _stalled_filter.expected += 1
+                        cancel_scope.cancel()
+
+                task_group.start_soon(stream)
+                await self._listen_for_disconnect(cancel_scope=cancel_scope, receive=receive)
+        finally:
+            pump.close()
+
+    async def _stream_abortable(self, send: Send) -> bool:
+        """Send every chunk; True when aborted mid-way."""
+        pump = self.pump
+        abort = pump.abort
+        abort_wait: asyncio.Task[bool] | None = None
+        try:
+            async for chunk in pump:
+                if abort.is_set():
+                    return True
+                writing = asyncio.ensure_future(
+                    send({"type": "http.response.body", "body": chunk, "more_body": True})
+                )
+                if abort_wait is None:
+                    abort_wait = asyncio.ensure_future(abort.wait())
+                await asyncio.wait({writing, abort_wait}, return_when=asyncio.FIRST_COMPLETED)
+                if not writing.done():
+                    writing.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await writing
+                    _log.info(
+                        "event stream of session %s: client stopped reading and lags more "
+                        "than %d events behind; closing its connection",
+                        pump.session_id,
+                        pump.settings.queue_size,
+                    )
+                    return True
+                writing.result()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return False
+        finally:
+            if abort_wait is not None:
+                abort_wait.cancel()
+
+
+class EventStreamResponse(Stream):
+    """The ``text/event-stream`` response of one `SsePump`."""
+
+    def __init__(self, pump: SsePump, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(
+            pump,
+            media_type=EVENT_STREAM_MEDIA_TYPE,
+            headers={
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+                **(headers or {}),
+            },
+        )
+        self.pump = pump
+
+    def to_asgi_response(
+        self,
+        app: Litestar | None,
+        request: Request[Any, Any, Any],
+        *,
+        background: BackgroundTask | BackgroundTasks | None = None,
+        cookies: Iterable[Cookie] | None = None,
+        encoded_headers: Iterable[tuple[bytes, bytes]] | None = None,
+        headers: dict[str, str] | None = None,
+        is_head_response: bool = False,
+        media_type: MediaType | str | None = None,
+        status_code: int | None = None,
+        type_encoders: TypeEncodersMap | None = None,
+    ) -> ASGIResponse:
+        merged_headers = {**headers, **self.headers} if headers is not None else self.headers
+        return _EventStreamASGIResponse(
+            pump=self.pump,
+            background=self.background or background,
+            content_length=0,
+            cookies=self.cookies if cookies is None else [*self.cookies, *cookies],
+            encoded_headers=encoded_headers,
+            encoding=self.encoding,
+            headers=merged_headers,
+            is_head_response=is_head_response,
+            media_type=EVENT_STREAM_MEDIA_TYPE,
+            status_code=self.status_code or status_code,
+        )

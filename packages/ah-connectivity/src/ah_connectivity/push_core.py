@@ -1,0 +1,403 @@
+"""Sans-I/O cores of the leader's event push (ALPN ``ah-leader/1``, see ``leader_push``).
+
+`PushSender` (leader) numbers the events it is given (``lseq`` 1, 2, 3...), cuts them into
+batches under an in-flight window, drops what the access point acknowledged, and after a
+reconnect resends everything after the ``ackedLseq`` of the new `PushWelcome`.
+
+`PushReceiver` (access point, one per push stream) checks the order of messages, asks its
+shell to authenticate the `PushHello` and to store the new part of each `PushBatch` (the part
+after what the producer already had stored: a resent prefix is skipped), and answers
+`PushWelcome` / `PushAck` / `PushRefused`.
+
+Together they give exactly-once storage of every emitted event, in emission order, across
+lost connections and access-point restarts, as long as the access point persists the highest
+stored ``lseq`` per (session, producer) atomically with the events.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import msgspec
+
+from ah_domain_types import (
+    PUSH_PROTOCOL_VERSION,
+    Event,
+    PushAck,
+    PushBatch,
+    PushHello,
+    PushMessage,
+    PushRefusal,
+    PushRefused,
+    PushWelcome,
+)
+
+__all__ = [
+    "DEFAULT_MAX_BATCH_BYTES",
+    "DEFAULT_MAX_BATCH_EVENTS",
+    "AckedRange",
+    "Authenticate",
+    "ClosePush",
+    "PushAction",
+    "PushProtocolError",
+    "PushReceiver",
+    "PushReceiverPhase",
+    "PushSender",
+    "SendPush",
+    "StoreEvents",
+]
+
+DEFAULT_MAX_BATCH_EVENTS = 256
+DEFAULT_MAX_BATCH_BYTES = 256 * 1024
+"""Keeps a batch frame well under the 1 MiB frame limit."""
+
+_json = msgspec.json.Encoder()
+
+
+class PushProtocolError(Exception):
+    """The peer broke the push protocol (an ack for events never sent, a gap...)."""
+
+
+@dataclass(frozen=True)
+class AckedRange:
+    """What one `PushAck` confirmed: events ``first_lseq`` .. ``last_lseq`` newly stored with
+    seqs ``first_seq`` .. ``last_seq`` (``first_lseq > last_lseq`` when nothing was new)."""
+
+    first_lseq: int
+    last_lseq: int
+    first_seq: int
+    last_seq: int
+
+    @property
+    def count(self) -> int:
+        return max(0, self.last_lseq - self.first_lseq + 1)
+
+    def seq_of(self, lseq: int) -> int | None:
+        if self.first_lseq <= lseq <= self.last_lseq:
+            return self.first_seq + (lseq - self.first_lseq)
+        return None
+
+
+class PushSender:
+    """Leader side: every emitted event stays pending until an ack covers it.
+
+    ``max_in_flight`` bounds the events sent but not yet acknowledged; batches hold at most
+    ``max_batch_events`` events and (except a single oversized event) ``max_batch_bytes``.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_batch_events: int = DEFAULT_MAX_BATCH_EVENTS,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        max_in_flight: int = 4096,
+    ) -> None:
+        if max_batch_events < 1 or max_batch_bytes < 1 or max_in_flight < 1:
+            raise ValueError("batch and window limits must be positive")
+        self.max_batch_events = max_batch_events
+        self.max_batch_bytes = max_batch_bytes
+        self.max_in_flight = max_in_flight
+        self._pending: deque[tuple[int, Event, int]] = deque()
+        """(lseq, event, encoded size) of every event not yet acknowledged, lseq order."""
+        self._next_lseq = 1
+        self._acked = 0
+        self._sent = 0
+        """Highest lseq sent on the current connection (== acked when nothing is in flight)."""
+        self._connected = False
+        self._server_batch_limit = max_batch_events
+
+    # -- facts -----------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def emitted(self) -> int:
+        """Events handed to `emit` so far (the last lseq)."""
+        return self._next_lseq - 1
+
+    @property
+    def acked_lseq(self) -> int:
+        return self._acked
+
+    @property
+    def unacked(self) -> int:
+        return len(self._pending)
+
+    @property
+    def in_flight(self) -> int:
+        return self._sent - self._acked
+
+    @property
+    def all_acked(self) -> bool:
+        return not self._pending
+
+    # -- inputs ----------------------------------------------------------------------------
+
+    def emit(self, event: Event) -> int:
+        """Queue one event; returns its lseq."""
+        lseq = self._next_lseq
+        self._next_lseq += 1
+        self._pending.append((lseq, event, len(_json.encode(event))))
+        return lseq
+
+    def on_welcome(self, welcome: PushWelcome) -> None:
+        """A (new) connection was accepted: resend everything after ``acked_lseq``."""
+        if welcome.acked_lseq > self.emitted:
+            raise PushProtocolError(
+                f"access point says lseq {welcome.acked_lseq} of producer {welcome.producer!r} "
+                f"is stored, but only {self.emitted} events were emitted"
+            )
+        self._drop_through(welcome.acked_lseq)
+        self._acked = max(self._acked, welcome.acked_lseq)
+        self._sent = self._acked
+        self._connected = True
+        self._server_batch_limit = welcome.max_batch_events
+
+    def on_ack(self, ack: PushAck) -> AckedRange:
+        if not self._connected:
+            raise PushProtocolError("ack received while not connected")
+        if ack.last_lseq > self._sent or ack.last_lseq < self._acked:
+            raise PushProtocolError(
+                f"ack for lseq {ack.last_lseq} outside the in-flight range "
+                f"{self._acked}..{self._sent}"
+            )
+        new = (ack.last_seq - ack.first_seq + 1) if ack.first_seq else 0
+        if new < 0 or new > ack.last_lseq - self._acked:
+            raise PushProtocolError(
+                f"ack assigns seqs {ack.first_seq}..{ack.last_seq} to more events than the "
+                f"{ack.last_lseq - self._acked} it acknowledges"
+            )
+        self._drop_through(ack.last_lseq)
+        self._acked = ack.last_lseq
+        return AckedRange(ack.last_lseq - new + 1, ack.last_lseq, ack.first_seq, ack.last_seq)
+
+    def on_disconnect(self) -> None:
+        """The connection is gone: whatever was in flight is sent again after the next
+        welcome (the access point skips what it had already stored)."""
+        self._connected = False
+        self._sent = self._acked
+
+    # -- outputs ---------------------------------------------------------------------------
+
+    def next_batch(self) -> PushBatch | None:
+        """The next batch to send now, or None (not connected, nothing new, window full)."""
+        if not self._connected:
+            return None
+        room = self.max_in_flight - self.in_flight
+        limit = min(self.max_batch_events, self._server_batch_limit, room)
+        if limit <= 0:
+            return None
+        start = self._sent - self._acked  # index in _pending of the first unsent event
+        if start >= len(self._pending):
+            return None
+        events: list[Event] = []
+        size = 0
+        for index in range(start, min(len(self._pending), start + limit)):
+            _, event, event_size = self._pending[index]
+            if events and size + event_size > self.max_batch_bytes:
+                break
+            events.append(event)
+            size += event_size
+        first = self._pending[start][0]
+        self._sent = first + len(events) - 1
+        return PushBatch(first_lseq=first, events=events)
+
+    def _drop_through(self, lseq: int) -> None:
+        pending = self._pending
+        while pending and pending[0][0] <= lseq:
+            pending.popleft()
+
+
+# ==========================================================================================
+# Access point side
+# ==========================================================================================
+
+
+class PushReceiverPhase(enum.Enum):
+    AWAIT_HELLO = "awaitHello"
+    AUTHENTICATING = "authenticating"
+    OPEN = "open"
+    STORING = "storing"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class SendPush:
+    message: PushMessage
+
+
+@dataclass(frozen=True)
+class ClosePush:
+    """Finish the stream (after the messages before this action)."""
+
+    reason: str
+    error: bool
+
+
+@dataclass(frozen=True)
+class Authenticate:
+    """Check ``hello`` (token, scope) and open the session; answer with `PushReceiver.opened`
+    or `PushReceiver.refuse`."""
+
+    hello: PushHello
+
+
+@dataclass(frozen=True)
+class StoreEvents:
+    """Store ``events`` as lseqs ``first_lseq``.. of the stream's producer; answer with
+    `PushReceiver.stored` (or `refuse` on failure). Empty when a batch was all resent."""
+
+    first_lseq: int
+    events: Sequence[Event]
+
+    @property
+    def last_lseq(self) -> int:
+        return self.first_lseq + len(self.events) - 1
+
+
+PushAction = SendPush | ClosePush | Authenticate | StoreEvents
+
+
+class PushReceiver:
+    """One push stream on the access point: Hello → (authenticate) → Welcome, then each
+    Batch → (store its new events) → Ack, strictly one request at a time."""
+
+    def __init__(self, *, max_batch_events: int = 1024) -> None:
+        self.max_batch_events = max_batch_events
+        self.phase = PushReceiverPhase.AWAIT_HELLO
+        self.session_id: str | None = None
+        self.producer: str | None = None
+        self.acked_lseq = 0
+        self._storing: StoreEvents | None = None
+        self._queued: list[PushBatch] = []
+        self._peer_finished = False
+
+    def receive(self, message: PushMessage) -> list[PushAction]:
+        phase = self.phase
+        if phase is PushReceiverPhase.CLOSED:
+            return []
+        if phase is PushReceiverPhase.AWAIT_HELLO:
+            if not isinstance(message, PushHello):
+                return self.refuse(
+                    PushRefusal.INVALID, f"expected pushHello first, got {message_type(message)}"
+                )
+            if message.protocol_version != PUSH_PROTOCOL_VERSION:
+                return self.refuse(
+                    PushRefusal.INVALID,
+                    f"push protocol version {message.protocol_version} is not supported "
+                    f"(this access point speaks {PUSH_PROTOCOL_VERSION})",
+                )
+            self.phase = PushReceiverPhase.AUTHENTICATING
+            self.session_id = message.session_id
+            self.producer = message.producer
+            return [Authenticate(message)]
+        if not isinstance(message, PushBatch):
+            return self.refuse(
+                PushRefusal.INVALID, f"unexpected {message_type(message)} on a push stream"
+            )
+        if phase is PushReceiverPhase.AUTHENTICATING or phase is PushReceiverPhase.STORING:
+            # Pipelined: the leader may send the next batches before the previous ack.
+            self._queued.append(message)
+            return []
+        return self._take(message)
+
+    def _take(self, batch: PushBatch) -> list[PushAction]:
+        if len(batch.events) > self.max_batch_events:
+            return self.refuse(
+                PushRefusal.INVALID,
+                f"batch of {len(batch.events)} events is over the limit of "
+                f"{self.max_batch_events}",
+            )
+        if batch.first_lseq > self.acked_lseq + 1:
+            return self.refuse(
+                PushRefusal.INVALID,
+                f"batch starts at lseq {batch.first_lseq} but only {self.acked_lseq} are "
+                "stored: events would be missing",
+            )
+        for event in batch.events:
+            if event.session_id not in ("", self.session_id):
+                return self.refuse(
+                    PushRefusal.INVALID,
+                    f"event of session {event.session_id!r} on the push stream of "
+                    f"session {self.session_id!r}",
+                )
+        skip = self.acked_lseq + 1 - batch.first_lseq
+        store = StoreEvents(batch.first_lseq + skip, batch.events[skip:])
+        self._storing = store
+        self.phase = PushReceiverPhase.STORING
+        return [store]
+
+    def opened(self, acked_lseq: int, last_seq: int) -> list[PushAction]:
+        """The shell authenticated the hello; ``acked_lseq`` is what the producer already has
+        stored in this session."""
+        if self.phase is not PushReceiverPhase.AUTHENTICATING:
+            return []
+        assert self.session_id is not None and self.producer is not None
+        self.acked_lseq = acked_lseq
+        self.phase = PushReceiverPhase.OPEN
+        actions: list[PushAction] = [
+            SendPush(
+                PushWelcome(
+                    session_id=self.session_id,
+                    producer=self.producer,
+                    acked_lseq=acked_lseq,
+                    last_seq=last_seq,
+                    max_batch_events=self.max_batch_events,
+                )
+            )
+        ]
+        return actions + self._next_queued()
+
+    def stored(self, first_seq: int, last_seq: int) -> list[PushAction]:
+        """The shell stored the events of the last `StoreEvents` (seqs first..last, both 0
+        when it was empty)."""
+        store = self._storing
+        if self.phase is not PushReceiverPhase.STORING or store is None:
+            return []
+        self._storing = None
+        if store.events:
+            self.acked_lseq = store.last_lseq
+        self.phase = PushReceiverPhase.OPEN
+        ack = PushAck(last_lseq=self.acked_lseq, first_seq=first_seq, last_seq=last_seq)
+        return [SendPush(ack), *self._next_queued()]
+
+    def _next_queued(self) -> list[PushAction]:
+        if self.phase is not PushReceiverPhase.OPEN:
+            return []
+        if self._queued:
+            return self._take(self._queued.pop(0))
+        if self._peer_finished:
+            self.phase = PushReceiverPhase.CLOSED
+            return [ClosePush("leader finished the push stream", error=False)]
+        return []
+
+    def refuse(self, code: PushRefusal, message: str) -> list[PushAction]:
+        if self.phase is PushReceiverPhase.CLOSED:
+            return []
+        self.phase = PushReceiverPhase.CLOSED
+        self._queued.clear()
+        self._storing = None
+        return [
+            SendPush(PushRefused(code=code, message=message)),
+            ClosePush(f"{code.value}: {message}", error=True),
+        ]
+
+    def peer_finished(self) -> list[PushAction]:
+        """The leader finished its side: finish ours once every batch it sent is answered."""
+        if self.phase is PushReceiverPhase.CLOSED:
+            return []
+        self._peer_finished = True
+        if self.phase is PushReceiverPhase.AWAIT_HELLO:
+            self.phase = PushReceiverPhase.CLOSED
+            return [ClosePush("push stream ended before pushHello", error=True)]
+        return self._next_queued()
+
+
+def message_type(message: object) -> str:
+    tag = getattr(type(message), "__struct_config__", None)
+    return str(tag.tag) if tag is not None and tag.tag is not None else type(message).__name__

@@ -1,0 +1,306 @@
+"""The leader's event push over real QUIC (UDP on 127.0.0.1, port 0, real TLS), sharing the
+port with the follower control plane."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import re
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aioquic.asyncio.client import connect
+from aioquic.quic.configuration import QuicConfiguration
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ah_connectivity import Backoff, ControlClient, TokenError, TokenSigner
+from ah_connectivity.leader_push import (
+    LEADER_ALPN,
+    ControlAndPushServer,
+    LeaderPushClient,
+    PushGrant,
+    PushRefusedError,
+    new_session_id,
+)
+from ah_domain_types import (
+    SESSION_ID_PATTERN,
+    Event,
+    NoteEvent,
+    PushRefusal,
+    StreamError,
+)
+
+TRUST_DOMAIN = "test.fleet"
+
+
+@dataclass
+class MemoryIngest:
+    """A `PushIngest` keeping events in memory (the access point's SQLite store is tested
+    with the daemon); tokens are verified for real."""
+
+    signer: TokenSigner
+    events: dict[str, list[tuple[int, str, str]]] = field(default_factory=dict)
+    """session → [(seq, producer, message)]"""
+    producers: dict[tuple[str, str], int] = field(default_factory=dict)
+    fail_next_append: bool = False
+
+    def open_push(self, token: str, session_id: str, producer: str) -> PushGrant:
+        try:
+            claims = self.signer.verifier().verify_user(token, required_scope="exec")
+        except TokenError as exc:
+            code = PushRefusal.FORBIDDEN if exc.reason == "missing-scope" else PushRefusal.UNAUTHENTICATED
+            raise PushRefusedError(code, str(exc)) from None
+        stored = self.events.setdefault(session_id, [])
+        return PushGrant(
+            subject=claims.sub,
+            session_id=session_id,
+            producer=producer,
+            acked_lseq=self.producers.get((session_id, producer), 0),
+            last_seq=len(stored),
+        )
+
+    def append_events(
+        self, grant: PushGrant, first_lseq: int, events: Sequence[Event]
+    ) -> tuple[int, int]:
+        if self.fail_next_append:
+            self.fail_next_append = False
+            raise OSError("disk full")
+        key = (grant.session_id, grant.producer)
+        assert first_lseq == self.producers.get(key, 0) + 1
+        stored = self.events[grant.session_id]
+        first = len(stored) + 1
+        for event in events:
+            assert isinstance(event, NoteEvent)
+            stored.append((len(stored) + 1, grant.producer, event.message))
+        self.producers[key] = first_lseq + len(events) - 1
+        return first, len(stored)
+
+    def messages(self, session_id: str) -> list[str]:
+        return [m for _, _, m in self.events.get(session_id, [])]
+
+
+def notes(start: int, stop: int) -> list[NoteEvent]:
+    return [NoteEvent(session_id="", ts_ms=0.0, message=f"n{i}") for i in range(start, stop)]
+
+
+@pytest.fixture
+def signer() -> TokenSigner:
+    return TokenSigner.generate(TRUST_DOMAIN)
+
+
+def make_server(fleet: Any, handler: Any, ingest: MemoryIngest, **kw: Any) -> ControlAndPushServer:
+    return ControlAndPushServer(
+        push_ingest=ingest,
+        identity=fleet.server,
+        ca=fleet.ca,
+        trust_domain=fleet.trust_domain,
+        handler=handler,
+        heartbeat_interval_ms=100,
+        **kw,
+    )
+
+
+def make_client(fleet: Any, port: int, token: str, session_id: str, **kw: Any) -> LeaderPushClient:
+    return LeaderPushClient(
+        host="127.0.0.1",
+        port=port,
+        ca=fleet.ca.cert_pem,
+        trust_domain=fleet.trust_domain,
+        token=token,
+        session_id=session_id,
+        backoff=Backoff(base_s=0.02, cap_s=0.2),
+        connect_timeout_s=5.0,
+        **kw,
+    )
+
+
+async def start_when_free(server: ControlAndPushServer, port: int, timeout: float = 5.0) -> None:
+    """Bind ``port`` again; the closed server's UDP socket goes away on a later loop turn."""
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                await server.start("127.0.0.1", port)
+                return
+            except OSError:
+                await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def running(client: LeaderPushClient) -> Any:
+    task = asyncio.ensure_future(client.run())
+    try:
+        yield task
+    finally:
+        await client.stop()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def test_push_and_follower_share_the_port(
+    run: Callable[..., Any], fleet: Any, handler: Any, follower_info: Any, signer: TokenSigner
+) -> None:
+    ingest = MemoryIngest(signer)
+    session = new_session_id()
+    acked: list[tuple[int, int]] = []
+
+    async def body() -> None:
+        async with make_server(fleet, handler, ingest) as server:
+            port = await server.start()
+            follower = ControlClient(
+                host="127.0.0.1",
+                port=port,
+                identity=fleet.follower("lin-1"),
+                ca=fleet.ca,
+                trust_domain=fleet.trust_domain,
+                info=follower_info("lin-1"),
+                on_rpc=lambda msg: asyncio.sleep(0, StreamError(code=1, message="no")),
+            )
+            follower_task = asyncio.ensure_future(follower.run())
+            token = signer.issue_user("alice", scopes=["exec"])
+            client = make_client(
+                fleet, port, token, session, on_ack=lambda r: acked.append((r.first_seq, r.last_seq))
+            )
+            async with running(client):
+                for event in notes(0, 1500):
+                    client.emit(event)
+                assert await client.flush(20.0)
+                await follower.wait_connected(10.0)
+                assert server.follower("lin-1") is not None
+                assert client.status.connected and client.status.sessions == 1
+            await follower.stop()
+            await follower_task
+
+    run(body())
+    assert ingest.messages(session) == [f"n{i}" for i in range(1500)]
+    # The acks cover seqs 1..1500 once each, in order.
+    covered = [seq for first, last in acked for seq in range(first, last + 1)]
+    assert covered == list(range(1, 1501))
+
+
+@pytest.mark.parametrize(
+    ("scopes", "good_key", "code"),
+    [
+        (["read-logs"], True, PushRefusal.FORBIDDEN),
+        (["exec"], False, PushRefusal.UNAUTHENTICATED),
+    ],
+)
+def test_a_refused_token_ends_the_push(
+    run: Callable[..., Any],
+    fleet: Any,
+    handler: Any,
+    signer: TokenSigner,
+    scopes: list[str],
+    good_key: bool,
+    code: PushRefusal,
+) -> None:
+    ingest = MemoryIngest(signer)
+    issuer = signer if good_key else TokenSigner.generate(TRUST_DOMAIN)
+
+    async def body() -> None:
+        async with make_server(fleet, handler, ingest) as server:
+            port = await server.start()
+            client = make_client(fleet, port, issuer.issue_user("mallory", scopes=scopes), "s-x")
+            client.emit(notes(0, 1)[0])
+            # run() returns by itself: a refused token is not retried.
+            await asyncio.wait_for(client.run(), 10.0)
+            assert client.status.refused is not None
+            assert client.status.refused.code is code
+            assert not await client.flush(0.1)
+
+    run(body())
+    assert ingest.messages("s-x") == []
+
+
+def test_reconnect_after_the_access_point_restarts_stores_each_event_once(
+    run: Callable[..., Any], fleet: Any, handler: Any, signer: TokenSigner
+) -> None:
+    ingest = MemoryIngest(signer)  # survives the "restart", as the SQLite store does
+    session = new_session_id()
+
+    async def body() -> None:
+        first = make_server(fleet, handler, ingest)
+        port = await first.start()
+        client = make_client(fleet, port, signer.issue_user("alice", scopes=["exec"]), session)
+        async with running(client):
+            for event in notes(0, 400):
+                client.emit(event)
+            await client.wait_for(lambda c: c.sender.acked_lseq >= 100, 10.0)
+            await first.close("restart")
+            # Emitted while the access point is down: queued, never blocking.
+            for event in notes(400, 800):
+                client.emit(event)
+            second = make_server(fleet, handler, ingest)
+            await start_when_free(second, port)
+            try:
+                assert await client.flush(20.0), client.status
+                assert client.status.sessions >= 2
+            finally:
+                await second.close()
+
+    run(body())
+    assert ingest.messages(session) == [f"n{i}" for i in range(800)]
+
+
+def test_a_storage_failure_refuses_the_stream_and_the_leader_retries(
+    run: Callable[..., Any], fleet: Any, handler: Any, signer: TokenSigner
+) -> None:
+    ingest = MemoryIngest(signer, fail_next_append=True)
+
+    async def body() -> None:
+        async with make_server(fleet, handler, ingest) as server:
+            port = await server.start()
+            client = make_client(fleet, port, signer.issue_user("a", scopes=["exec"]), "s-retry")
+            async with running(client):
+                for event in notes(0, 10):
+                    client.emit(event)
+                assert await client.flush(10.0)
+                assert client.status.sessions == 2, client.status.history
+
+    run(body())
+    assert ingest.messages("s-retry") == [f"n{i}" for i in range(10)]
+
+
+def test_a_silent_leader_connection_is_closed(
+    run: Callable[..., Any], fleet: Any, handler: Any, signer: TokenSigner
+) -> None:
+    async def body() -> None:
+        server = make_server(fleet, handler, MemoryIngest(signer), push_hello_timeout_s=0.2)
+        async with server:
+            port = await server.start()
+            config = QuicConfiguration(is_client=True, alpn_protocols=[LEADER_ALPN])
+            config.verify_mode = ssl.CERT_NONE
+            async with connect("127.0.0.1", port, configuration=config) as proto:
+                await asyncio.wait_for(proto.wait_closed(), 5.0)
+                assert proto._quic._close_event is not None
+                assert proto._quic._close_event.reason_phrase == "no pushHello in time"
+
+    run(body())
+
+
+def test_a_client_without_certificate_is_still_refused_on_the_control_alpn(
+    run: Callable[..., Any], fleet: Any, handler: Any, signer: TokenSigner
+) -> None:
+    async def body() -> None:
+        async with make_server(fleet, handler, MemoryIngest(signer)) as server:
+            port = await server.start()
+            config = QuicConfiguration(is_client=True, alpn_protocols=["ah-control/1"])
+            config.verify_mode = ssl.CERT_NONE
+            async with connect("127.0.0.1", port, configuration=config) as proto:
+                await asyncio.wait_for(proto.wait_closed(), 5.0)
+                assert proto._quic._close_event is not None
+                assert "no certificate" in proto._quic._close_event.reason_phrase
+
+    run(body())
+
+
+@given(st.datetimes(timezones=st.just(dt.UTC)))
+def test_new_session_ids_are_valid_and_carry_the_time(now: dt.datetime) -> None:
+    session_id = new_session_id(now)
+    assert re.fullmatch(SESSION_ID_PATTERN, session_id)
+    assert session_id.startswith(f"s-{now.strftime('%Y%m%dT%H%M%SZ')}-")
