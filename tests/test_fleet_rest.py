@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ah_config import load_config
@@ -56,3 +57,19 @@ def test_env_points_ah_fleetctl_at_the_fleet(local_fleet: Any) -> None:
     assert config.remote_server == local_fleet.api_url
     assert config.token == local_fleet.user_token
     assert config.ca_file == str(local_fleet.ca_path)
+
+
+def test_many_execs_in_flight_share_the_control_connections_and_lose_nothing(
+    local_fleet: Any,
+) -> None:
+    """M3 concurrency: 24 exec requests at once, each fanned out to three followers over their
+    one QUIC connection each; every answer belongs to its own request and none is lost."""
+    hosts = ["lin-a", "lin-b", "lin-c"]
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        futures = {n: pool.submit(local_fleet.exec_mock, hosts, ["job", str(n)]) for n in range(24)}
+        answers = {n: f.result(timeout=60) for n, f in futures.items()}
+    for n, results in answers.items():
+        assert list(results) == hosts
+        for name, result in results.items():
+            assert result["state"] == "ok", result
+            assert result["stdout"] == f"mock exec on {name}: job {n}\n"

@@ -236,8 +236,11 @@ class SsePump:
         return self._subscription
 
     def _overflowed(self) -> None:
-        if self.merge.live:
-            self.abort.set()
+        # Whoever is writing to a client that lets its queue overflow is stuck (or nearly):
+        # a write still pending now is abandoned and the connection closed. If no write is
+        # pending, a replaying pump just reads on (see `_replay_step`) and a live one ends
+        # the stream at its next step.
+        self.abort.set()
 
     def close(self) -> None:
         self._finished = True
@@ -289,6 +292,7 @@ class SsePump:
             # Still replaying: the dropped live events are in the store; read on.
             subscription.reset()
             self.merge.restart_history()
+            self.abort.clear()
         limit = self.settings.history_page
         page = self.source.read_events(
             self.session_id, after=self.merge.cursor, types=self.types, limit=limit
@@ -360,8 +364,6 @@ class _EventStreamASGIResponse(ASGIStreamingResponse):
         abort_wait: asyncio.Task[bool] | None = None
         try:
             async for chunk in pump:
-                if abort.is_set():
-                    return True
                 writing = asyncio.ensure_future(
                     send({"type": "http.response.body", "body": chunk, "more_body": True})
                 )
