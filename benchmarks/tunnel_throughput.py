@@ -57,6 +57,8 @@ from ah_domain_types import (
 )
 
 TD = "bench.fleet"
+EXTRA_SSH_OPTIONS: list[str] = []
+PROXY_PREFIX: list[str] = []
 CHUNK = 256 * 1024
 
 
@@ -181,13 +183,13 @@ def ssh_throughput(
     (tmp / "ca.pem").write_bytes(ca_pem)
     (tmp / "token").write_text(token)
     proxy = shlex.join(
-        [sys.executable, "-m", "ah_connectivity.connect_client", "--access-point",
+        [*PROXY_PREFIX, sys.executable, "-m", "ah_connectivity.connect_client", "--access-point",
          f"127.0.0.1:{connect_port}", "--ca-file", str(tmp / "ca.pem"), "--token-file",
          str(tmp / "token"), "bench:22"]
     )  # fmt: skip
     ssh = sshd.ssh_command("cat > /dev/null", connect_timeout=20)
     cut = ssh.index("--")
-    ssh[cut:cut] = ["-o", f"ProxyCommand={proxy}"]
+    ssh[cut:cut] = ["-o", f"ProxyCommand={proxy}", *EXTRA_SSH_OPTIONS]
     warm = subprocess.run(
         [*ssh[:cut], "-o", f"ProxyCommand={proxy}", "--", sshd.destination, "true"]
     )
@@ -226,7 +228,14 @@ def main() -> None:
     parser.add_argument("--mb", type=int, default=200)
     parser.add_argument("--quic-mb", type=int, default=32)
     parser.add_argument("--methods", default="data,quic")
+    parser.add_argument("--cipher", help="ssh -c CIPHER (e.g. aes128-gcm@openssh.com)")
+    parser.add_argument("--time-proxy", action="store_true", help="report the ProxyCommand's CPU")
     args = parser.parse_args()
+    if args.cipher:
+        EXTRA_SSH_OPTIONS[:] = ["-c", args.cipher]
+    if args.time_proxy:
+        # (ssh percent-expands ProxyCommand: %% is a literal %)
+        PROXY_PREFIX[:] = ["/usr/bin/time", "-f", "ProxyCommand CPU s: user %%U system %%S"]
     from ah_harness_local.sshd import start_sshd
 
     logger.remove()

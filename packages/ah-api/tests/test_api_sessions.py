@@ -404,10 +404,21 @@ def test_slow_client_is_cut_off_alone_and_resumes_without_loss(
 
             reader = threading.Thread(target=fast_reader)
             reader.start()
-            # Publish until the non-reading client overflows its 40-event queue.
+            # Publish until the non-reading client overflowed its 40-event queue and was cut
+            # off (its subscription is gone; the fast client's remains).
             deadline = time.monotonic() + 60
-            while hub.overflows == overflows_before:
-                assert time.monotonic() < deadline, "the slow client never overflowed"
+
+            def subscribers() -> int:
+                async def count() -> int:
+                    return int(hub.subscriber_count(session))
+
+                return int(sessions_api.loop_thread.run(count()))
+
+            while not fast_got or subscribers() != 1 or hub.overflows == overflows_before:
+                assert time.monotonic() < deadline, (
+                    f"the slow client was not cut off ({subscribers()} subscribers, "
+                    f"{hub.overflows - overflows_before} overflows)"
+                )
                 append_batch()
             for _ in range(3):  # life goes on for the others
                 append_batch()

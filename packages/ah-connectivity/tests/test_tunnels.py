@@ -212,11 +212,11 @@ def test_unresponsive_follower_is_504_within_the_deadline(
         started = time.monotonic()
         err = refused(tf, "f1:22")
         took = time.monotonic() - started
+        assert echo_server.accepted == 0
     finally:
         release.set()
     assert err.status == 504
     assert 1.0 <= took < 6.0, took
-    assert echo_server.accepted == 0
 
 
 @pytest.mark.parametrize("methods", METHODS)
@@ -413,7 +413,7 @@ def test_quic_tunnel_backpressure_bounds_buffers(
         chunk = bytes(256 << 10)
         written = 0
         try:
-            async with asyncio.timeout(2.0):
+            async with asyncio.timeout(1.0):
                 while True:
                     writer.write(chunk)
                     written += len(chunk)

@@ -212,6 +212,23 @@ def init(
     metavar="HOST",
     help="Host followers dial for QUIC (default: --bind, or the host name for a wildcard).",
 )
+@click.option(
+    "--sse-keepalive",
+    default="15s",
+    show_default=True,
+    callback=_parse_duration_s,
+    metavar="DURATION",
+    help="Send a keep-alive comment on an idle session event stream this often.",
+)
+@click.option(
+    "--sse-queue",
+    type=click.IntRange(1, 1_000_000),
+    default=1000,
+    show_default=True,
+    metavar="N",
+    help="Live events an event-stream client may lag behind before it is disconnected "
+    "(it resumes with Last-Event-ID).",
+)
 @log_options("daemon")
 @click.pass_context
 def serve(
@@ -225,6 +242,8 @@ def serve(
     ready_file: Path | None,
     heartbeat_interval: float,
     advertise_host: str | None,
+    sse_keepalive: float,
+    sse_queue: int,
     **_: object,
 ) -> int:
     """Serve the QUIC control plane and the REST API until SIGTERM/SIGINT."""
@@ -241,6 +260,8 @@ def serve(
         ready_file=ready_file,
         heartbeat_interval_ms=max(1, round(heartbeat_interval * 1000)),
         advertise_host=advertise_host,
+        sse_keepalive_s=sse_keepalive,
+        sse_queue_size=sse_queue,
     )
     return asyncio.run(run_serve(state, options))
 

@@ -19,14 +19,17 @@ from pathlib import Path
 import msgspec
 from loguru import logger
 
-from ah_api import ApiServer, ApiServerError, JwtAuthenticator, create_app
+from ah_api import ApiServer, ApiServerError, EventHub, JwtAuthenticator, SseSettings, create_app
 from ah_config import CliError
-from ah_connectivity import ControlServer, user_audience
+from ah_connectivity import user_audience
+from ah_connectivity.leader_push import ControlAndPushServer
 from ah_domain_types import ExitCode
 
 from . import __version__
+from .events_store import EVENTS_DB_FILE, EventStore, EventStoreError
 from .fleet import AccessPointFleet
 from .registry import FleetRegistry, RegistryError
+from .sessions import SessionService
 from .state import ApState
 
 __all__ = ["ReadyFile", "ServeOptions", "run_serve", "write_json_atomically"]
@@ -48,6 +51,11 @@ class ServeOptions:
     advertise_host: str | None = None
     """Host followers are told to dial for QUIC; default: the bind address, or this machine's
     host name when binding a wildcard address."""
+    # -- session events (issue 7) --
+    sse_keepalive_s: float = 15.0
+    """An idle SSE stream gets a ``: ka`` comment this often."""
+    sse_queue_size: int = 1000
+    """Live events an SSE client may lag behind before it is disconnected (it resumes)."""
 
 
 class ReadyFile(msgspec.Struct, frozen=True, rename="camel"):
@@ -112,7 +120,18 @@ async def run_serve(state: ApState, options: ServeOptions) -> int:
         unhealthy_after_intervals=options.unhealthy_after_intervals,
         offline_after_intervals=options.offline_after_intervals,
     )
-    control = ControlServer(
+    # -- session events (issue 7): event store + live hub; leaders push on the QUIC port --
+    try:
+        events = EventStore(state.state_dir / EVENTS_DB_FILE)
+    except EventStoreError as exc:
+        registry.close()
+        raise CliError(ExitCode.CONFIGURATION, str(exc)) from None
+    sessions = SessionService(
+        events, EventHub(), state.signer.verifier(), fleet, trust_domain=state.trust_domain
+    )
+    # ----------------------------------------------------------------------------------------
+    control = ControlAndPushServer(
+        push_ingest=sessions,
         identity=state.identity,
         ca=state.ca,
         trust_domain=state.trust_domain,
@@ -133,9 +152,19 @@ async def run_serve(state: ApState, options: ServeOptions) -> int:
                 details={"bind": options.bind, "port": str(options.quic_port)},
             ) from None
         fleet.quic_address = f"{_advertised_host(options.bind, options.advertise_host)}:{quic_port}"
+        sessions.push_host = _advertised_host(options.bind, options.advertise_host).strip("[]")
+        sessions.push_port = quic_port
         authenticator = JwtAuthenticator(state.signer.verifier(), user_audience(state.trust_domain))
         api = ApiServer(
-            create_app(fleet, authenticator, version=__version__),
+            create_app(
+                fleet,
+                authenticator,
+                version=__version__,
+                sessions=sessions,
+                sse=SseSettings(
+                    keepalive_s=options.sse_keepalive_s, queue_size=options.sse_queue_size
+                ),
+            ),
             certfile=state.server_cert_path,
             keyfile=state.server_key_path,
         )
@@ -177,6 +206,7 @@ async def run_serve(state: ApState, options: ServeOptions) -> int:
         await control.close("access point shutting down")
         fleet.close()
         registry.close()
+        events.close()
         _ignore_further_signals(loop)
         if options.ready_file is not None:
             _remove_own_ready_file(options.ready_file)

@@ -358,35 +358,49 @@ class _EventStreamASGIResponse(ASGIStreamingResponse):
             pump.close()
 
     async def _stream_abortable(self, send: Send) -> bool:
-        """Send every chunk; True when aborted mid-way."""
+        """Send every chunk; True when the client was cut off mid-way."""
         pump = self.pump
         abort = pump.abort
         abort_wait: asyncio.Task[bool] | None = None
         try:
             async for chunk in pump:
-                writing = asyncio.ensure_future(
-                    send({"type": "http.response.body", "body": chunk, "more_body": True})
-                )
-                if abort_wait is None:
+                if abort_wait is None or abort_wait.done():
+                    # (A replaying pump clears a past overflow: wait for the next one.)
                     abort_wait = asyncio.ensure_future(abort.wait())
-                await asyncio.wait({writing, abort_wait}, return_when=asyncio.FIRST_COMPLETED)
-                if not writing.done():
-                    writing.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await writing
+                message: Any = {"type": "http.response.body", "body": chunk, "more_body": True}
+                if not await self._write(send, message, abort_wait):
                     _log.info(
-                        "event stream of session %s: client stopped reading and lags more "
+                        "event stream of session %s: the client stopped reading and lags more "
                         "than %d events behind; closing its connection",
                         pump.session_id,
                         pump.settings.queue_size,
                     )
                     return True
-                writing.result()
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return False
+            # The end of the stream (a lagging client told to resume): it must not wait on a
+            # client that does not read either.
+            end: Any = {"type": "http.response.body", "body": b"", "more_body": False}
+            give_up = asyncio.ensure_future(asyncio.sleep(pump.settings.keepalive_s))
+            try:
+                return not await self._write(send, end, give_up)
+            finally:
+                give_up.cancel()
         finally:
             if abort_wait is not None:
                 abort_wait.cancel()
+
+    @staticmethod
+    async def _write(send: Send, message: Any, unless: asyncio.Future[Any]) -> bool:
+        """Send ``message`` unless ``unless`` completes first (then the write is abandoned
+        and False returned)."""
+        writing = asyncio.ensure_future(send(message))
+        await asyncio.wait({writing, unless}, return_when=asyncio.FIRST_COMPLETED)
+        if writing.done():
+            writing.result()
+            return True
+        writing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writing
+        return False
 
 
 class EventStreamResponse(Stream):

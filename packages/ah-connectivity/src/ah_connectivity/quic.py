@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar, cast
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol, QuicStreamHandler
-from aioquic.asyncio.server import QuicServer, serve
+from aioquic.asyncio.server import QuicServer
 from aioquic.quic import events
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
 from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection
@@ -47,6 +47,7 @@ from aioquic.quic.packet import QuicFrameType
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.stream import QuicStream
+from aioquic.tls import Epoch
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from loguru import logger
@@ -280,6 +281,95 @@ class _ClientCertRequestingConnection(_TunnelFlowConnection):
         self.tls._request_client_certificate = True
 
 
+class _ProtocolsByCid(dict[bytes, QuicConnectionProtocol]):
+    """`QuicServer`'s connection-id → protocol map, with the reverse index aioquic lacks.
+
+    When a connection ends, aioquic's server scans its whole map for the ids of that
+    connection: O(every id of every connection, ~9 per connection) per close, so a wave of
+    closes (an access point restart, a reconnect storm, handshakes timing out under load) is
+    quadratic, and the scan ran on the event loop that should be answering heartbeats. Here a
+    close removes exactly its own ids. Only the operations `QuicServer` uses are indexed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cids: dict[QuicConnectionProtocol, set[bytes]] = {}
+
+    def __setitem__(self, cid: bytes, protocol: QuicConnectionProtocol) -> None:
+        previous = self.get(cid)
+        if previous is not None and previous is not protocol:
+            self._unindex(previous, cid)
+        super().__setitem__(cid, protocol)
+        self._cids.setdefault(protocol, set()).add(cid)
+
+    def __delitem__(self, cid: bytes) -> None:
+        protocol = self[cid]
+        super().__delitem__(cid)
+        self._unindex(protocol, cid)
+
+    def _unindex(self, protocol: QuicConnectionProtocol, cid: bytes) -> None:
+        cids = self._cids.get(protocol)
+        if cids is not None:
+            cids.discard(cid)
+            if not cids:
+                del self._cids[protocol]
+
+    def clear(self) -> None:
+        super().clear()
+        self._cids.clear()
+
+    def forget(self, protocol: QuicConnectionProtocol) -> None:
+        """Remove every id that maps to `protocol`."""
+        for cid in self._cids.pop(protocol, ()):
+            super().__delitem__(cid)
+
+
+class _IndexedQuicServer(QuicServer):
+    """`QuicServer` whose connection close costs O(its own ids), see `_ProtocolsByCid`."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._protocols = _ProtocolsByCid()
+
+    def _connection_terminated(self, protocol: QuicConnectionProtocol) -> None:
+        protocols = self._protocols
+        if isinstance(protocols, _ProtocolsByCid):
+            protocols.forget(protocol)
+        else:  # pragma: no cover - only if aioquic replaced the map itself
+            super()._connection_terminated(protocol)
+
+
+async def serve_quic(
+    host: str,
+    port: int,
+    *,
+    configuration: QuicConfiguration,
+    create_protocol: Callable[..., QuicConnectionProtocol],
+) -> QuicServer:
+    """`aioquic.asyncio.serve` with `_IndexedQuicServer`: listen on UDP `host`:`port`."""
+    loop = asyncio.get_running_loop()
+    _, server = await loop.create_datagram_endpoint(
+        lambda: _IndexedQuicServer(configuration=configuration, create_protocol=create_protocol),
+        local_addr=(host, port),
+    )
+    return server
+
+
+def _ack_with_next_packet(quic: QuicConnection, now: float) -> None:
+    """Let a pending ACK ride in the packet about to carry our stream data.
+
+    aioquic delays every ACK by its 1 ms granularity, so a reply written while handling the
+    request's packet (an Ack for a Heartbeat, an RPC answer) never carries that packet's ACK:
+    the ACK follows alone a millisecond later, doubling the datagrams (and the wake-ups) on
+    the access point per heartbeat. Acknowledging earlier than the delay allows is always
+    permitted (RFC 9000 section 13.2.1); without aioquic's packet spaces this does nothing.
+    """
+    spaces = getattr(quic, "_spaces", None)
+    space = spaces.get(Epoch.ONE_RTT) if isinstance(spaces, dict) else None
+    if space is not None and space.ack_at is not None and space.ack_at > now:
+        space.ack_at = now
+
+
 class _FramedConnection(QuicConnectionProtocol):
     """Shared stream bookkeeping: framing, per-stream failure, timers for the state machine."""
 
@@ -360,6 +450,7 @@ class _FramedConnection(QuicConnectionProtocol):
             # The stream was reset by the peer (STOP_SENDING) or already finished.
             _log.debug("{}: cannot write to stream {}: {}", self.label, sid, exc)
             return False
+        _ack_with_next_packet(self._quic, self._loop.time())
         self._transmit_soon()
         return True
 
@@ -1494,7 +1585,7 @@ class ControlServer:
             return _AccessPointConnection(quic, stream_handler, server=self)
 
         try:
-            self._quic_server = await serve(
+            self._quic_server = await serve_quic(
                 host, port, configuration=self._configuration(), create_protocol=create_protocol
             )
         except OSError as exc:

@@ -12,7 +12,9 @@ Layout under `base_dir`::
     ap-ready.json            its ready file
     followers/<name>/state   follower state directory; .../ready.json its ready file
     sshd/<name>/             the follower's sshd (keys, config, logs)
-    home/                    AH_HOME for ah-fleetctl (config.toml: remote-server, token, ca-file)
+    home/                    AH_HOME for ah-fleetctl (config.toml: remote-server, token, ca-file,
+                             ssh.user, ssh.identity-file)
+    leader/id_ed25519[.pub]  the leader's SSH key, authorized on every follower's sshd
     logs/                    stdout/stderr of every daemon
 """
 
@@ -43,7 +45,7 @@ from ah_connectivity import CA_CERT_FILE, TokenSigner, ca_fingerprint
 from ah_followerd.state import SETTINGS_FILE, FollowerSettings
 from ah_harness_local.ports import wait_for
 from ah_harness_local.processes import ManagedProcess, ProcessGroup
-from ah_harness_local.sshd import RunningSshd, start_sshd
+from ah_harness_local.sshd import RunningSshd, _generate_key, start_sshd
 
 __all__ = [
     "DEFAULT_HEARTBEAT_INTERVAL",
@@ -239,6 +241,25 @@ class FollowerHandle:
     def log_text(self) -> str:
         return self.process.log_text() if self.process is not None else ""
 
+    def kill_sshd(self) -> None:
+        """SIGKILL the follower's sshd and every session it started (the SSH server dies;
+        the follower daemon stays connected to the access point)."""
+        self.sshd.process.kill()
+
+    def start_sshd(self, timeout: float = 30.0) -> RunningSshd:
+        """Start the follower's sshd again after `kill_sshd`: same directory, port and host
+        key, so what the follower advertises stays true."""
+        if self.sshd.is_running:
+            raise RuntimeError(f"the sshd of follower {self.name} is already running")
+        self.sshd = start_sshd(
+            self.sshd.base_dir,
+            port=self.sshd.port,
+            group=self.fleet.group,
+            authorized_keys=[self.fleet.leader_public_key],
+            timeout=timeout,
+        )
+        return self.sshd
+
     def settings(self) -> FollowerSettings:
         """What enrollment stored in the follower's ``follower.toml``."""
         return msgspec.toml.decode(
@@ -280,6 +301,9 @@ class LocalFleet:
         self.ap_dir = self.base_dir / "ap"
         self.ap_ready_file = self.base_dir / "ap-ready.json"
         self.home = self.base_dir / "home"
+        self.leader_key = self.base_dir / "leader" / "id_ed25519"
+        """The leader's private SSH key (``ssh.identity-file`` of `env`), authorized on
+        every follower's sshd."""
         self.log_dir = self.base_dir / "logs"
         self.group = ProcessGroup(self.log_dir)
         self.daemon_env = _clean_env()
@@ -314,11 +338,16 @@ class LocalFleet:
     def start(self) -> LocalFleet:
         started = time.monotonic()
         workers = max(2, len(self.specs) + 1)
+        self.leader_key.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _generate_key(self.leader_key, "ah-harness-local leader")
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="local-fleet") as pool:
             init = pool.submit(self._init_access_point)
             sshds = {
                 spec.name: pool.submit(
-                    start_sshd, self.base_dir / "sshd" / spec.name, group=self.group
+                    start_sshd,
+                    self.base_dir / "sshd" / spec.name,
+                    group=self.group,
+                    authorized_keys=[self.leader_public_key],
                 )
                 for spec in self.specs
             }
@@ -416,6 +445,15 @@ class LocalFleet:
         return f"https://127.0.0.1:{self.api_port}"
 
     @property
+    def leader_public_key(self) -> Path:
+        return self.leader_key.with_name(self.leader_key.name + ".pub")
+
+    @property
+    def ssh_user(self) -> str:
+        """The account every follower's sshd lets the leader log in as."""
+        return next(iter(self.followers.values())).sshd.user if self.followers else ""
+
+    @property
     def ca_path(self) -> Path:
         return self.ap_dir / CA_CERT_FILE
 
@@ -446,7 +484,8 @@ class LocalFleet:
 
     def env(self) -> dict[str, str]:
         """Environment for running ``ah-fleetctl`` against this fleet without flags: AH_HOME
-        holds a user config with ``remote-server``, ``token`` and ``ca-file``."""
+        holds a user config with ``remote-server``, ``token``, ``ca-file``, ``ssh.user``
+        and ``ssh.identity-file`` (the leader key every follower's sshd authorizes)."""
         return {
             **_clean_env(),
             "AH_HOME": str(self.home),
@@ -455,7 +494,13 @@ class LocalFleet:
 
     def _write_fleetctl_config(self) -> None:
         write_user_config(
-            {"remote-server": self.api_url, "token": self.user_token, "ca-file": str(self.ca_path)},
+            {
+                "remote-server": self.api_url,
+                "token": self.user_token,
+                "ca-file": str(self.ca_path),
+                "ssh.user": self.ssh_user,
+                "ssh.identity-file": str(self.leader_key),
+            },
             env={"AH_HOME": str(self.home)},
         )
 

@@ -75,6 +75,7 @@ class SshdFactory:
         session_env: Mapping[str, str] | None = None,
         fast_kex: bool = True,
         timeout: float = DEFAULT_START_TIMEOUT,
+        authorized_keys: Sequence[Path] = (),
     ) -> RunningSshd:
         """Start one sshd (in `base_dir`, else a fresh directory under the factory's)."""
         running = start_sshd(
@@ -87,6 +88,7 @@ class SshdFactory:
             fast_kex=fast_kex,
             timeout=timeout,
             group=self.group,
+            authorized_keys=authorized_keys,
         )
         with self._lock:
             self._started.append(running)
@@ -103,6 +105,7 @@ class SshdFactory:
         session_env: Mapping[str, str] | None = None,
         fast_kex: bool = True,
         timeout: float = DEFAULT_START_TIMEOUT,
+        authorized_keys: Sequence[Path] = (),
     ) -> list[RunningSshd]:
         """Start `n` sshd instances concurrently."""
         started = start_many_sshd(
@@ -115,6 +118,7 @@ class SshdFactory:
             fast_kex=fast_kex,
             timeout=timeout,
             group=self.group,
+            authorized_keys=authorized_keys,
         )
         with self._lock:
             self._started.extend(started)

@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +98,17 @@ def _generate_key(path: Path, comment: str) -> None:
         capture_output=True,
         stdin=subprocess.DEVNULL,
     )
+
+
+def _read_public_key(path: Path) -> str:
+    """The one OpenSSH public-key line in ``path`` (a ``*.pub`` file)."""
+    lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if len(lines) != 1 or len(lines[0].split()) < 2:
+        raise ValueError(
+            f"authorized_keys: {path} must hold exactly one OpenSSH public-key line "
+            f"(ssh-ed25519 AAAA... comment), found {len(lines)} line(s)"
+        )
+    return lines[0]
 
 
 def _ensure_privsep_dir() -> None:
@@ -218,6 +229,7 @@ def prepare_sshd(
     session_env: Mapping[str, str] | None = None,
     fast_kex: bool = True,
     sshd_path: Path | None = None,
+    authorized_keys: Sequence[Path] = (),
 ) -> SshdInstance:
     """Write keys, authorized_keys, known_hosts and sshd_config under `base_dir`.
 
@@ -225,6 +237,8 @@ def prepare_sshd(
     host key. `port=0` picks a free port. `fast_kex` drops the post-quantum sntrup761 key
     exchange, which costs OpenSSH 9.x ~0.1 s of CPU per connection (40% of a login here);
     what remains is curve25519 first, which every client (OpenSSH, paramiko) speaks.
+    `authorized_keys` names further public-key files (``*.pub``) whose keys may log in
+    besides the instance's own client key (e.g. one leader key for a whole fleet).
     """
     base_dir = base_dir.resolve()
     if _UNSAFE_PATH.search(str(base_dir)):
@@ -245,8 +259,11 @@ def prepare_sshd(
     host_public_key = host_pub_path.read_text().strip()
     client_public_key = client_key.with_name(client_key.name + ".pub").read_text().strip()
 
-    authorized_keys = base_dir / "authorized_keys"
-    authorized_keys.write_text(client_public_key + "\n")
+    extra_keys = [_read_public_key(path) for path in authorized_keys]
+    authorized_keys_path = base_dir / "authorized_keys"
+    authorized_keys_path.write_text(
+        "".join(f"{key}\n" for key in [client_public_key, *extra_keys])
+    )
     known_hosts = base_dir / "known_hosts"
     known_hosts.write_text(f"{_known_hosts_host(listen, port)} {host_public_key}\n")
 
@@ -266,7 +283,7 @@ def prepare_sshd(
         f"Port {port}",
         f"HostKey {host_key}",
         f"PidFile {pid_file}",
-        f"AuthorizedKeysFile {authorized_keys}",
+        f"AuthorizedKeysFile {authorized_keys_path}",
         f"AllowUsers {user}",
         "PasswordAuthentication no",
         "KbdInteractiveAuthentication no",
@@ -303,7 +320,7 @@ def prepare_sshd(
         host_public_key=host_public_key,
         host_key_fingerprint=_fingerprint(host_public_key, host_pub_path),
         client_key_path=client_key,
-        authorized_keys_path=authorized_keys,
+        authorized_keys_path=authorized_keys_path,
         known_hosts_path=known_hosts,
         pid_file=pid_file,
         log_dir=base_dir / "logs",
@@ -485,6 +502,7 @@ def start_sshd(
     fast_kex: bool = True,
     timeout: float = DEFAULT_START_TIMEOUT,
     group: ProcessGroup | None = None,
+    authorized_keys: Sequence[Path] = (),
 ) -> RunningSshd:
     """Prepare an sshd under `base_dir` (see `prepare_sshd`), start it, wait for a login.
 
@@ -501,6 +519,7 @@ def start_sshd(
             isolated_home=isolated_home,
             session_env=session_env,
             fast_kex=fast_kex,
+            authorized_keys=authorized_keys,
         )
         try:
             return instance.start(timeout=timeout, group=group)
@@ -521,6 +540,7 @@ def start_many_sshd(
     fast_kex: bool = True,
     timeout: float = DEFAULT_START_TIMEOUT,
     group: ProcessGroup | None = None,
+    authorized_keys: Sequence[Path] = (),
 ) -> list[RunningSshd]:
     """Start `n` sshd instances concurrently, in `base_dir/sshd-0` … `sshd-{n-1}`.
 
@@ -542,6 +562,7 @@ def start_many_sshd(
                 fast_kex=fast_kex,
                 timeout=timeout,
                 group=group,
+                authorized_keys=authorized_keys,
             )
             for i in range(n)
         ]

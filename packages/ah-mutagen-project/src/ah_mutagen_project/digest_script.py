@@ -7,7 +7,8 @@ into ``python3 -`` over SSH (``remote_digest_command``). It therefore imports on
 library and runs on Python 3.6 and later (RHEL 8's platform python): annotations that use
 newer syntax are strings, never evaluated.
 
-Usage: ``python3 digest_script.py --root DIR [--ignore PATTERN]... [--json] [--no-exec-bit]``
+Usage: ``python3 digest_script.py --root DIR [--ignore PATTERN]... [--json] [--no-exec-bit]
+[--cache auto|FILE]``
 
 The tree
 --------
@@ -47,17 +48,32 @@ each entry in the order of its path's UTF-8 bytes the five fields path, kind (``
 ``l``), executable (``1``/``0``), size, and SHA-256 hex (files) or link target (symlinks),
 each followed by a NUL byte. Paths are relative, ``/``-separated; names that are not valid
 UTF-8 are hashed by their raw bytes.
+
+The follower's stat cache (``--cache``)
+---------------------------------------
+A fence digests the follower's whole tree after every sync; without a cache that reads every
+byte of it every time. With ``--cache FILE`` (``auto``: ``$XDG_CACHE_HOME`` or ``~/.cache``,
+``%LOCALAPPDATA%`` on Windows, then ``agent-harbor/tree-digest/<sha256 of the root>.json``) a
+file's SHA-256 is reused when its ``(size, mtime_ns, inode, ctime_ns)`` equal those recorded
+when it was hashed — the leader snapshot's rule, with its racy-mtime guard: a hash is stored
+only when the file's mtime and ctime were at least 2 s old when the scan started (rsync sets
+the leader's mtime, but the ctime is the follower's own and always moves on a write, a chmod
+or an ``mtime`` reset, so tampering cannot hide behind a restored mtime). The cache is JSON
+written atomically; a missing, damaged or foreign one means hashing everything, and failing
+to write it never fails the digest.
 """
 
 # ruff: noqa: UP037  (quoted annotations keep this file importable on Python 3.6)
 
 import argparse
+import contextlib
 import fnmatch
 import hashlib
 import json
 import os
 import stat
 import sys
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -78,8 +94,10 @@ __all__ = [
     "VCS_IGNORES",
     "IgnorePatternError",
     "IgnoreRules",
+    "StatCache",
     "TreeError",
     "content_id",
+    "default_cache_path",
     "main",
     "scan_tree",
     "sha256_file",
@@ -93,6 +111,8 @@ KIND_FILE = "f"
 KIND_DIR = "d"
 KIND_LINK = "l"
 
+CACHE_FORMAT = "ah-tree-digest-cache/1"
+RACY_WINDOW_S = 2.0
 _GLOB_CHARS = frozenset("*?[")
 _CHUNK = 1 << 20
 
@@ -278,6 +298,90 @@ def scan_tree(
     return entries
 
 
+def default_cache_path(root: str) -> str:
+    """Where ``--cache auto`` keeps the stat cache of ``root`` (see the module docstring)."""
+    if os.name == "nt":
+        base = os.environ.get("LOCALAPPDATA") or os.path.join(
+            os.path.expanduser("~"), "AppData", "Local"
+        )
+        base = os.path.join(base, "agent-harbor", "cache")
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME", "")
+        base = xdg if os.path.isabs(xdg) else os.path.join(os.path.expanduser("~"), ".cache")
+        base = os.path.join(base, "agent-harbor")
+    key = hashlib.sha256(path_bytes(os.path.abspath(root))).hexdigest()[:24]
+    return os.path.join(base, "tree-digest", key + ".json")
+
+
+class StatCache:
+    """Reuses file hashes across digests of one tree (see "The follower's stat cache")."""
+
+    def __init__(self, path: str, root: str, racy_window_s: float = RACY_WINDOW_S) -> None:
+        self.path = path
+        self.root = os.path.abspath(root)
+        self.settled_ns = int((time.time() - racy_window_s) * 1e9)
+        self.old: "dict[str, list[object]]" = {}
+        self.new: "dict[str, list[object]]" = {}
+        self.hashed = 0
+        self.cached = 0
+        try:
+            with open(path, encoding="utf-8") as handle:
+                document = json.load(handle)
+            if (
+                isinstance(document, dict)
+                and document.get("format") == CACHE_FORMAT
+                and document.get("root") == self.root
+                and isinstance(document.get("files"), dict)
+            ):
+                self.old = document["files"]
+        except (OSError, ValueError):
+            pass  # missing or damaged: hash everything and write a fresh one
+
+    @staticmethod
+    def _key(st: os.stat_result) -> "list[object]":
+        return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+
+    def digest(self, abs_path: str, rel_path: str, st: os.stat_result) -> str:
+        key = self._key(st)
+        settled = max(st.st_mtime_ns, st.st_ctime_ns) <= self.settled_ns
+        cached = self.old.get(rel_path)
+        if (
+            settled
+            and isinstance(cached, list)
+            and len(cached) == 5
+            and cached[:4] == key
+            and isinstance(cached[4], str)
+        ):
+            self.cached += 1
+            self.new[rel_path] = cached
+            return cached[4]
+        digest = sha256_file(abs_path)
+        self.hashed += 1
+        if settled and self._key(os.stat(abs_path, follow_symlinks=False)) == key:
+            self.new[rel_path] = [*key, digest]
+        return digest
+
+    def save(self) -> None:
+        """Write the cache when it changed; an unwritable cache only costs speed."""
+        if self.new == self.old:
+            return
+        directory = os.path.dirname(self.path)
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            os.makedirs(directory, exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as handle:
+                json.dump(
+                    {"format": CACHE_FORMAT, "root": self.root, "files": self.new},
+                    handle,
+                    ensure_ascii=True,
+                    separators=(",", ":"),
+                )
+            os.replace(tmp, self.path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
 def content_id(entries: "Iterable[Entry]", exec_bits: bool = True) -> str:
     """The ``snap-<hex>`` id of the canonical manifest of ``entries`` (sorted by path bytes)."""
     digest = hashlib.sha256()
@@ -318,6 +422,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="leave executable bits out of the id (for filesystems without them)",
     )
+    parser.add_argument(
+        "--cache",
+        metavar="auto|FILE",
+        help="reuse file hashes from this stat cache (auto: the per-user cache directory)",
+    )
     parser.add_argument("--version", action="version", version=FORMAT)
     return parser
 
@@ -337,10 +446,16 @@ def main(argv: "Sequence[str] | None" = None) -> int:
         rules = IgnoreRules(args.ignore)
     except IgnorePatternError as exc:
         return _fail(args.json, "usage", str(exc), 2)
+    cache = None
+    if args.cache:
+        path = default_cache_path(args.root) if args.cache == "auto" else args.cache
+        cache = StatCache(os.path.expanduser(path), args.root)
     try:
-        entries = scan_tree(args.root, rules)
+        entries = scan_tree(args.root, rules, cache.digest if cache is not None else None)
     except TreeError as exc:
         return _fail(args.json, "tree", str(exc), 1)
+    if cache is not None:
+        cache.save()
     tree_id = content_id(entries, exec_bits)
     if args.json:
         document = {

@@ -117,6 +117,7 @@ class FencePlan:
         self.manifest = manifest
         self._step: dict[str, FenceStep] = {}
         self._forced: set[str] = set()
+        self._no_exec_id: str | None = None
 
     def _set(self, step: FenceStep) -> FenceStep:
         self._step[step.host] = step
@@ -143,15 +144,30 @@ class FencePlan:
         self._current(host, SyncStep)
         return self._set(DigestStep(host, with_manifest=host in self._forced))
 
+    def expected_id(self, exec_bits: bool) -> str:
+        """The id a follower's digest must have: the snapshot id, or for a follower digested
+        without executable bits (``--no-exec-bit``: Windows, whose filesystems have none) the
+        id of the same manifest with the bits left out."""
+        if exec_bits:
+            return self.snapshot_id
+        if self.manifest is None:
+            raise ValueError(
+                "fence: a digest without executable bits needs the snapshot's manifest"
+            )
+        if self._no_exec_id is None:
+            self._no_exec_id = self.manifest.content_id(exec_bits=False)
+        return self._no_exec_id
+
     def digested(self, host: str, remote: RemoteDigest) -> FenceStep:
         self._current(host, DigestStep)
-        if remote.id == self.snapshot_id:
+        if remote.id == self.expected_id(remote.exec_bits):
             detail = "repaired by a forced resync" if host in self._forced else None
             return self._set(HostVerdict(host, FenceHostState.CONSISTENT, detail))
         if host not in self._forced:
             self._forced.add(host)
             return self._set(SyncStep(host, force=True))
-        detail = f"tree is {remote.id}, snapshot is {self.snapshot_id} after a forced resync"
+        expected = self.expected_id(remote.exec_bits)
+        detail = f"tree is {remote.id}, snapshot is {expected} after a forced resync"
         if self.manifest is not None and remote.manifest is not None:
             diff = self.manifest.diff(remote.manifest, exec_bits=remote.exec_bits)
             detail += f"; {diff.describe()}"
@@ -171,11 +187,12 @@ class FencePlan:
         self._set(verdict)
         return verdict
 
-    def timed_out(self, host: str, timeout: float) -> HostVerdict:
+    def timed_out(self, host: str, timeout: float, cause: str | None = None) -> HostVerdict:
+        """``cause``: the message of a step's own deadline error (e.g. which mutagen or rsync
+        call was killed), when the step gave up before the fence deadline itself."""
+        detail = f"no answer within the {timeout:g}s fence deadline (during {self.stage(host)})"
         verdict = HostVerdict(
-            host,
-            FenceHostState.TIMEOUT,
-            f"no answer within the {timeout:g}s fence deadline (during {self.stage(host)})",
+            host, FenceHostState.TIMEOUT, f"{detail}: {cause}" if cause else detail
         )
         self._set(verdict)
         return verdict
@@ -201,6 +218,10 @@ def describe_fence_failure(metadata: FenceMetadata) -> str:
     ]
     if timed_out:
         parts.append(f"timed out (lagging): {', '.join(timed_out)}")
+    for host in timed_out:
+        detail = metadata.hosts[host].detail
+        if detail:
+            parts.append(f"{host}: {detail}")
     for host in failed:
         parts.append(f"{host}: {metadata.hosts[host].detail or 'error'}")
     advice = "narrow the selection with --host/--tag to leave the lagging hosts out"
@@ -283,8 +304,10 @@ async def run_fence(
                             host, with_manifest=step.with_manifest, timeout=remaining
                         )
                         step = plan.digested(host, remote)
-        except TimeoutError:
-            plan.timed_out(host, timeout)
+        except TimeoutError as exc:
+            # The fence deadline's own TimeoutError has no message; a step's has (SyncTimeout,
+            # MutagenTimeout...), and it says which call was killed.
+            plan.timed_out(host, timeout, str(exc) or None)
         except Exception as exc:
             plan.failed(host, str(exc) or type(exc).__name__)
         took[host] = int((loop.time() - host_started) * 1000)

@@ -23,7 +23,9 @@ Lifecycle
 :class:`MutagenProject` runs ``mutagen project start|flush|terminate --project-file FILE``,
 each with a deadline (the process group is killed and :class:`MutagenTimeout` names the call).
 ``terminate`` is idempotent: Mutagen's ``project not running`` counts as done, so it is safe to
-repeat and after a start that was killed. With ``ssh_config``, ``ssh``/``scp`` wrappers that
+repeat and after a start that was killed. ``stop_daemon`` runs ``mutagen daemon stop`` with
+the same environment (for a private ``MUTAGEN_DATA_DIRECTORY``); its exit status is ignored
+(no daemon running is fine). With ``ssh_config``, ``ssh``/``scp`` wrappers that
 add ``-F <config>`` are written beside the project file and ``MUTAGEN_SSH_PATH`` points at
 them. Mutagen resolves ssh in its daemon, which inherits the environment of the command that
 started it: a daemon already running keeps its own; give each session a private daemon by
@@ -333,3 +335,25 @@ class MutagenProject:
         if _NOT_RUNNING in output.lower():
             return False
         raise MutagenError("terminate", result.returncode, result.output_tail())
+
+    async def stop_daemon(self, *, timeout: float | None = None) -> None:
+        """``mutagen daemon stop`` with this project's environment: ends the daemon of a
+        private ``MUTAGEN_DATA_DIRECTORY`` (``env``); one that is not running is fine.
+
+        Raises:
+            MutagenTimeout, MutagenNotFound.
+        """
+        deadline = self.timeout if timeout is None else timeout
+        resolved = shutil.which(self.binary)
+        if resolved is None:
+            raise MutagenNotFound(f"mutagen binary {self.binary!r} not found")
+        try:
+            await run_command(
+                [resolved, "daemon", "stop"],
+                timeout=deadline,
+                what="mutagen daemon stop",
+                env={**os.environ, **self.env},
+                cwd=self.project_file.parent,
+            )
+        except CommandTimeout:
+            raise MutagenTimeout("daemon stop", deadline, self.project_file) from None

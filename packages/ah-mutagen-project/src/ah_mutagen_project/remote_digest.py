@@ -81,11 +81,14 @@ def remote_digest_command(
     exec_bits: bool = True,
     python: str = "python3",
     style: DigestCommandStyle = "heredoc",
+    cache: bool = False,
 ) -> str:
     """A command line that prints the digest of ``root`` on a follower (see module doc).
 
     ``ignores`` are the sync-ignores (``None``: the default; VCS metadata is implied).
     ``manifest=True`` asks for the JSON document with the manifest (``--json``).
+    ``cache=True`` lets the follower reuse file hashes from its own stat cache (``--cache
+    auto``; see ``digest_script``): a digest then reads only files that changed.
     """
     args = ["--root", root]
     for pattern in user_ignores(ignores):
@@ -94,6 +97,8 @@ def remote_digest_command(
         args.append("--json")
     if not exec_bits:
         args.append("--no-exec-bit")
+    if cache:
+        args += ["--cache", "auto"]
     source = digest_script_source()
     if style == "heredoc":
         if HEREDOC_MARKER in source:

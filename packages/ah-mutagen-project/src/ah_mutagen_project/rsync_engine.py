@@ -355,16 +355,18 @@ class RsyncEngine:
         manifest: bool = False,
         exec_bits: bool = True,
         python: str = "python3",
+        cache: bool = False,
     ) -> RemoteDigest:
         """The content id (and with ``manifest`` the manifest) of ``root`` on ``target``,
-        computed there by the shipped digest script (the follower needs only python3).
+        computed there by the shipped digest script (the follower needs only python3);
+        ``cache`` uses the follower's stat cache (``--cache auto``).
 
         Raises:
             TimeoutError, RemoteCommandError, RemoteDigestError.
         """
         started = time.monotonic()
         command = remote_digest_command(
-            root, ignores, manifest=manifest, exec_bits=exec_bits, python=python
+            root, ignores, manifest=manifest, exec_bits=exec_bits, python=python, cache=cache
         )
         label = target_label(target)
         try:
@@ -376,7 +378,8 @@ class RsyncEngine:
                 f"digest of {root!r} on {label} did not finish within {timeout:g}s "
                 f"(gave up after {time.monotonic() - started:.1f}s)"
             ) from None
-        return parse_digest_output(stdout, manifest=manifest, where=label)
+        digest = parse_digest_output(stdout, manifest=manifest, where=label)
+        return digest if exec_bits else msgspec.structs.replace(digest, exec_bits=False)
 
 
 class RsyncFenceDriver:

@@ -464,6 +464,16 @@ class SshTransport:
         return str(self._transport.remote_version)
 
     @property
+    def host_public_key(self) -> str:
+        """The server's host key as an OpenSSH public-key line (``ssh-ed25519 AAAA...``).
+
+        It is the key the handshake verified against ``host_key_fingerprint``, so it may be
+        written to a ``known_hosts`` file for OpenSSH clients (rsync, mutagen) that must
+        reach the same server."""
+        key = self._transport.get_remote_server_key()
+        return f"{key.get_name()} {key.get_base64()}"
+
+    @property
     def auth_method(self) -> str:
         """How this transport authenticated: always ``publickey``."""
         return "publickey"

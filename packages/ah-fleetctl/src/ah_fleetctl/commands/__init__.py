@@ -9,9 +9,20 @@ import click
 
 from .config import config
 from .exec import exec_command
+from .fence import fence_command
 from .fleet import fleet
 from .login import login
+from .run import run_command
+from .slurp import slurp_command
 
 __all__ = ["COMMANDS"]
 
-COMMANDS: tuple[click.Command, ...] = (login, fleet, exec_command, config)
+COMMANDS: tuple[click.Command, ...] = (
+    login,
+    fleet,
+    run_command,
+    fence_command,
+    slurp_command,
+    exec_command,
+    config,
+)

@@ -1,0 +1,126 @@
+"""``ah-fleetctl fence``: sync the leader's tree to the selected followers and prove it arrived.
+
+Order of work: resolve the selection (exit 7 when it is bad or empty) → link every selected
+follower in parallel (:mod:`ah_fleetctl.dataplane`; the connect deadline is
+``timeouts.connect`` but never longer than the fence's) → :func:`ah_fleetctl.fencing.
+fence_selected` → per-host table (or one ``FenceMetadata`` document with ``--json``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import click
+
+from ah_config import echo_json
+from ah_domain_types import ExitCode, FenceMetadata, FollowerStatus
+
+from ..context import FleetContext
+from ..options import (
+    common_options,
+    parse_duration_option,
+    selector_from_options,
+    selector_options,
+)
+from ..output import render_table
+from .fleet import select_followers
+
+if TYPE_CHECKING:
+    from ..fencing import EngineName
+
+__all__ = ["fence_command"]
+
+_HEADERS = ("HOST", "STATE", "TOOK", "DETAIL")
+
+
+async def _fence(
+    app: FleetContext, selected: Sequence[FollowerStatus], timeout_s: float, engine: EngineName
+) -> FenceMetadata:
+    from ..dataplane import FleetLinks, make_connector, workspace_overrides
+    from ..fencing import fence_selected
+
+    links = FleetLinks(
+        selected,
+        make_connector(app),
+        connect_timeout=min(app.connect_timeout_s(), timeout_s),
+        workspaces=workspace_overrides(app),
+    )
+    try:
+        await links.connect()
+        return await fence_selected(app, links, links.names, timeout=timeout_s, engine=engine)
+    finally:
+        await links.close()
+
+
+def _render(metadata: FenceMetadata, engine: str) -> str:
+    rows = [
+        (
+            name,
+            result.state.value,
+            f"{result.took_ms} ms",
+            result.detail or "",
+        )
+        for name, result in metadata.hosts.items()
+    ]
+    consistent = len(metadata.hosts) - len(metadata.lagging_hosts())
+    return (
+        render_table(_HEADERS, rows)
+        + f"\nsnapshot {metadata.snapshot_id}: {consistent} of {len(metadata.hosts)} hosts "
+        f"consistent ({engine}, {metadata.took_ms} ms)"
+    )
+
+
+@click.command("fence", short_help="Sync the tree to the selected followers and verify it.")
+@selector_options
+@click.option(
+    "--timeout",
+    "timeout_s",
+    default=None,
+    metavar="DURATION",
+    callback=parse_duration_option,
+    help="Deadline for the whole fence (500ms, 30s, 1m30s...). Default: config "
+    "timeouts.fence (120s).",
+)
+@common_options
+@click.pass_context
+def fence_command(
+    ctx: click.Context,
+    /,
+    hosts: tuple[str, ...],
+    tags: tuple[str, ...],
+    all_: bool,
+    timeout_s: float | None,
+    **_: object,
+) -> int:
+    """Fence the selected followers: snapshot the leader's tree (the repo root of the
+    current directory, minus sync-ignores and VCS metadata), sync it to every follower
+    (Mutagen when installed, else rsync over SSH), and verify that each follower's tree has
+    the snapshot's content id.
+
+    Prints each host's state (consistent, timeout, error) and time, and the snapshot id.
+    Exit 0 only when every selected host is consistent; 1 otherwise (the message names the
+    lagging and failed hosts); 7 for a bad or empty selection. With --json: one fence
+    document ({"snapshotId", "hosts": {NAME: {"state", "tookMs", "detail"}}, "startedMs",
+    "tookMs"}).
+    """
+    from ..fencing import choose_engine, fence_timeout_s
+
+    selector = selector_from_options(hosts, tags, all_)
+    app = FleetContext.of(ctx)
+    limit = fence_timeout_s(app.config.typed, timeout_s)
+    with app.api_client() as api:
+        selected = select_followers(selector, api.followers().followers)
+    engine = choose_engine()
+    metadata = asyncio.run(_fence(app, selected, limit, engine))
+    if app.json:
+        echo_json(metadata)
+    else:
+        click.echo(_render(metadata, engine))
+    if metadata.lagging_hosts():
+        from ah_mutagen_project import describe_fence_failure
+
+        click.echo(f"error: {describe_fence_failure(metadata)}", err=True)
+        return int(ExitCode.HOSTS_FAILED)
+    return int(ExitCode.OK)

@@ -1,0 +1,407 @@
+"""``ah-fleetctl run``: one command (or a sharded set) on the selected followers over SSH.
+
+Order of work: resolve the selection (exit 7 when it is bad or empty) → render every command
+for every selected OS (an inexpressible command is exit 7 before anything connects) → link
+every follower in parallel (:mod:`ah_fleetctl.dataplane`; unreachable ones become
+``unreachable`` results) → fence the linked ones unless ``--no-fence`` (hosts whose fence
+is not ``consistent`` are reported ``failed`` and get no command) → run the engine
+(``ah_run_everywhere.RunEngine`` over ``SshExecutor``) → summary.
+
+Ctrl-C (SIGINT) cancels: running remote commands are stopped (their process groups killed),
+queued jobs are reported ``cancelled``, the summary (or the ``--json`` envelope) is still
+printed, and the exit code is 130 — what shells report for an interrupted command, so a
+script can tell "interrupted" from "a host failed" (1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+import click
+from loguru import logger
+
+from ah_config import AhCommand, echo_json
+from ah_domain_types import (
+    FollowerStatus,
+    HostResult,
+    HostState,
+    OsKind,
+    RunEnvelope,
+    RunSummary,
+    validate_session_id,
+)
+
+from ..context import FleetContext
+from ..options import (
+    common_options,
+    parse_duration_option,
+    selector_from_options,
+    selector_options,
+)
+from .exec import runs_dir
+from .fleet import select_followers
+
+if TYPE_CHECKING:
+    from ah_run_everywhere import EventSink, LogicalCommand, TargetHost
+
+    from ..dataplane import FleetLinks
+
+__all__ = ["INTERRUPTED_EXIT_CODE", "run_command"]
+
+INTERRUPTED_EXIT_CODE = 130
+"""Exit status after Ctrl-C (128 + SIGINT): the summary is printed first."""
+
+
+def _load_fencing() -> ModuleType | None:
+    """``ah_fleetctl.fencing`` when this build has it (the fence integration), else None."""
+    try:
+        return importlib.import_module("ah_fleetctl.fencing")
+    except ModuleNotFoundError as exc:
+        if exc.name != "ah_fleetctl.fencing":
+            raise
+        return None
+
+
+def _event_sink(app: FleetContext, session_id: str | None) -> tuple[EventSink | None, object]:
+    """HOOK (session events, issue 7): where ``hostStarted``/``hostLog``/``hostExited``/
+    ``summary`` go. Returns ``(sink, closer)``; today there is no session event sink in
+    this package, so nothing is published. When ``ah_fleetctl.events.SessionEventSink``
+    exists, construct it here (``emit(event)`` is the engine's sink, ``close()`` runs after
+    the summary)."""
+    return None, None
+
+
+def _session_id(app: FleetContext, flag: str | None) -> str | None:
+    value = flag or app.config.typed.session
+    return validate_session_id(value) if value else None
+
+
+def _timeout_s(app: FleetContext, flag: float | None) -> float | None:
+    """``--timeout``, else config ``timeouts.run``; without either, no limit (builds and
+    test suites legitimately run for a long time)."""
+    if flag is not None:
+        return flag
+    timeouts = app.config.typed.timeouts
+    seconds = timeouts.seconds("run") if timeouts is not None else None
+    return seconds or None
+
+
+def _check_renderable(targets: Sequence[TargetHost], commands: Sequence[LogicalCommand]) -> None:
+    """Render every command for every host once, so an inexpressible command (NUL, a path
+    Windows cannot hold, over-long) is exit 7 before any follower is contacted."""
+    from ah_run_everywhere import adapter_for
+
+    for target in targets:
+        adapter = adapter_for(target.os)
+        for command in commands:
+            adapter.render(command, cwd=target.cwd)
+
+
+def _engine_hosts(
+    targets: Sequence[TargetHost],
+    links: FleetLinks,
+    fence_failed: dict[str, str],
+    sharded: bool,
+) -> list[TargetHost]:
+    """Who the engine schedules. Hosts whose fence failed never get a command. Unreachable
+    hosts go in (the executor reports their jobs ``unreachable``) — except, when sharding,
+    where a reachable host of the same OS can take their jobs instead."""
+    eligible = [t for t in targets if t.name not in fence_failed]
+    if not sharded:
+        return eligible
+    reachable_os: set[OsKind] = {t.os for t in eligible if t.name not in links.unreachable}
+    return [t for t in eligible if t.name not in links.unreachable or t.os not in reachable_os]
+
+
+def _supplement(
+    envelope_hosts: list[HostResult],
+    links: FleetLinks,
+    fence_failed: dict[str, str],
+    cancelled: str | None = None,
+) -> list[HostResult]:
+    """Results for selected hosts the engine did not report (never silently dropped)."""
+    seen = {r.host for r in envelope_hosts}
+    extra: list[HostResult] = []
+    for name in links.names:
+        if name in seen:
+            continue
+        os_kind = links.os_of(name)
+        if name in links.unreachable:
+            state, error = HostState.UNREACHABLE, links.unreachable[name].reason
+        elif name in fence_failed:
+            state, error = HostState.FAILED, fence_failed[name]
+        else:
+            state, error = HostState.CANCELLED, cancelled or "no command was started on it"
+        extra.append(
+            HostResult(
+                host=name,
+                os=os_kind,
+                state=state,
+                exit_code=None,
+                took_ms=0,
+                log_path=None,
+                error=error,
+            )
+        )
+    return envelope_hosts + extra
+
+
+class _Interrupt:
+    """SIGINT while the run is under way: cancel the engine (or the set-up before it)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.engine: object | None = None
+        self.task: asyncio.Task[object] | None = None
+
+    def __call__(self) -> None:
+        self.count += 1
+        cancel = getattr(self.engine, "cancel", None)
+        if cancel is not None and self.count == 1:
+            cancel("interrupted (SIGINT)")
+        elif self.task is not None:
+            self.task.cancel()
+
+
+async def _run(
+    app: FleetContext,
+    selected: Sequence[FollowerStatus],
+    commands: Sequence[LogicalCommand],
+    *,
+    timeout: float | None,
+    fence: bool,
+    session_id: str | None,
+    interrupt: _Interrupt,
+) -> RunEnvelope:
+    from ah_run_everywhere import LinePrinter, RunDirectory, RunEngine, default_mode
+    from ah_run_everywhere.ssh_executor import SshExecutor
+
+    from ..dataplane import FleetLinks, make_connector, workspace_overrides
+
+    loop = asyncio.get_running_loop()
+    interrupt.task = asyncio.current_task()
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGINT, interrupt)
+
+    mode = default_mode(len(commands))
+    # Everything that can be checked without the network is checked first.
+    links = FleetLinks(
+        selected,
+        make_connector(app),
+        connect_timeout=app.connect_timeout_s(),
+        workspaces=workspace_overrides(app),
+    )
+    targets = links.target_hosts(Path.cwd())
+    _check_renderable(targets, commands)
+
+    fence_failed: dict[str, str] = {}
+    printer = None if app.json else LinePrinter(sys.stdout, [t.name for t in targets])
+    run_dir = RunDirectory(runs_dir(app).parent)
+    sink, closer = _event_sink(app, session_id)
+    try:
+        try:
+            await links.connect()
+            if fence and links.linked:
+                fence_failed = await _fence(app, links)
+            elif not fence:
+                logger.debug("run: --no-fence, not fencing")
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            hosts = _supplement([], links, fence_failed, cancelled="interrupted (SIGINT)")
+            run_dir.close()
+            return RunEnvelope(
+                session_id=session_id,
+                commands=_display(commands),
+                hosts=hosts,
+                summary=RunSummary.from_results(hosts),
+                run_dir=str(run_dir.path),
+            )
+        engine_hosts = _engine_hosts(targets, links, fence_failed, mode == "once-per-os")
+        if not engine_hosts:
+            hosts = _supplement([], links, fence_failed)
+            run_dir.close()
+            return RunEnvelope(
+                session_id=session_id,
+                commands=_display(commands),
+                hosts=hosts,
+                summary=RunSummary.from_results(hosts),
+                run_dir=str(run_dir.path),
+            )
+        executor = SshExecutor(
+            links.transports,
+            unreachable={n: e.reason for n, e in links.unreachable.items()},
+        )
+        engine = RunEngine(
+            executor,
+            engine_hosts,
+            commands,
+            mode=mode,
+            timeout=timeout,
+            sink=sink,
+            printer=printer,
+            run_dir=run_dir,
+            session_id=session_id,
+        )
+        interrupt.engine = engine
+        if interrupt.count:
+            engine.cancel("interrupted (SIGINT)")
+        envelope = await engine.run()
+        interrupt.engine = None
+        hosts = _supplement(list(envelope.hosts), links, fence_failed)
+        return RunEnvelope(
+            session_id=envelope.session_id,
+            commands=envelope.commands,
+            hosts=hosts,
+            summary=RunSummary.from_results(hosts),
+            run_dir=envelope.run_dir,
+        )
+    finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGINT)
+        await links.close()
+        close = getattr(closer, "close", None)
+        if callable(close):
+            close()
+
+
+async def _fence(app: FleetContext, links: FleetLinks) -> dict[str, str]:
+    """Fence the linked hosts; returns host → why it may not run (not ``consistent``)."""
+    fencing = _load_fencing()
+    if fencing is None:
+        click.echo(
+            "note: this ah-fleetctl has no fence yet; running without one (as with --no-fence)",
+            err=True,
+        )
+        return {}
+    metadata = await fencing.fence_selected(app, links, links.linked)
+    failed: dict[str, str] = {}
+    for name in links.linked:
+        result = metadata.hosts.get(name)
+        if result is None:
+            failed[name] = f"fence: no result for {name} (snapshot {metadata.snapshot_id})"
+        elif not result.consistent:
+            detail = f": {result.detail}" if result.detail else ""
+            failed[name] = f"fence {result.state.value} (snapshot {metadata.snapshot_id}){detail}"
+    return failed
+
+
+def _display(commands: Sequence[LogicalCommand]) -> list[str]:
+    from ah_run_everywhere import display_command
+
+    return [display_command(c) for c in commands]
+
+
+@click.command(
+    "run",
+    cls=AhCommand,
+    context_settings={"allow_interspersed_args": False},
+    short_help="Run a command on the selected followers over SSH.",
+)
+@selector_options
+@click.option(
+    "--command",
+    "commands",
+    multiple=True,
+    metavar="CMD",
+    help="A shell snippet to run (repeatable). One runs on every selected host; several are "
+    "sharded: each runs exactly once per OS, at most one job per host at a time.",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    default=None,
+    metavar="DURATION",
+    callback=parse_duration_option,
+    help="Per-job time limit (500ms, 30s, 1m30s...); the remote command is killed. "
+    "Default: config timeouts.run, else none.",
+)
+@click.option(
+    "--no-fence",
+    is_flag=True,
+    default=False,
+    help="Do not sync and verify the tree before running.",
+)
+@click.option(
+    "--session",
+    "session_id",
+    default=None,
+    metavar="ID",
+    help="Session the run's events belong to (default: config session).",
+)
+@common_options
+@click.argument("argv", nargs=-1, metavar="[--] CMD [ARGS]...")
+@click.pass_context
+def run_command(
+    ctx: click.Context,
+    /,
+    hosts: tuple[str, ...],
+    tags: tuple[str, ...],
+    all_: bool,
+    commands: tuple[str, ...],
+    timeout_s: float | None,
+    no_fence: bool,
+    session_id: str | None,
+    argv: tuple[str, ...],
+    **_: object,
+) -> int:
+    """Run CMD [ARGS]... on every selected follower, or shard several --command snippets.
+
+    Options end at CMD (`--` is optional): in `run --host a ls -la`, `-la` goes to ls.
+    CMD's arguments reach it unchanged; a --command is a snippet for the follower's shell
+    (bash on Linux, zsh on macOS, PowerShell on Windows). Commands run in the follower's
+    copy of the current directory. Output streams as `HOST | line`; each host's output is
+    also logged in a run directory (its path is printed). Then the summary:
+    `X succeeded, Y failed, Z unreachable`.
+
+    Exit 0 only when every selected host ran and returned 0; 1 when a host failed, timed
+    out or was unreachable; 7 for a bad or empty selection; 130 after Ctrl-C (the summary
+    is printed first). With --json: one run envelope.
+    """
+    if argv and commands:
+        raise click.UsageError(
+            "give either CMD [ARGS]... or --command (repeatable), not both", ctx=ctx
+        )
+    if not argv and not commands:
+        raise click.UsageError("missing command: give CMD [ARGS]... or --command CMD", ctx=ctx)
+    selector = selector_from_options(hosts, tags, all_)
+    app = FleetContext.of(ctx)
+    session = _session_id(app, session_id)
+    limit = _timeout_s(app, timeout_s)
+    logical: list[LogicalCommand] = [list(argv)] if argv else list(commands)
+    with app.api_client() as api:
+        selected = select_followers(selector, api.followers().followers)
+    logger.debug("run {} on {}", logical, ", ".join(f.info.name for f in selected))
+
+    interrupt = _Interrupt()
+    envelope = asyncio.run(
+        _run(
+            app,
+            selected,
+            logical,
+            timeout=limit,
+            fence=not no_fence,
+            session_id=session,
+            interrupt=interrupt,
+        )
+    )
+    if app.json:
+        echo_json(envelope)
+    else:
+        from ah_run_everywhere import format_summary
+
+        click.echo(format_summary(envelope.hosts))
+        if envelope.run_dir:
+            click.echo(f"logs: {envelope.run_dir}", err=True)
+    if interrupt.count:
+        return INTERRUPTED_EXIT_CODE
+    return int(envelope.exit_code)

@@ -1,0 +1,597 @@
+"""The fence as ``ah-fleetctl`` runs it: snapshot the leader's tree, sync it to every selected
+follower, and prove that each one now holds exactly that snapshot.
+
+:func:`fence_selected` is what ``ah-fleetctl fence`` and ``ah-fleetctl run`` call with the
+selection's :class:`~ah_fleetctl.dataplane.FleetLinks`:
+
+1. **Snapshot** (:func:`ah_mutagen_project.take_snapshot`) of the leader workspace (the repo
+   root, ``links.leader_root``) minus the effective ignores: config ``sync-ignores`` — whose
+   repo layer, ``<repo>/.agents/config.toml``, replaces the default list — plus VCS metadata,
+   always. The stat cache lives in the user cache directory, one per workspace
+   (:func:`workspace_cache_dir`), so an unchanged file is never read twice.
+2. **Sync**, every host in parallel, with the engine :func:`choose_engine` picks: Mutagen
+   when a ``mutagen`` binary is on ``PATH`` (a generated ``mutagen.yml``, ``project start``
+   then ``project flush``, each bounded by the fence deadline), else rsync over OpenSSH
+   (``rsync -rlpt --delete``, see :mod:`ah_mutagen_project.rsync_engine`). Both reach the
+   followers through the OpenSSH config the links write (``Host ah-<name>``, host keys the
+   links verified, one ControlMaster per follower reused across invocations).
+3. **Verify**: the follower digests its own tree (the shipped stdlib-only script, so
+   ``python3`` is all a follower needs) and the fence compares the content id with the
+   snapshot id: equal → ``consistent``. Different → one forced resync (rsync
+   ``--checksum``; for Mutagen another flush) and a digest with the manifest → still
+   different → ``error`` naming the differing paths. A host that does not finish by the
+   deadline (``--timeout``, config ``timeouts.fence``, 120 s) is ``timeout``; the
+   :class:`~ah_mutagen_project.FenceError` message names the lagging hosts and suggests
+   narrowing the selection with ``--host``/``--tag``.
+
+The events ``fenceStarted{snapshotId}`` then ``fenceResult{snapshotId, hosts}`` go to
+``emit`` (any callable taking the event; a coroutine function is awaited).
+
+Speed (see ``benchmarks/fence.py``): with rsync, the sync starts *while* the snapshot is
+taken (the digest afterwards proves what arrived, whatever the order, so nothing is lost),
+and followers keep a stat cache of their own (``--cache auto`` of the digest script; it keys
+on inode and ctime, which a follower-side edit always changes, so tampering cannot hide
+behind a restored mtime): a fence reads only the files that changed, on both sides.
+
+Selected followers the links could not reach are part of the result, never dropped: a
+connect timeout is ``timeout``, any other failure ``error``, with the reason.
+
+Windows followers have no executable bits: they are digested with ``--no-exec-bit`` and
+compared with the id of the same snapshot without the bits
+(:meth:`ah_mutagen_project.FencePlan.expected_id`); their digest command is the quote-free
+``python -c`` form for PowerShell. rsync to Windows needs an rsync there and a POSIX-style
+workspace path (``hosts.<name>.workspace``); Mutagen is the engine for Windows fleets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import inspect
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias
+
+import msgspec
+from loguru import logger
+
+from ah_config import CliError, ResolvedConfig
+from ah_domain_types import (
+    ConfigFile,
+    ExitCode,
+    FenceHostResult,
+    FenceHostState,
+    FenceMetadata,
+    FenceResultEvent,
+    FenceStartedEvent,
+    FollowerStatus,
+    OsKind,
+)
+from ah_mutagen_project import (
+    IgnorePatternError,
+    MutagenFollower,
+    MutagenProject,
+    RemoteDigest,
+    RsyncEngine,
+    Snapshot,
+    SyncOutcome,
+    mutagen_available,
+    parse_digest_output,
+    remote_digest_command,
+    run_fence,
+    take_snapshot,
+    user_ignores,
+    write_mutagen_project,
+)
+from ah_mutagen_project.rsync_engine import RemoteCommandError
+
+if TYPE_CHECKING:
+    from .dataplane import FleetLinks
+
+__all__ = [
+    "DEFAULT_FENCE_TIMEOUT_S",
+    "EngineName",
+    "FenceEmit",
+    "FenceTarget",
+    "MutagenSync",
+    "RsyncSync",
+    "choose_engine",
+    "fence_selected",
+    "fence_targets",
+    "fence_timeout_s",
+    "fence_workspace",
+    "user_cache_dir",
+    "workspace_cache_dir",
+]
+
+DEFAULT_FENCE_TIMEOUT_S = 120.0
+_STEP_MARGIN_S = 0.25
+"""A step's own deadline ends this much (at most 10 %) before the fence's, so the error that
+reaches the user names the call that hung (rsync to X, mutagen flush) rather than just
+"the fence deadline passed"."""
+
+EngineName: TypeAlias = Literal["rsync", "mutagen"]
+FenceEvent: TypeAlias = FenceStartedEvent | FenceResultEvent
+FenceEmit: TypeAlias = (
+    Callable[[FenceEvent], Awaitable[None] | None] | Callable[[FenceEvent], object]
+)
+
+
+class _Configured(Protocol):
+    """What the fence needs of the invocation: its resolved configuration
+    (:class:`~ah_fleetctl.context.FleetContext` has it)."""
+
+    @property
+    def config(self) -> ResolvedConfig[ConfigFile]: ...
+
+
+class FenceTarget(msgspec.Struct, frozen=True):
+    """One follower as the fence reaches it."""
+
+    name: str
+    alias: str
+    """Its ``Host`` in the OpenSSH config (``ah-<name>``)."""
+    workspace: str
+    """Its copy of the leader's tree, in its own path notation."""
+    os: OsKind
+
+    @property
+    def exec_bits(self) -> bool:
+        """Windows filesystems have no executable bits: digest with ``--no-exec-bit``."""
+        return self.os is not OsKind.WINDOWS
+
+
+# --------------------------------------------------------------------------- where things live
+
+
+def user_cache_dir(env: Mapping[str, str] | None = None, platform: str | None = None) -> Path:
+    """The per-user cache directory: ``$AH_HOME/cache`` when ``AH_HOME`` is set; else
+    ``$XDG_CACHE_HOME/agent-harbor`` (``~/.cache/agent-harbor``) on Linux and other Unixes,
+    ``~/Library/Caches/agent-harbor`` on macOS, ``%LOCALAPPDATA%\\agent-harbor\\cache`` on
+    Windows. Nothing is created here."""
+    environ = os.environ if env is None else env
+    system = sys.platform if platform is None else platform
+    ah_home = environ.get("AH_HOME", "").strip()
+    if ah_home:
+        return Path(ah_home).expanduser() / "cache"
+    home = Path(environ.get("HOME") or Path.home())
+    if system.startswith(("win32", "cygwin", "msys")):
+        local = environ.get("LOCALAPPDATA", "").strip()
+        base = (
+            Path(local) if local else Path(environ.get("USERPROFILE") or home) / "AppData" / "Local"
+        )
+        return base / "agent-harbor" / "cache"
+    if system == "darwin":
+        return home / "Library" / "Caches" / "agent-harbor"
+    xdg = environ.get("XDG_CACHE_HOME", "").strip()
+    # The XDG spec says relative paths are invalid and must be ignored.
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else home / ".cache"
+    return base / "agent-harbor"
+
+
+def workspace_cache_dir(leader_root: Path, cache_root: Path | None = None) -> Path:
+    """``<user cache>/fence/<first 16 hex of sha256(workspace path)>``, created 0700: the
+    leader snapshot's stat cache and what the fence remembers of each host."""
+    key = hashlib.sha256(os.fsencode(str(leader_root))).hexdigest()[:16]
+    directory = (cache_root or user_cache_dir()) / "fence" / key
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return directory
+
+
+def fence_timeout_s(config: ConfigFile, flag: float | None = None) -> float:
+    """``--timeout``, else config ``timeouts.fence``, else 120 s."""
+    if flag is not None:
+        return flag
+    configured = config.timeouts.seconds("fence") if config.timeouts is not None else None
+    return configured if configured else DEFAULT_FENCE_TIMEOUT_S
+
+
+def choose_engine(mutagen_binary: str = "mutagen") -> EngineName:
+    """``mutagen`` when its binary is on PATH, else ``rsync`` (the spec's rule)."""
+    return "mutagen" if mutagen_available(mutagen_binary) else "rsync"
+
+
+def _step_timeout(remaining: float) -> float:
+    return max(0.05, remaining - min(_STEP_MARGIN_S, remaining * 0.1))
+
+
+# --------------------------------------------------------------------------- engines
+
+
+class _Digester:
+    """Digests followers' trees over OpenSSH (the same config and ControlMaster as rsync)."""
+
+    def __init__(
+        self, engine: RsyncEngine, targets: Mapping[str, FenceTarget], ignores: Sequence[str]
+    ) -> None:
+        self.engine = engine
+        self.targets = targets
+        self.ignores = tuple(ignores)
+
+    async def digest(self, host: str, *, with_manifest: bool, timeout: float) -> RemoteDigest:
+        target = self.targets[host]
+        windows = target.os is OsKind.WINDOWS
+        command = remote_digest_command(
+            target.workspace,
+            self.ignores,
+            manifest=with_manifest,
+            exec_bits=target.exec_bits,
+            python="python" if windows else "python3",
+            style="inline-powershell" if windows else "heredoc",
+            cache=True,
+        )
+        try:
+            stdout = await self.engine.run_remote(target.alias, command, _step_timeout(timeout))
+        except RemoteCommandError as exc:
+            raise RemoteCommandError(f"digest of {target.workspace!r}: {exc}") from None
+        except TimeoutError:
+            raise TimeoutError(
+                f"digest of {target.workspace!r} on {host} did not finish in time; ssh was killed"
+            ) from None
+        found = parse_digest_output(stdout, manifest=with_manifest, where=host)
+        return found if target.exec_bits else msgspec.structs.replace(found, exec_bits=False)
+
+
+class RsyncSync:
+    """The rsync engine as the fence's ``sync``: one ``rsync -rlpt --delete`` per host over
+    the generated OpenSSH config (``--checksum`` for the forced resync)."""
+
+    name: EngineName = "rsync"
+
+    def __init__(
+        self,
+        engine: RsyncEngine,
+        leader_root: Path,
+        targets: Mapping[str, FenceTarget],
+        ignores: Sequence[str],
+    ) -> None:
+        self.engine = engine
+        self.leader_root = leader_root
+        self.targets = targets
+        self.ignores = tuple(ignores)
+
+    async def sync(self, host: str, *, force: bool, timeout: float) -> SyncOutcome:
+        target = self.targets[host]
+        return await self.engine.sync(
+            target.alias,
+            self.leader_root,
+            target.workspace,
+            self.ignores,
+            _step_timeout(timeout),
+            checksum=force,
+        )
+
+    async def close(self) -> None:
+        """Nothing outlives an rsync call."""
+
+
+class MutagenSync:
+    """The Mutagen engine as the fence's ``sync``.
+
+    Mutagen syncs a whole project at once, so the hosts share its calls: the first host to
+    ask starts the project (``project start``: the sessions are created and, with
+    ``flushOnCreate``, complete a first cycle) and flushes it (``project flush``: one more
+    full cycle, so everything written before the fence is in); the others wait for the same
+    calls. A forced resync is another flush (shared by the hosts that ask together). Every
+    call's deadline ends just before the fence's, so a hanging call is killed and named.
+
+    The project runs under a private Mutagen daemon (``MUTAGEN_DATA_DIRECTORY`` in the
+    session's directory) started with ``MUTAGEN_SSH_PATH`` pointing at ``ssh``/``scp``
+    wrappers that add ``-F <generated config>``: the ``ah-<name>`` aliases resolve there
+    and nowhere else. :meth:`close` (teardown, always) terminates the project and stops
+    that daemon: one-way-replica sessions left running would revert files a command
+    writes into the tree on the follower while it runs.
+
+    Limitation: a flush waits for every session of the project, so with Mutagen one stalled
+    follower makes every host of the fence time out (rsync fences hosts independently).
+    """
+
+    name: EngineName = "mutagen"
+
+    def __init__(
+        self,
+        session_dir: Path,
+        *,
+        session_id: str,
+        leader_root: Path,
+        targets: Mapping[str, FenceTarget],
+        ignores: Sequence[str],
+        ssh_config: Path,
+        binary: str = "mutagen",
+    ) -> None:
+        self.project_file = session_dir / "mutagen.yml"
+        followers = [
+            MutagenFollower(name=t.name, os=t.os, workspace=t.workspace) for t in targets.values()
+        ]
+        write_mutagen_project(
+            self.project_file, session_id, str(leader_root), followers, list(ignores)
+        )
+        self.project = MutagenProject(
+            binary=binary,
+            project_file=self.project_file,
+            env={"MUTAGEN_DATA_DIRECTORY": str(session_dir / "mutagen-data")},
+            ssh_config=ssh_config,
+        )
+        self._lock = asyncio.Lock()
+        self._started = False
+        self._flushes = 0
+        self._initial: asyncio.Task[None] | None = None
+
+    async def _start_and_flush(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        async with self._lock:
+            await self.project.start(timeout=_step_timeout(deadline - time.monotonic()))
+            self._started = True
+            self._flushes += 1
+            await self.project.flush(timeout=_step_timeout(deadline - time.monotonic()))
+
+    async def _flush_again(self, requested_after: int, timeout: float) -> None:
+        async with self._lock:
+            if self._flushes > requested_after:
+                return  # a flush that began after this request has completed meanwhile
+            self._flushes += 1
+            await self.project.flush(timeout=_step_timeout(timeout))
+
+    async def sync(self, host: str, *, force: bool, timeout: float) -> None:
+        if not force:
+            if self._initial is None:
+                self._initial = asyncio.ensure_future(self._start_and_flush(timeout))
+            # shield: one host's deadline must not cancel the call the others wait for.
+            await asyncio.shield(self._initial)
+            return
+        await self._flush_again(self._flushes, timeout)
+
+    async def close(self) -> None:
+        """Terminate the project and stop its private daemon (idempotent)."""
+        if self._initial is not None and not self._initial.done():
+            self._initial.cancel()
+            with contextlib.suppress(BaseException):
+                await self._initial
+        try:
+            await self.project.terminate(timeout=30.0)
+        finally:
+            await self.project.stop_daemon(timeout=30.0)
+
+
+# --------------------------------------------------------------------------- the fence
+
+
+async def _emit_to(emit: FenceEmit | None, event: FenceEvent) -> None:
+    if emit is None:
+        return
+    result = emit(event)
+    if inspect.isawaitable(result):
+        await result
+
+
+async def fence_workspace(
+    leader_root: Path,
+    targets: Sequence[FenceTarget],
+    *,
+    ssh_config: Path,
+    ignores: Sequence[str],
+    timeout: float,
+    emit: FenceEmit | None = None,
+    session_id: str = "local",
+    cache_dir: Path | None = None,
+    engine: EngineName | None = None,
+    unreachable: Mapping[str, tuple[FenceHostState, str]] | None = None,
+    mutagen_binary: str = "mutagen",
+) -> FenceMetadata:
+    """Fence ``targets`` (reached through ``ssh_config``) to the tree at ``leader_root``.
+
+    ``unreachable``: selected hosts with no path, reported with the given state and reason
+    (they are in the events and the result, and nothing is attempted on them).
+    ``cache_dir``: where the snapshot's stat cache lives (default
+    :func:`workspace_cache_dir`). ``engine``: default :func:`choose_engine`.
+    Never raises for a host's failure (see :func:`ah_mutagen_project.require_consistent`).
+    """
+    leader_root = leader_root.resolve()
+    unreachable = dict(unreachable or {})
+    by_name = {t.name: t for t in targets}
+    names = [*by_name, *(n for n in unreachable if n not in by_name)]
+    cache = cache_dir or workspace_cache_dir(leader_root)
+    engine_name = engine or choose_engine(mutagen_binary)
+    ignore_list = tuple(ignores)
+    rsync = RsyncEngine(ssh_config_path=ssh_config)
+    digester = _Digester(rsync, by_name, ignore_list)
+    session_dir = Path(tempfile.mkdtemp(prefix="session-", dir=cache))
+    syncer: RsyncSync | MutagenSync
+    try:
+        if engine_name == "mutagen" and by_name:
+            syncer = MutagenSync(
+                session_dir,
+                session_id=session_id,
+                leader_root=leader_root,
+                targets=by_name,
+                ignores=ignore_list,
+                ssh_config=ssh_config,
+                binary=mutagen_binary,
+            )
+        else:
+            syncer = RsyncSync(rsync, leader_root, by_name, ignore_list)
+        try:
+            return await _fence(
+                leader_root,
+                names,
+                syncer,
+                digester,
+                timeout=timeout,
+                emit=emit,
+                session_id=session_id,
+                snapshot_cache=cache / "snapshot.cache",
+                ignores=ignore_list,
+                unreachable=unreachable,
+            )
+        finally:
+            await syncer.close()
+    finally:
+        shutil.rmtree(session_dir, ignore_errors=True)
+
+
+async def _fence(
+    leader_root: Path,
+    names: Sequence[str],
+    syncer: RsyncSync | MutagenSync,
+    digester: _Digester,
+    *,
+    timeout: float,
+    emit: FenceEmit | None,
+    session_id: str,
+    snapshot_cache: Path,
+    ignores: tuple[str, ...],
+    unreachable: Mapping[str, tuple[FenceHostState, str]],
+) -> FenceMetadata:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    deadline = started + timeout
+
+    def remaining() -> float:
+        return max(0.0, deadline - loop.time())
+
+    # rsync starts while the snapshot is taken: the digest after it proves what arrived.
+    early_sync: dict[str, asyncio.Task[object]] = {}
+    if isinstance(syncer, RsyncSync):
+        early_sync = {
+            host: asyncio.ensure_future(syncer.sync(host, force=False, timeout=remaining()))
+            for host in digester.targets
+        }
+
+    async def cancel_early() -> None:
+        for task in early_sync.values():
+            task.cancel()
+        await asyncio.gather(*early_sync.values(), return_exceptions=True)
+
+    try:
+        snapshot: Snapshot = await asyncio.to_thread(
+            take_snapshot, leader_root, list(ignores), cache_path=snapshot_cache
+        )
+    except BaseException:
+        await cancel_early()
+        raise
+    logger.debug(
+        "fence: snapshot {} of {} ({} files hashed, {} from the stat cache, {:.0f} ms)",
+        snapshot.id,
+        leader_root,
+        snapshot.files_hashed,
+        snapshot.files_cached,
+        snapshot.took_s * 1000,
+    )
+
+    async def sync(host: str, *, force: bool, timeout: float) -> object:
+        if host in unreachable:
+            state, reason = unreachable[host]
+            if state is FenceHostState.TIMEOUT:
+                raise TimeoutError(reason)
+            raise RuntimeError(reason)
+        task = early_sync.pop(host, None)
+        if task is not None and not force:
+            return await task
+        return await syncer.sync(host, force=force, timeout=timeout)
+
+    def fix_up(hosts: Mapping[str, FenceHostResult]) -> dict[str, FenceHostResult]:
+        """Unreachable hosts: their own state and reason, not "sync failed: ..."."""
+        fixed = dict(hosts)
+        for host, (state, reason) in unreachable.items():
+            if host in fixed:
+                fixed[host] = FenceHostResult(state=state, took_ms=fixed[host].took_ms,
+                                              detail=reason)  # fmt: skip
+        return fixed
+
+    async def relay(event: FenceEvent) -> None:
+        if isinstance(event, FenceResultEvent):
+            event = msgspec.structs.replace(event, hosts=fix_up(event.hosts))
+        await _emit_to(emit, event)
+
+    try:
+        metadata = await run_fence(
+            snapshot, names, sync, digester.digest, remaining(), relay, session_id=session_id
+        )
+    finally:
+        await cancel_early()  # only tasks no host got to use are left
+    return msgspec.structs.replace(
+        metadata, hosts=fix_up(metadata.hosts), took_ms=int((loop.time() - started) * 1000)
+    )
+
+
+def fence_targets(links: FleetLinks, hosts: Iterable[str]) -> list[FenceTarget]:
+    """The linked hosts among ``hosts`` as fence targets (alias, workspace, OS)."""
+    from .dataplane import ssh_alias
+
+    linked = set(links.linked)
+    return [
+        FenceTarget(name=h, alias=ssh_alias(h), workspace=links.workspace(h), os=links.os_of(h))
+        for h in hosts
+        if h in linked
+    ]
+
+
+async def fence_selected(
+    ctx: _Configured,
+    links: FleetLinks,
+    hosts: Iterable[str | FollowerStatus] | None = None,
+    *,
+    timeout: float | None = None,
+    emit: FenceEmit | None = None,
+    engine: EngineName | None = None,
+    cache_root: Path | None = None,
+) -> FenceMetadata:
+    """Fence ``hosts`` (default: every follower of ``links``) to the leader workspace
+    ``links.leader_root`` and return every host's verdict (see the module docstring).
+
+    ``timeout``: seconds (default config ``timeouts.fence``, else 120). Hosts the links
+    could not reach are in the result as ``timeout`` (connect timeout) or ``error``.
+    ``engine``: default :func:`choose_engine`; ``cache_root``: default
+    :func:`user_cache_dir`. Never raises for a host's failure: check
+    ``metadata.lagging_hosts()`` or use :func:`ah_mutagen_project.require_consistent`.
+    """
+    config = ctx.config.typed
+    names = [h.info.name if isinstance(h, FollowerStatus) else h for h in (hosts or links.names)]
+    if not names:
+        raise ValueError("fence: no hosts to fence (an empty selection is an error)")
+    limit = fence_timeout_s(config, timeout)
+    try:
+        ignores = user_ignores(config.sync_ignores)
+    except IgnorePatternError as exc:
+        origin = ctx.config.origin("sync-ignores")
+        where = origin.describe() if origin is not None else "sync-ignores"
+        raise CliError(
+            ExitCode.CONFIGURATION,
+            f"{where}: {exc}",
+            kind="configuration",
+            details={"key": "sync-ignores"},
+        ) from None
+    leader_root = Path(links.leader_root)
+    cache = workspace_cache_dir(leader_root, cache_root)
+    unreachable: dict[str, tuple[FenceHostState, str]] = {}
+    for name in names:
+        if name in links.linked:
+            continue
+        failure = links.unreachable.get(name)
+        if failure is None:
+            unreachable[name] = (FenceHostState.ERROR, f"{name} is not part of this selection")
+        elif failure.kind == "timeout":
+            unreachable[name] = (FenceHostState.TIMEOUT, f"unreachable: {failure.reason}")
+        else:
+            unreachable[name] = (FenceHostState.ERROR, f"unreachable: {failure.reason}")
+    targets = fence_targets(links, names)
+    with tempfile.TemporaryDirectory(prefix="ssh-", dir=cache) as scratch:
+        ssh_config = links.ssh_config(Path(scratch) / "ssh_config")
+        return await fence_workspace(
+            leader_root,
+            targets,
+            ssh_config=ssh_config,
+            ignores=ignores,
+            timeout=limit,
+            emit=emit,
+            session_id=config.session or "local",
+            cache_dir=cache,
+            engine=engine,
+            unreachable=unreachable,
+        )
