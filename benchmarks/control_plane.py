@@ -143,6 +143,13 @@ def _loadavg() -> tuple[float, float, float]:
     return os.getloadavg()
 
 
+def _udp_receive_buffer_drops() -> int:
+    """Datagrams the kernel dropped for a full socket receive buffer, machine-wide."""
+    lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines()]
+    header, values = (line for line in lines if line[0] == "Udp:")
+    return int(values[header.index("RcvbufErrors")])
+
+
 def _ap_env() -> dict[str, str]:
     # The access point must not pick up the caller's AH_* configuration.
     return {k: v for k, v in os.environ.items() if not k.startswith("AH_")}
@@ -474,6 +481,8 @@ class Report:
     healthy: int
     loadavg_before: tuple[float, float, float]
     loadavg_window_end: tuple[float, float, float]
+    udp_drops_total: int
+    udp_drops_in_window: int
     profile: str | None
     passed: bool
     verdict: list[str]
@@ -523,12 +532,18 @@ def run(args: argparse.Namespace, work: Path) -> Report:
         workers: list[multiprocessing.process.BaseProcess] = []
 
         def stop_workers() -> None:
+            """Let the workers say Goodbye and exit (20 s in all), then kill what is left.
+            Their queue is drained meanwhile: a process exits only once what it put there
+            reached the pipe, and nobody else reads it on this path."""
             stop.set()
-            for worker in workers:
-                worker.join(timeout=20)
+            deadline = time.monotonic() + 20
+            while any(w.is_alive() for w in workers) and time.monotonic() < deadline:
+                with contextlib.suppress(queue.Empty):
+                    events.get(timeout=0.1)
             for worker in workers:
                 if worker.is_alive():
                     worker.kill()
+                if worker.pid is not None:  # started
                     worker.join(timeout=5)
 
         group.add_cleanup(stop_workers)
@@ -564,6 +579,7 @@ def run(args: argparse.Namespace, work: Path) -> Report:
         welcomed: dict[tuple[int, int], float] = {}
         lost: list[tuple[float, str]] = []
         load_before = _loadavg()
+        udp_drops_0 = _udp_receive_buffer_drops()
         t_go = time.monotonic()
         go.set()
         deadline = t_go + parse_duration(args.connect_timeout)
@@ -582,6 +598,7 @@ def run(args: argparse.Namespace, work: Path) -> Report:
                 last_print = time.monotonic()
                 log(f"  {len(welcomed)}/{n} connected after {last_print - t_go:.0f} s")
         connect_all_s = max(welcomed.values()) - t_go if len(welcomed) == n else None
+        connected_in_time = len(welcomed)
         log(
             f"{len(welcomed)}/{n} connected"
             + (f" after {connect_all_s:.2f} s" if connect_all_s is not None else " (timed out)")
@@ -600,12 +617,14 @@ def run(args: argparse.Namespace, work: Path) -> Report:
         worker_pids = [w.pid for w in workers if w.pid is not None]
         window_start = time.monotonic()
         ap_cpu_0 = _cpu_seconds(ap.pid)
+        udp_drops_1 = _udp_receive_buffer_drops()
         workers_cpu_0 = sum(_cpu_seconds(pid) for pid in worker_pids)
         pump(duration_s)
         window_end = time.monotonic()
         ap_cpu_1 = _cpu_seconds(ap.pid)
         workers_cpu_1 = sum(_cpu_seconds(pid) for pid in worker_pids)
         load_end = _loadavg()
+        udp_drops_2 = _udp_receive_buffer_drops()
         window_s = window_end - window_start
 
         user_token = ap.signer.issue_user("bench", scopes=["read-logs"], ttl="10m")
@@ -663,7 +682,7 @@ def run(args: argparse.Namespace, work: Path) -> Report:
         prepare_s=prepare_s,
         enroll_s=enroll_s,
         connect_all_s=connect_all_s,
-        connected=len(welcomed),
+        connected=connected_in_time,
         warmup_s=warmup_s,
         window_s=window_s,
         rtt_samples=len(in_window),
@@ -685,6 +704,8 @@ def run(args: argparse.Namespace, work: Path) -> Report:
         healthy=healthy,
         loadavg_before=load_before,
         loadavg_window_end=load_end,
+        udp_drops_total=udp_drops_2 - udp_drops_0,
+        udp_drops_in_window=udp_drops_2 - udp_drops_1,
         profile=str(profile) if profile else None,
         passed=not verdict,
         verdict=verdict,
@@ -742,6 +763,8 @@ def print_report(report: Report) -> None:
         f"(loop lag p99 {ms(report.worker_lag_p99_ms)}, max {ms(report.worker_lag_max_ms)})",
         f"  listed healthy by the AP       {report.healthy}/{report.listed}",
         f"  disconnects total / in window  {report.disconnects_total} / {report.disconnects_in_window}",
+        f"  UDP rcvbuf drops total / window {report.udp_drops_total} / "
+        f"{report.udp_drops_in_window} (machine-wide)",
         f"  load average before / at end   {_fmt_load(report.loadavg_before)} / "
         f"{_fmt_load(report.loadavg_window_end)} ({os.cpu_count()} cores)",
     ]

@@ -136,7 +136,9 @@ async def timed_fence(
 
 
 def edit_one_file(leader: Path, round_: int) -> None:
-    target = leader / "pkg07" / "mod03" / "f01057.dat"
+    target = leader / "pkg07" / "mod01" / "f01057.dat"  # see generate_tree's layout
+    if not target.is_file():
+        raise FileNotFoundError(target)
     with target.open("ab") as handle:
         handle.write(f"edit {round_}\n".encode())
 

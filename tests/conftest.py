@@ -198,5 +198,8 @@ def dataplane_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetC
         work.mkdir()
         env = {**fleet.env(), "NO_COLOR": "1", "HOME": str(base / "home")}
         env.pop("RUST_LOG", None)
+        # Every CLI call would otherwise compile its ~600 modules afresh (an installed tool
+        # has its bytecode cached).
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         (base / "home").mkdir()
         yield FleetCli(fleet=fleet, env=env, work=work)

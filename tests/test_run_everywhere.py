@@ -8,8 +8,10 @@ own, and commands run in it) — ``pwd`` prints a different directory on each.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
+import shutil
 import signal
 import time
 from collections import Counter, defaultdict
@@ -52,6 +54,12 @@ def test_one_command_on_three_linux_followers_gives_three_distinct_results(
     assert outputs == {name: [str(workspace(cli, name))] for name in LINUX}
     assert len({tuple(o) for o in outputs.values()}) == 3
     assert result.json()["summary"]["succeeded"] == 3
+    # The run's session events (also pushed to the access point) have a local copy.
+    session = result.json()["sessionId"]
+    assert re.fullmatch(r"s-\d{8}T\d{6}Z-[0-9a-f]{6}", session), session
+    copy = Path(cli.env["AH_HOME"]) / "logs" / "sessions" / f"{session}.events.jsonl"
+    types = Counter(json.loads(line)["type"] for line in copy.read_text().splitlines())
+    assert types == {"hostStarted": 3, "hostLog": 3, "hostExited": 3, "summary": 1}
 
     # Without --json: live `host | line` output, the summary, and where the logs are.
     plain = cli("run", "--no-fence", "--tag", "os=linux", "--", "pwd")
@@ -261,7 +269,8 @@ def test_ctrl_c_stops_the_remote_commands_and_still_prints_the_summary(
             timeout=30,
             what="both hosts to start",
         )
-        assert len(_sleepers(tag)) == 2
+        # "started" comes out just before the shell execs sleep.
+        wait_for(lambda: len(_sleepers(tag)) == 2, 10, what="both remote sleeps")
         running.proc.send_signal(signal.SIGINT)
         code, lines, stderr = running.wait(timeout=30)
     finally:
@@ -269,3 +278,51 @@ def test_ctrl_c_stops_the_remote_commands_and_still_prints_the_summary(
     assert code == 130, (lines, stderr)
     assert lines[-1] == "0 succeeded, 0 failed, 0 unreachable, 2 cancelled", lines
     wait_for(lambda: not _sleepers(tag), 10, what="the remote sleeps to be gone")
+
+
+def test_without_no_fence_the_followers_get_the_leader_tree_first(
+    dataplane_fleet: FleetCli, tmp_path: Path
+) -> None:
+    cli = dataplane_fleet
+    leader = tmp_path / "tree"
+    (leader / ".git").mkdir(parents=True)  # the repo root is what gets fenced
+    (leader / "sub").mkdir()
+    (leader / "sub" / "hello.txt").write_text(f"fenced {tmp_path.name}\n")
+    result = cli(
+        "run",
+        "--json",
+        "--tag",
+        "role=a",
+        "--tag",
+        "os=linux",
+        "--",
+        "cat",
+        "hello.txt",
+        cwd=leader / "sub",
+    )
+    try:
+        assert result.returncode == 0, result
+        (host,) = hosts_of(result).values()
+        assert log_lines(host) == [f"fenced {tmp_path.name}"]
+    finally:
+        for entry in workspace(cli, "lin-a").iterdir():
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+
+def test_a_timeout_stops_every_host_and_kills_the_remote_commands(
+    dataplane_fleet: FleetCli,
+) -> None:
+    cli = dataplane_fleet
+    tag = f"4{os.getpid() % 1000}.75"
+    result = cli(
+        "run", "--no-fence", "--json", "--timeout", "1s", "--tag", "os=linux", "--", "sleep", tag
+    )
+    assert result.returncode == 1, result
+    hosts = hosts_of(result)
+    assert {h["state"] for h in hosts.values()} == {"timeout"}, hosts
+    assert all(h["error"] == "timed out after 1 s" for h in hosts.values()), hosts
+    assert result.json()["summary"]["timedOut"] == 3
+    wait_for(lambda: not _sleepers(tag), 10, what="the timed-out sleeps to be gone")

@@ -26,7 +26,7 @@ def test_ready_file_names_every_listener_and_they_answer(serving_ap: Any) -> Non
     }  # fmt: skip
     assert ready["pid"] == serving_ap.process.pid
     assert ready["bind"] == "127.0.0.1"
-    assert ready["connectPort"] is None
+    assert 0 < ready["connectPort"] < 65536
     assert ready["caFingerprint"] == serving_ap.state.ca.fingerprint
     assert ready["trustDomain"] == serving_ap.state.trust_domain
     assert 0 < ready["quicPort"] < 65536 and 0 < ready["apiPort"] < 65536
@@ -38,6 +38,14 @@ def test_ready_file_names_every_listener_and_they_answer(serving_ap: Any) -> Non
     # The API presents the server identity, checked by name against the fleet CA.
     with (
         socket.create_connection(("127.0.0.1", ready["apiPort"]), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    assert verify_peer(der, serving_ap.state.ca, SERVE_SPIFFE(ready["trustDomain"]))
+    # The CONNECT listener is TLS with the same identity, and tells its port to leaders.
+    with (
+        socket.create_connection(("127.0.0.1", ready["connectPort"]), timeout=10) as raw,
         context.wrap_socket(raw, server_hostname="localhost") as tls,
     ):
         der = tls.getpeercert(binary_form=True)
@@ -99,3 +107,15 @@ def test_serve_without_state_exits_8(tmp_path: Path, serving_ap: Any, cli_many: 
     assert "does not exist" in missing.stderr and missing.stdout == ""
     assert incomplete.returncode == 8
     assert "server.key" in incomplete.stderr
+
+
+def test_endpoints_tell_leaders_the_connect_port(serving_ap: Any) -> None:
+    request = urllib.request.Request(
+        f"{serving_ap.api_url}/api/v1/endpoints",
+        headers={"Authorization": f"Bearer {serving_ap.user_token()}"},
+    )
+    with urllib.request.urlopen(request, context=serving_ap.ssl_context(), timeout=10) as answer:
+        body = json.loads(answer.read())
+    assert body["connectPort"] == serving_ap.ready["connectPort"]
+    assert body["quicPort"] == serving_ap.ready["quicPort"]
+    assert body["trustDomain"] == serving_ap.ready["trustDomain"]

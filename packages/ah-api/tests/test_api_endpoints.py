@@ -47,6 +47,7 @@ def test_openapi_documents_every_route_and_the_bearer_scheme(api: Any, check: An
         "/api/v1/ca": {"get"},
         "/api/v1/enroll": {"post"},
         FOLLOWERS: {"get"},
+        "/api/v1/endpoints": {"get"},
         EXEC: {"post"},
     }
     documented = {path: set(item) for path, item in openapi["paths"].items()}
@@ -78,7 +79,7 @@ def test_openapi_documents_every_route_and_the_bearer_scheme(api: Any, check: An
         for method, operation in item.items()
         if operation.get("security") == [{"bearerAuth": []}]
     }
-    assert secured == {(FOLLOWERS, "get"), (EXEC, "post")}
+    assert secured == {(FOLLOWERS, "get"), ("/api/v1/endpoints", "get"), (EXEC, "post")}
     # Every documented schema is itself valid JSON Schema and every $ref resolves.
     for item in openapi["paths"].values():
         for operation in item.values():
@@ -312,3 +313,15 @@ def test_unhandled_backend_error_is_a_500_problem_without_internals(
     assert "secret-internal-state" not in response.text
     assert "Traceback" not in response.text
     assert "RuntimeError" not in response.text
+
+
+def test_endpoints_need_a_token_and_match_the_contract(
+    api: Any, check: Any, signer: TokenSigner
+) -> None:
+    # This app was built without an endpoints callable: it serves no CONNECT listener.
+    with api.client(user_token(signer, "ssh")) as client:
+        body = check.json(client.get("/api/v1/endpoints"), "/api/v1/endpoints", status=200)
+    assert body["connectPort"] is None and body["quicPort"] is None
+    with api.client(None) as client:
+        problem = check.json(client.get("/api/v1/endpoints"), "/api/v1/endpoints", status=401)
+    assert problem["status"] == 401

@@ -75,6 +75,7 @@ def test_event_tags() -> None:
         "connect.path.fixed",
         "connect.path.degraded",
         "connect.path.restored",
+        "connect.path.failed",
     )
 
 

@@ -22,6 +22,7 @@ from ah_domain_types import (
     TAG_KEY_PATTERN,
     TAG_VALUE_PATTERN,
     Ack,
+    AgentConfig,
     ConcurrencyConfig,
     ConfigFile,
     DataChannelHello,
@@ -58,7 +59,9 @@ from ah_domain_types import (
     OpenTcpErr,
     OpenTcpOk,
     OsKind,
+    PathAttemptFailure,
     PathDegradedEvent,
+    PathFailedEvent,
     PathFixedEvent,
     PathPolicyConfig,
     PathRecord,
@@ -328,6 +331,38 @@ REGISTRY: dict[type[msgspec.Struct], st.SearchStrategy[Any]] = {
     PathRestoredEvent: st.builds(
         PathRestoredEvent, host=host_names, path=path_records, **event_common()
     ),
+    PathAttemptFailure: st.builds(
+        PathAttemptFailure,
+        method=st.sampled_from(TransportMethod),
+        target=text,
+        relay=st.none() | text,
+        kind=text,
+        error=text,
+        started_ms=st.floats(0, 1e13),
+        ended_ms=st.floats(0, 1e13),
+        stage=st.sampled_from(["attempt", "probe"]),
+    ),
+    PathFailedEvent: st.builds(
+        PathFailedEvent,
+        host=host_names,
+        reason=text,
+        timed_out=st.booleans(),
+        methods_tried=st.lists(st.sampled_from(TransportMethod), max_size=3),
+        failures=st.lists(
+            st.builds(
+                PathAttemptFailure,
+                method=st.sampled_from(TransportMethod),
+                target=text,
+                relay=st.none() | text,
+                kind=text,
+                error=text,
+                started_ms=st.floats(0, 1e13),
+                ended_ms=st.floats(0, 1e13),
+            ),
+            max_size=3,
+        ),
+        **event_common(),
+    ),
     # leader event push
     PushHello: st.builds(
         PushHello,
@@ -366,7 +401,12 @@ REGISTRY: dict[type[msgspec.Struct], st.SearchStrategy[Any]] = {
             st.lists(st.builds(lambda k, v: f"{k}={v}", tag_keys, tag_values), max_size=3)
         ),
         methods=opt(st.lists(st.sampled_from(TransportMethod), min_size=1, max_size=3)),
+        relays=opt(st.lists(st.text(min_size=1, max_size=12), max_size=2)),
+        probe_interval=opt(durations),
+        probe_timeout=opt(durations),
+        probe_failures=opt(st.integers(1, 10)),
     ),
+    AgentConfig: st.builds(AgentConfig, enabled=opt(st.booleans()), idle=opt(durations)),
     LogConfig: st.builds(
         LogConfig,
         level=opt(st.sampled_from(["debug", "info", "warning"])),
@@ -395,6 +435,7 @@ REGISTRY[ConfigFile] = st.builds(
     timeouts=opt(REGISTRY[TimeoutsConfig]),
     concurrency=opt(REGISTRY[ConcurrencyConfig]),
     path_policy=opt(REGISTRY[PathPolicyConfig]),
+    agent=opt(REGISTRY[AgentConfig]),
     log=opt(REGISTRY[LogConfig]),
     hosts=opt(st.dictionaries(host_names, REGISTRY[HostOverrideConfig], max_size=2)),
     enforced=opt(st.lists(enforced_keys, max_size=2)),

@@ -77,7 +77,14 @@ def test_defaults_are_valid_config(validator: jsonschema.Draft202012Validator) -
         "sync-ignores": ["node_modules", ".venv", "target", "build"],
         "timeouts": {"connect": "5s", "overall": "60s", "fence": "120s"},
         "concurrency": {"transfer": 16},
-        "path-policy": {"allow-direct": True, "methods": ["direct", "connect", "relay"]},
+        "agent": {"enabled": True, "idle": "10m"},
+        "path-policy": {
+            "allow-direct": True,
+            "methods": ["direct", "connect", "relay"],
+            "probe-interval": "30s",
+            "probe-timeout": "1s",
+            "probe-failures": 3,
+        },
     }
 
 

@@ -250,3 +250,25 @@ def test_unusable_settings_are_refused_with_the_value_named(tmp_path: Path) -> N
         start_sshd(tmp_path / "b", session_env={"OK": 'has "quotes"'})
     with pytest.raises(ValueError, match="has space"):
         start_sshd(tmp_path / "has space")
+
+
+def test_extra_authorized_keys_may_log_in(sshd_factory: SshdFactory, tmp_path: Path) -> None:
+    leader = tmp_path / "leader"
+    stranger = tmp_path / "stranger"
+    for key in (leader, stranger):
+        subprocess.run([SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-f", key], check=True)
+    running = sshd_factory(base_dir=tmp_path / "sshd", authorized_keys=[Path(f"{leader}.pub")])
+    try:
+
+        def login_with(key: Path) -> subprocess.CompletedProcess[str]:
+            argv = running.ssh_command("echo", "in")
+            argv[argv.index(str(running.client_key_path))] = str(key)
+            return _ssh(argv)
+
+        assert login_with(leader).stdout == "in\n"
+        assert login_with(running.client_key_path).stdout == "in\n"  # its own key still works
+        assert login_with(stranger).returncode == 255
+    finally:
+        running.stop()
+    with pytest.raises(ValueError, match="exactly one OpenSSH public-key line"):
+        sshd_factory(base_dir=tmp_path / "bad", authorized_keys=[leader])  # a private key

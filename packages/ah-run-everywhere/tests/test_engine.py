@@ -647,3 +647,34 @@ def test_output_from_executor_threads_is_complete_and_attributed(tmp_path: Path)
         assert [t for t in printed[host] if t.startswith("err")] == [
             f"err {host} {i}" for i in range(count)
         ]
+
+
+def test_hosts_unreachable_from_the_start_never_get_a_job(
+    executor: LocalProcessExecutor,
+) -> None:
+    """Sharded: their jobs go to a reachable host of the same OS. One command: they are
+    reported unreachable with the reason, and nothing runs there."""
+    sharded = run_async(
+        RunEngine(
+            executor,
+            linux("a", "b"),
+            ["echo 1", "echo 2", "echo 3"],
+            unreachable={"b": "no route to b"},
+        ).run()
+    )
+    assert [(r.host, r.state) for r in sharded.hosts] == [("a", HostState.OK)] * 3
+    assert executor.pids.keys() == {"a"}
+
+    every = run_async(
+        RunEngine(executor, linux("a", "b"), ["true"], unreachable={"b": "no route to b"}).run()
+    )
+    b = next(r for r in every.hosts if r.host == "b")
+    assert b.state is HostState.UNREACHABLE and b.exit_code is None
+    assert b.error == (
+        "host 'b' became unreachable before this command started and the command belongs "
+        "to that host: no route to b"
+    )
+    assert every.exit_code is ExitCode.HOSTS_FAILED
+    assert executor.pids.keys() == {"a"}
+    with pytest.raises(ValueError, match="not among the run's hosts"):
+        RunEngine(executor, linux("a"), ["true"], unreachable={"zz": "?"})

@@ -188,7 +188,8 @@ def init(
     "--connect-port",
     type=click.IntRange(0, 65535),
     default=None,
-    help="TCP port of the CONNECT listener (accepted and reserved: not served yet).",
+    help="TCP port of the TLS CONNECT listener leaders tunnel SSH through (0 or unset: "
+    "pick a free one).",
 )
 @click.option(
     "--ready-file",
@@ -223,7 +224,7 @@ def init(
 @click.option(
     "--sse-queue",
     type=click.IntRange(1, 1_000_000),
-    default=1000,
+    default=10_000,
     show_default=True,
     metavar="N",
     help="Live events an event-stream client may lag behind before it is disconnected "

@@ -16,12 +16,17 @@ Durability: ``synchronous=NORMAL`` in WAL mode: a committed batch survives a cra
 daemon; a power loss may lose the last batches (the leader still has them only while it runs).
 
 All calls run on the daemon's event loop thread; SQLite work per batch is a fraction of a
-millisecond.
+millisecond, because commits in WAL mode do not sync. The one slow operation, the WAL
+checkpoint (which syncs the database file), would stall the loop for tens of milliseconds
+every few megabytes: it is switched off on the loop's connection and done by a background
+thread on its own connection (``PRAGMA wal_checkpoint(PASSIVE)``, which never blocks the
+writer), about once a second while events arrive.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -41,6 +46,7 @@ from ah_domain_types import (
     HostExitedEvent,
     HostStartedEvent,
     PathDegradedEvent,
+    PathFailedEvent,
     PathFixedEvent,
     PathRecord,
     PathRestoredEvent,
@@ -71,6 +77,7 @@ _MEMBERSHIP_TYPES = (
     "connect.path.fixed",
     "connect.path.degraded",
     "connect.path.restored",
+    "connect.path.failed",
 )
 """Event types that name a session's followers (hostLog does too, but always after a
 hostStarted, and there are far too many of them to scan)."""
@@ -143,12 +150,46 @@ class EventStore:
                 )
             self._db.executescript(_SCHEMA)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
         except sqlite3.Error as exc:
             raise EventStoreError(f"{self.path}: cannot open the event store: {exc}") from None
         self._heads: dict[str, _Head] = {}
+        self._written = threading.Event()
+        self._stopping = threading.Event()
+        self._checkpointer = threading.Thread(
+            target=self._checkpoint_loop, name="events-checkpoint", daemon=True
+        )
+        self._checkpointer.start()
 
     def close(self) -> None:
+        self._stopping.set()
+        self._written.set()
+        self._checkpointer.join(10.0)
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            _log.warning("{}: final checkpoint failed: {}", self.path, exc)
         self._db.close()
+
+    def _checkpoint_loop(self, interval_s: float = 1.0) -> None:
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            _log.error("{}: no background checkpoints: {}", self.path, exc)
+            return
+        try:
+            db.execute("PRAGMA busy_timeout=1000")
+            while not self._stopping.is_set():
+                self._written.wait()
+                if self._stopping.wait(interval_s):
+                    return
+                self._written.clear()
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as exc:
+                    _log.warning("{}: background checkpoint failed: {}", self.path, exc)
+        finally:
+            db.close()
 
     def now_ms(self) -> float:
         return float(self._clock())
@@ -235,6 +276,7 @@ class EventStore:
                 f"{self.path}: cannot store {len(events)} events of session {session_id!r}: {exc}"
             ) from None
         head.last_seq, head.last_ts = seq, ts
+        self._written.set()
         return stored
 
     def _head(self, session_id: str) -> _Head:
@@ -328,7 +370,7 @@ class EventStore:
                 paths.setdefault(event.host, None)
             elif isinstance(event, PathFixedEvent | PathRestoredEvent):
                 paths[event.host] = event.path
-            elif isinstance(event, PathDegradedEvent):
+            elif isinstance(event, PathDegradedEvent | PathFailedEvent):
                 paths[event.host] = None
         return SessionHosts(paths)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
@@ -147,12 +148,25 @@ class FleetRegistry:
             )
 
     def touch(self, name: str, last_seen_ms: int) -> None:
+        self.touch_many([(name, last_seen_ms)])
+
+    def touch_many(self, seen: Sequence[tuple[str, int]]) -> None:
+        """Record when each named follower was last seen, in one transaction (never moving a
+        last-seen time backwards)."""
+        if not seen:
+            return
         with self._lock:
-            self._db.execute(
-                "UPDATE followers SET last_seen_ms = MAX(COALESCE(last_seen_ms, 0), ?) "
-                "WHERE name = ?",
-                (last_seen_ms, name),
-            )
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "UPDATE followers SET last_seen_ms = MAX(COALESCE(last_seen_ms, 0), ?) "
+                    "WHERE name = ?",
+                    [(last_seen_ms, name) for name, last_seen_ms in seen],
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -19,9 +19,24 @@ from pathlib import Path
 import msgspec
 from loguru import logger
 
-from ah_api import ApiServer, ApiServerError, EventHub, JwtAuthenticator, SseSettings, create_app
+from ah_api import (
+    ApiServer,
+    ApiServerError,
+    EndpointsResponse,
+    EventHub,
+    JwtAuthenticator,
+    SseSettings,
+    create_app,
+)
 from ah_config import CliError
-from ah_connectivity import user_audience
+from ah_connectivity import (
+    ConnectProxyServer,
+    DataChannelHub,
+    TunnelBroker,
+    TunnelRecord,
+    token_authorizer,
+    user_audience,
+)
 from ah_connectivity.leader_push import ControlAndPushServer
 from ah_domain_types import ExitCode
 
@@ -43,7 +58,7 @@ class ServeOptions:
     quic_port: int = 0
     api_port: int = 0
     connect_port: int | None = None
-    """Accepted and reserved: the CONNECT listener is not served yet."""
+    """TCP port of the TLS CONNECT listener (None or 0: any free port)."""
     ready_file: Path | None = None
     heartbeat_interval_ms: int = 5_000
     unhealthy_after_intervals: int = 3
@@ -54,7 +69,7 @@ class ServeOptions:
     # -- session events (issue 7) --
     sse_keepalive_s: float = 15.0
     """An idle SSE stream gets a ``: ka`` comment this often."""
-    sse_queue_size: int = 1000
+    sse_queue_size: int = 10_000
     """Live events an SSE client may lag behind before it is disconnected (it resumes)."""
 
 
@@ -68,6 +83,22 @@ class ReadyFile(msgspec.Struct, frozen=True, rename="camel"):
     connect_port: int | None
     ca_fingerprint: str
     trust_domain: str
+
+
+@dataclass
+class _Endpoints:
+    """The bound listener ports, as ``GET /api/v1/endpoints`` reports them."""
+
+    trust_domain: str
+    connect_port: int | None = None
+    quic_port: int | None = None
+
+    def response(self) -> EndpointsResponse:
+        return EndpointsResponse(
+            connect_port=self.connect_port,
+            quic_port=self.quic_port,
+            trust_domain=self.trust_domain,
+        )
 
 
 def write_json_atomically(path: Path, value: object) -> None:
@@ -141,6 +172,23 @@ async def run_serve(state: ApState, options: ServeOptions) -> int:
         server_version=__version__,
     )
     api: ApiServer | None = None
+    # -- data plane (issue 4): CONNECT listener, tunnels over the followers' connections --
+    data_hub = DataChannelHub(state.ca, state.trust_domain)
+    broker = TunnelBroker(
+        control.follower, data_hub=data_hub, methods=("data", "quic"), dst_host="127.0.0.1"
+    )
+    proxy = ConnectProxyServer(
+        identity=state.identity,
+        ca=state.ca,
+        authorize=token_authorizer(state.signer.verifier()),
+        knows_follower=lambda name: registry.get(name) is not None,
+        open_tunnel=broker.open,
+        data_hub=data_hub,
+        relay=True,
+        on_tunnel_closed=_log_tunnel,
+    )
+    proxy_started = False
+    endpoints = _Endpoints(state.trust_domain)
     try:
         try:
             quic_port = await control.start(options.bind, options.quic_port)
@@ -152,6 +200,18 @@ async def run_serve(state: ApState, options: ServeOptions) -> int:
                 details={"bind": options.bind, "port": str(options.quic_port)},
             ) from None
         fleet.quic_address = f"{_advertised_host(options.bind, options.advertise_host)}:{quic_port}"
+        try:
+            connect_port = await proxy.start(options.bind, options.connect_port or 0)
+        except OSError as exc:
+            raise CliError(
+                ExitCode.NETWORK,
+                f"cannot listen for CONNECT on {options.bind}:{options.connect_port or 0}/tcp: "
+                f"{exc.strerror or exc}",
+                details={"bind": options.bind, "port": str(options.connect_port or 0)},
+            ) from None
+        proxy_started = True
+        endpoints.connect_port = connect_port
+        endpoints.quic_port = quic_port
         sessions.push_host = _advertised_host(options.bind, options.advertise_host).strip("[]")
         sessions.push_port = quic_port
         authenticator = JwtAuthenticator(state.signer.verifier(), user_audience(state.trust_domain))
@@ -164,6 +224,7 @@ async def run_serve(state: ApState, options: ServeOptions) -> int:
                 sse=SseSettings(
                     keepalive_s=options.sse_keepalive_s, queue_size=options.sse_queue_size
                 ),
+                endpoints=endpoints.response,
             ),
             certfile=state.server_cert_path,
             keyfile=state.server_key_path,
@@ -182,16 +243,19 @@ async def run_serve(state: ApState, options: ServeOptions) -> int:
             bind=options.bind,
             quic_port=quic_port,
             api_port=api_port,
-            connect_port=None,
+            connect_port=connect_port,
             ca_fingerprint=state.ca.fingerprint,
             trust_domain=state.trust_domain,
         )
         if options.ready_file is not None:
             write_json_atomically(options.ready_file, ready)
         _log.info(
-            "access point ready: QUIC {}:{}/udp, API https://{}:{} (trust domain {}, CA {})",
+            "access point ready: QUIC {}:{}/udp, CONNECT {}:{}/tcp, API https://{}:{} "
+            "(trust domain {}, CA {})",
             options.bind,
             quic_port,
+            options.bind,
+            connect_port,
             options.bind,
             api_port,
             state.trust_domain,
@@ -201,8 +265,12 @@ async def run_serve(state: ApState, options: ServeOptions) -> int:
         _log.info("received {}: shutting down", received[0] if received else "stop")
     finally:
         fleet.ready = False
+        sessions.hub.close()  # session event streams end now instead of holding up the stop
         if api is not None:
             await api.stop()
+        if proxy_started:
+            await proxy.close()
+        await broker.close()
         await control.close("access point shutting down")
         fleet.close()
         registry.close()
@@ -212,6 +280,25 @@ async def run_serve(state: ApState, options: ServeOptions) -> int:
             _remove_own_ready_file(options.ready_file)
     _log.info("access point stopped")
     return int(ExitCode.OK)
+
+
+def _log_tunnel(record: TunnelRecord) -> None:
+    """Who opened which tunnel to which follower (the listener logs the details too)."""
+    _log.bind(tunnel=msgspec.to_builtins(record)).debug(
+        "tunnel {} closed: subject {!r} reached follower {!r} port {} via {}{} from {} "
+        "({} bytes up, {} down, {:.3f}s, {})",
+        record.tunnel_id,
+        record.subject,
+        record.follower,
+        record.port,
+        record.method,
+        f" (relay to {record.relay})" if record.relay else "",
+        record.client,
+        record.bytes_up,
+        record.bytes_down,
+        record.duration_s,
+        record.outcome,
+    )
 
 
 def _ignore_further_signals(loop: asyncio.AbstractEventLoop) -> None:

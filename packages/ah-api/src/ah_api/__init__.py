@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from .merge import ReplayLiveMerge
 from .problems import PROBLEM_MEDIA_TYPE, ApiProblem, ProblemType
 from .wire import (
+    EndpointsResponse,
     EventSort,
     EventsPage,
     ExecApiRequest,
@@ -138,6 +139,7 @@ __all__ = [
     "AuthFailed",
     "AuthFailureReason",
     "Authenticator",
+    "EndpointsResponse",
     "EnrollmentRefusal",
     "EnrollmentRefused",
     "EventHub",

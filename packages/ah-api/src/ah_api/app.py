@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 import msgspec
@@ -24,6 +24,7 @@ from ah_domain_types import EnrollRequest, EnrollResponse, SelectorError, TagSel
 from .backend import (
     SCOPE_EXEC,
     SCOPE_READ_LOGS,
+    SCOPE_SSH,
     Authenticator,
     AuthFailed,
     EnrollmentRefusal,
@@ -34,7 +35,14 @@ from .backend import (
 from .problems import PROBLEM_MEDIA_TYPE, ApiProblem, ProblemType
 from .sessions import SessionBackend, session_routes
 from .sse import SseSettings
-from .wire import ExecApiRequest, ExecApiResponse, FollowersResponse, HealthResponse, Problem
+from .wire import (
+    EndpointsResponse,
+    ExecApiRequest,
+    ExecApiResponse,
+    FollowersResponse,
+    HealthResponse,
+    Problem,
+)
 
 __all__ = [
     "API_BASE_PATH",
@@ -220,11 +228,13 @@ def create_app(
     title: str = "Agent Harbor fleet API",
     sessions: SessionBackend | None = None,
     sse: SseSettings | None = None,
+    endpoints: Callable[[], EndpointsResponse] | None = None,
 ) -> Litestar:
     """The REST API over ``backend``; every request needing a token goes through
     ``authenticator``. ``version`` is reported by ``healthz``/``readyz`` and the OpenAPI info.
     With ``sessions``, the session routes (list, info, events as JSON or SSE, push endpoint)
-    are mounted too (``sse`` tunes their event streams)."""
+    are mounted too (``sse`` tunes their event streams). ``endpoints`` answers
+    ``GET /endpoints`` (the CONNECT port leaders use; without it the route says none)."""
 
     def principal_for(request: Request[Any, Any, Any], *, any_of: Sequence[str]) -> Principal:
         bearer = _bearer_token(request)
@@ -340,6 +350,22 @@ def create_app(
         ]
         chosen.sort(key=lambda f: f.info.name)
         return FollowersResponse(followers=chosen)
+
+    @get(
+        "/endpoints",
+        sync_to_thread=False,
+        summary="Listener endpoints (CONNECT port)",
+        tags=["fleet"],
+        security=_SECURED,
+        responses={401: _UNAUTHORIZED, 403: _FORBIDDEN},
+    )
+    def endpoints_(request: Request[Any, Any, Any]) -> EndpointsResponse:
+        """Where the access point's CONNECT (and QUIC) listeners are, for leaders choosing a
+        data-plane path. Needs a token with scope ``ssh``, ``exec`` or ``read-logs``."""
+        principal_for(request, any_of=(SCOPE_SSH, SCOPE_EXEC, SCOPE_READ_LOGS))
+        if endpoints is None:
+            return EndpointsResponse(connect_port=None, quic_port=None, trust_domain="")
+        return endpoints()
 
     @post(
         "/exec",
@@ -457,6 +483,7 @@ def create_app(
             ca,
             enroll,
             followers,
+            endpoints_,
             exec_,
             openapi_json,
             *session_handlers,

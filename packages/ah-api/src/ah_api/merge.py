@@ -19,7 +19,7 @@ disconnected and resume from its last id).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Generic, TypeVar
 
 __all__ = ["ReplayLiveMerge"]
@@ -74,6 +74,16 @@ class ReplayLiveMerge(Generic[T]):
         last = self._last
         self._held += [(seq, item) for seq, item in items if seq > last]
         return []
+
+    def arrived_sorted(self, items: Sequence[T], seq: Callable[[T], int]) -> list[T]:
+        """`arrived` for items already in ascending seq order (``seq(item)`` gives it): when
+        live and all of them are new, they pass without looking at each one."""
+        if not items:
+            return []
+        if self._live and seq(items[0]) > self._last:
+            self._last = seq(items[-1])
+            return list(items)
+        return self.arrived((seq(item), item) for item in items)
 
     def restart_history(self) -> None:
         """The shell lost live arrivals while still replaying (it reset the subscription):

@@ -24,7 +24,6 @@ from collections.abc import AsyncIterator, Callable, Collection, Iterable, Seque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from anyio import create_task_group
 from litestar.enums import MediaType
 from litestar.response import Stream
 from litestar.response.streaming import ASGIStreamingResponse
@@ -58,7 +57,7 @@ _log = logging.getLogger("ah_api")
 class SseSettings:
     keepalive_s: float = 15.0
     """An idle stream gets a ``: ka`` comment this often (proxies and clients see it alive)."""
-    queue_size: int = 1000
+    queue_size: int = 10_000
     """Live events a client may lag behind before it is disconnected."""
     history_page: int = 500
     """Events read from the store per replay step."""
@@ -134,8 +133,9 @@ class Subscription:
         self._ready.clear()
 
     async def wait(self, timeout: float) -> bool:
-        """Until something is queued or the queue overflowed (True), or ``timeout`` (False)."""
-        if self.queue or self.overflowed:
+        """Until something is queued, the queue overflowed or the hub closed (True), or
+        ``timeout`` (False)."""
+        if self.queue or self.overflowed or self.closed:
             return True
         try:
             async with asyncio.timeout(timeout):
@@ -147,6 +147,7 @@ class Subscription:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            self._ready.set()
             self.hub._remove(self)
 
 
@@ -173,6 +174,13 @@ class EventHub:
             subscription.offer(events)
             if subscription.overflowed and not was:
                 self.overflows += 1
+
+    def close(self) -> None:
+        """End every subscription (the server is stopping): their streams end cleanly and
+        their clients resume elsewhere or later with Last-Event-ID."""
+        for subscribers in list(self._subscribers.values()):
+            for subscription in list(subscribers):
+                subscription.close()
 
     def subscriber_count(self, session_id: str | None = None) -> int:
         if session_id is not None:
@@ -262,11 +270,17 @@ class SsePump:
             self._subscription = subscription
             return b"retry: %d\n\n" % self.settings.retry_ms
         while not self.merge.live:
+            if self.subscription.closed:
+                self._finished = True
+                raise StopAsyncIteration
             chunk = self._replay_step()
             if chunk:
                 return chunk
         while True:
             subscription = self.subscription
+            if subscription.closed:
+                self._finished = True
+                raise StopAsyncIteration
             if subscription.overflowed:
                 self.close()
                 _log.info(
@@ -279,7 +293,9 @@ class SsePump:
                 raise StopAsyncIteration
             items = subscription.take()
             if items:
-                chunk = self._frames(self.merge.arrived((e.seq, e) for e in self._matching(items)))
+                if self.types is not None:
+                    items = [e for e in items if e.type in self.types]
+                chunk = self._frames(self.merge.arrived_sorted(items, _seq))
                 if chunk:
                     return chunk
                 continue
@@ -301,13 +317,13 @@ class SsePump:
             self.merge.history(((e.seq, e) for e in page), exhausted=len(page) < limit)
         )
 
-    def _matching(self, items: Iterable[StoredEvent]) -> Iterable[StoredEvent]:
-        types = self.types
-        return items if types is None else (e for e in items if e.type in types)
-
     def _frames(self, events: list[StoredEvent]) -> bytes:
         self.sent_events += len(events)
-        return b"".join(e.frame for e in events)
+        return b"".join([e.frame for e in events])
+
+
+def _seq(event: StoredEvent) -> int:
+    return event.seq
 
 
 class _StalledResponseLogFilter(logging.Filter):
@@ -341,20 +357,18 @@ class _EventStreamASGIResponse(ASGIStreamingResponse):
 
     async def send_body(self, send: Send, receive: Receive) -> None:
         pump = self.pump
+        streaming = asyncio.ensure_future(self._stream_abortable(send))
+        listening = asyncio.ensure_future(_until_disconnect(receive))
         try:
-            async with create_task_group() as task_group:
-                cancel_scope = task_group.cancel_scope
-
-                async def stream() -> None:
-                    if await self._stream_abortable(send):
-                        # Cut off: stop listening for the client too, and return without
-                        # completing the response, so the server closes the connection.
-                        _stalled_filter.expected += 1
-                        cancel_scope.cancel()
-
-                task_group.start_soon(stream)
-                await self._listen_for_disconnect(cancel_scope=cancel_scope, receive=receive)
+            await asyncio.wait({streaming, listening}, return_when=asyncio.FIRST_COMPLETED)
+            if streaming.done() and streaming.result():
+                # Cut off: return without completing the response, so the server closes the
+                # connection (and logs that it did, see _StalledResponseLogFilter).
+                _stalled_filter.expected += 1
         finally:
+            for task in (streaming, listening):
+                task.cancel()
+            await asyncio.gather(streaming, listening, return_exceptions=True)
             pump.close()
 
     async def _stream_abortable(self, send: Send) -> bool:
@@ -401,6 +415,11 @@ class _EventStreamASGIResponse(ASGIStreamingResponse):
         with contextlib.suppress(asyncio.CancelledError):
             await writing
         return False
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 class EventStreamResponse(Stream):

@@ -9,6 +9,7 @@ import msgspec
 from ah_domain_types import HOST_NAME_PATTERN, Event, FollowerStatus
 
 __all__ = [
+    "EndpointsResponse",
     "EventSort",
     "EventsPage",
     "ExecApiRequest",
@@ -61,6 +62,19 @@ class FollowersResponse(msgspec.Struct, frozen=True, rename="camel"):
     """``GET /api/v1/followers``: followers as the access point sees them, sorted by name."""
 
     followers: list[FollowerStatus]
+
+
+class EndpointsResponse(msgspec.Struct, frozen=True, rename="camel"):
+    """``GET /api/v1/endpoints``: where this access point's other listeners are.
+
+    A leader reaches the CONNECT listener on the host it reached the API on (or
+    ``connectHost`` when set) at ``connectPort``; None means that listener is not served.
+    """
+
+    connect_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] | None
+    quic_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] | None
+    trust_domain: str
+    connect_host: str | None = None
 
 
 class HealthResponse(msgspec.Struct, frozen=True, rename="camel"):

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol, QuicStreamHandler
-from aioquic.asyncio.server import serve
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
@@ -57,7 +56,12 @@ from ah_connectivity.push_core import (
     SendPush,
     StoreEvents,
 )
-from ah_connectivity.quic import ConnectionCloseCode, ControlServer, _AccessPointConnection
+from ah_connectivity.quic import (
+    ConnectionCloseCode,
+    ControlServer,
+    _AccessPointConnection,
+    serve_quic,
+)
 from ah_domain_types import (
     PUSH_PROTOCOL_VERSION,
     Event,
@@ -416,7 +420,7 @@ class ControlAndPushServer(ControlServer):
             return _ControlOrPushConnection(quic, stream_handler, server=self)
 
         try:
-            self._quic_server = await serve(
+            self._quic_server = await serve_quic(
                 host, port, configuration=self._configuration(), create_protocol=create_protocol
             )
         except OSError as exc:
@@ -424,6 +428,8 @@ class ControlAndPushServer(ControlServer):
                 exc.errno, f"cannot listen for QUIC on {host}:{port}/udp: {exc.strerror}"
             ) from exc
         transport = cast(asyncio.DatagramTransport, self._quic_server._transport)
+        _enlarge_receive_buffer(transport)
+        _read_datagrams_in_batches(transport)
         self.host = host
         self.port = int(transport.get_extra_info("sockname")[1])
         _log.info(
@@ -434,6 +440,69 @@ class ControlAndPushServer(ControlServer):
             LEADER_ALPN,
         )
         return self.port
+
+
+UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
+"""Receive buffer asked for on QUIC sockets. The kernel default (~200 KiB, a few hundred
+datagrams) overflows when the event loop is busy for a few tens of milliseconds at a few
+thousand datagrams a second; every drop then halves QUIC's congestion window. Linux caps the
+request at ``net.core.rmem_max``."""
+
+
+def _enlarge_receive_buffer(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
+    except OSError as exc:
+        _log.debug("cannot enlarge the UDP receive buffer: {}", exc)
+
+
+DATAGRAM_READ_BATCH = 32
+
+
+def _read_datagrams_in_batches(transport: asyncio.DatagramTransport) -> None:
+    """Read up to `DATAGRAM_READ_BATCH` waiting datagrams per event-loop turn instead of one.
+
+    asyncio's datagram transport reads a single datagram each time the socket is readable, so
+    the rate at which QUIC packets are taken in is the rate of loop turns; when many SSE
+    streams keep every turn busy, pushed events queue up in the socket buffer for hundreds of
+    milliseconds while the process is mostly idle. This re-registers the socket's reader with
+    one that drains the socket (bounded, so one busy peer cannot starve the rest of the loop).
+    It relies on the selector transport's internals; with any other transport it does nothing.
+    """
+    sock = getattr(transport, "_sock", None)
+    read_ready = getattr(transport, "_read_ready", None)
+    fd = getattr(transport, "_sock_fd", None)
+    loop = getattr(transport, "_loop", None)
+    if sock is None or read_ready is None or fd is None or not isinstance(loop, asyncio.AbstractEventLoop):
+        return
+    protocol = transport.get_protocol()
+    max_size = int(getattr(transport, "max_size", 256 * 1024))
+
+    def drain() -> None:
+        read_ready()
+        for _ in range(DATAGRAM_READ_BATCH - 1):
+            if transport.is_closing():
+                return
+            try:
+                data, addr = sock.recvfrom(max_size)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                protocol.error_received(exc)  # type: ignore[attr-defined]
+                return
+            protocol.datagram_received(data, addr)  # type: ignore[attr-defined]
+
+    # The transport owns the fd, so the public add_reader refuses it: use the selector loop's
+    # own (unchecked) registration, as the transport itself does.
+    remove_reader = getattr(loop, "_remove_reader", None)
+    add_reader = getattr(loop, "_add_reader", None)
+    if remove_reader is None or add_reader is None:
+        return
+    remove_reader(fd)
+    add_reader(fd, drain)
 
 
 # ==========================================================================================
@@ -528,6 +597,11 @@ class _PushClientProtocol(QuicConnectionProtocol):
             _log.exception("push client: error handling {}", type(event).__name__)
 
 
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class LeaderPushClient:
     """Pushes one session's events to the access point, reconnecting as needed.
 
@@ -579,6 +653,7 @@ class LeaderPushClient:
         self.on_status = on_status
         self.status = PushStatus()
         self._proto: _PushClientProtocol | None = None
+        self._pump_handle: asyncio.Handle | None = None
         self._stopping = asyncio.Event()
         self._changed = asyncio.Event()
         self._running = False
@@ -587,10 +662,16 @@ class LeaderPushClient:
 
     def emit(self, event: Event) -> int:
         """Queue ``event`` (its ``seq``/``tsMs`` are assigned by the access point); returns
-        its lseq. Sent at once when connected."""
+        its lseq. Sent on the loop's next turn when connected, together with every other
+        event emitted until then (one batch, one ack)."""
         lseq = self.sender.emit(event)
-        self._pump()
+        if self._pump_handle is None and self._proto is not None:
+            self._pump_handle = asyncio.get_running_loop().call_soon(self._scheduled_pump)
         return lseq
+
+    def _scheduled_pump(self) -> None:
+        self._pump_handle = None
+        self._pump()
 
     @property
     def connected(self) -> bool:
@@ -768,6 +849,7 @@ class LeaderPushClient:
             family=family,
         )
         ping_task: asyncio.Task[None] | None = None
+        _enlarge_receive_buffer(transport)
         try:
             proto.connect(addr)
             try:
@@ -821,6 +903,11 @@ class LeaderPushClient:
             return proto.done.result() if proto.done.done() else "stopped"
         finally:
             self._proto = None
+            waiter = proto._connected_waiter
+            if waiter is not None:
+                # aioquic fails this future when the abandoned handshake is closed; nobody
+                # awaits it any more.
+                waiter.add_done_callback(_retrieve)
             if ping_task is not None:
                 ping_task.cancel()
             if proto.termination is None:

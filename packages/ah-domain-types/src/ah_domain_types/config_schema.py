@@ -25,6 +25,7 @@ from .transport import TransportMethod
 
 __all__ = [
     "DEFAULTS",
+    "AgentConfig",
     "ConcurrencyConfig",
     "ConfigFile",
     "FilesetConfig",
@@ -118,6 +119,15 @@ class PathPolicyConfig(_ConfigSection, frozen=True):
     """``KEY=VALUE`` selectors; followers matching any may be dialled directly."""
     methods: Annotated[list[TransportMethod], msgspec.Meta(min_length=1)] | None = None
     """Methods to try, in order."""
+    relays: list[Annotated[str, msgspec.Meta(min_length=1)]] | None = None
+    """Access point URLs (``https://host:port``) that may relay to a follower's home access
+    point when the leader cannot reach that one itself (the ``relay`` method)."""
+    probe_interval: Duration | None = None
+    """Health probe of a fixed path this often (default 30 s)."""
+    probe_timeout: Duration | None = None
+    """Each health probe's timeout (default 1 s)."""
+    probe_failures: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    """Consecutive failed health probes that degrade a path (default 3)."""
 
     def __post_init__(self) -> None:
         for text in self.direct_tags or ():
@@ -128,6 +138,16 @@ class PathPolicyConfig(_ConfigSection, frozen=True):
 
     def direct_tag_selectors(self) -> tuple[TagSelector, ...]:
         return tuple(TagSelector.parse(t) for t in self.direct_tags or ())
+
+
+class AgentConfig(_ConfigSection, frozen=True):
+    """``[agent]``: the leader agent that keeps paths and SSH transports open between
+    ``ah-fleetctl`` invocations (the ControlMaster equivalent)."""
+
+    enabled: bool | None = None
+    """Use (and start on first use) the agent; false bypasses it like ``--no-agent``."""
+    idle: Duration | None = None
+    """The agent exits after this long without a request (default 10 minutes)."""
 
 
 class LogConfig(_ConfigSection, frozen=True):
@@ -161,6 +181,7 @@ class ConfigFile(_ConfigSection, frozen=True):
     timeouts: TimeoutsConfig | None = None
     concurrency: ConcurrencyConfig | None = None
     path_policy: PathPolicyConfig | None = None
+    agent: AgentConfig | None = None
     log: LogConfig | None = None
     hosts: dict[HostName, HostOverrideConfig] | None = None
     enforced: list[EnforcedKey] | None = None
@@ -177,9 +198,13 @@ def default_config() -> ConfigFile:
         sync_ignores=["node_modules", ".venv", "target", "build"],
         timeouts=TimeoutsConfig(connect="5s", overall="60s", fence="120s"),
         concurrency=ConcurrencyConfig(transfer=16),
+        agent=AgentConfig(enabled=True, idle="10m"),
         path_policy=PathPolicyConfig(
             allow_direct=True,
             methods=[TransportMethod.DIRECT, TransportMethod.CONNECT, TransportMethod.RELAY],
+            probe_interval="30s",
+            probe_timeout="1s",
+            probe_failures=3,
         ),
         # No [log] defaults here: they differ per binary kind (CLI text to stderr, daemon
         # JSON-lines files) and ah-logging applies them after the merge.

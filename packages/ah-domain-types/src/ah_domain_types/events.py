@@ -14,7 +14,7 @@ import msgspec
 from .hosts import FollowerStatus
 from .results import HostResult, RunSummary
 from .sessions import FenceHostResult
-from .transport import PathRecord
+from .transport import PathRecord, TransportMethod
 
 __all__ = [
     "EVENT_CLASSES",
@@ -27,7 +27,9 @@ __all__ = [
     "HostLogEvent",
     "HostStartedEvent",
     "NoteEvent",
+    "PathAttemptFailure",
     "PathDegradedEvent",
+    "PathFailedEvent",
     "PathFixedEvent",
     "PathRestoredEvent",
     "SummaryEvent",
@@ -103,6 +105,34 @@ class PathRestoredEvent(_EventBase, frozen=True, tag="connect.path.restored"):
     path: PathRecord
 
 
+class PathAttemptFailure(msgspec.Struct, frozen=True, rename="camel"):
+    """One failed way of reaching a follower (an attempt or a health probe)."""
+
+    method: TransportMethod
+    target: str
+    relay: str | None
+    kind: str
+    """``timeout``, ``refused``, ``proxy``, ``auth``, ``host-key``, ``tls``, ... (the
+    ``ah_connectivity.path_selection.FailureKind`` values)."""
+    error: str
+    started_ms: float
+    """Wall-clock milliseconds."""
+    ended_ms: float
+    stage: Literal["attempt", "probe"] = "attempt"
+
+
+class PathFailedEvent(_EventBase, frozen=True, tag="connect.path.failed"):
+    """No method reached the follower: every attempt with its reason, and the best one."""
+
+    host: str
+    reason: str
+    """The most informative failure, in words (the diagnostic of the give-up)."""
+    timed_out: bool
+    """The overall deadline (``timeouts.overall``) passed, rather than every method failing."""
+    methods_tried: list[TransportMethod]
+    failures: list[PathAttemptFailure]
+
+
 Event: TypeAlias = (
     FollowersCatalogEvent
     | FenceStartedEvent
@@ -115,6 +145,7 @@ Event: TypeAlias = (
     | PathFixedEvent
     | PathDegradedEvent
     | PathRestoredEvent
+    | PathFailedEvent
 )
 
 EVENT_CLASSES: tuple[type[_EventBase], ...] = (
@@ -129,6 +160,7 @@ EVENT_CLASSES: tuple[type[_EventBase], ...] = (
     PathFixedEvent,
     PathDegradedEvent,
     PathRestoredEvent,
+    PathFailedEvent,
 )
 
 EVENT_TYPES: tuple[str, ...] = (
@@ -143,6 +175,7 @@ EVENT_TYPES: tuple[str, ...] = (
     "connect.path.fixed",
     "connect.path.degraded",
     "connect.path.restored",
+    "connect.path.failed",
 )
 """The ``type`` tags of :data:`Event`, in the order of :data:`EVENT_CLASSES`."""
 

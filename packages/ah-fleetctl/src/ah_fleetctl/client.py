@@ -8,6 +8,7 @@ the access point and carries the server's problem ``detail``.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -20,14 +21,18 @@ import msgspec
 from ah_api import (
     API_BASE_PATH,
     PROBLEM_MEDIA_TYPE,
+    EndpointsResponse,
+    EventsPage,
     ExecApiRequest,
     ExecApiResponse,
     FollowersResponse,
     Problem,
     ProblemType,
+    PushEndpoint,
+    SessionsResponse,
 )
 from ah_config import CliError
-from ah_domain_types import ExitCode
+from ah_domain_types import ExitCode, SessionInfo
 
 __all__ = [
     "ApiClient",
@@ -130,6 +135,10 @@ class ApiClient:
         response = self._request("GET", "/followers", params=params)
         return self._decode(response, FollowersResponse)
 
+    def endpoints(self) -> EndpointsResponse:
+        """``GET /api/v1/endpoints``: the access point's CONNECT port (data plane)."""
+        return self._decode(self._request("GET", "/endpoints"), EndpointsResponse)
+
     def exec_mock(self, request: ExecApiRequest, *, wait_s: float | None = None) -> ExecApiResponse:
         """``POST /api/v1/exec``; ``wait_s`` is how long to wait for the answer (the command's
         timeout plus a margin) when it may exceed the usual read timeout."""
@@ -144,6 +153,66 @@ class ApiClient:
             timeout=timeout,
         )
         return self._decode(response, ExecApiResponse)
+
+    # ------------------------------------------------------------------ sessions
+
+    def sessions(self) -> SessionsResponse:
+        """``GET /api/v1/sessions``."""
+        return self._decode(self._request("GET", "/sessions"), SessionsResponse)
+
+    def session_info(self, session_id: str) -> SessionInfo:
+        """``GET /api/v1/sessions/{id}/info``; an unknown session is exit 7."""
+        response = self._request("GET", f"/sessions/{session_id}/info")
+        return self._decode(response, SessionInfo)
+
+    def session_events(
+        self,
+        session_id: str,
+        *,
+        since: int = 0,
+        types: Sequence[str] = (),
+        page: int = 1,
+        per_page: int = 200,
+    ) -> EventsPage:
+        """One page of ``GET /api/v1/sessions/{id}/events`` (JSON history)."""
+        params = [("since", str(since)), ("page", str(page)), ("perPage", str(per_page))]
+        params += [("type", t) for t in types]
+        response = self._request("GET", f"/sessions/{session_id}/events", params=params)
+        return self._decode(response, EventsPage)
+
+    def push_endpoint(self) -> PushEndpoint:
+        """``GET /api/v1/push``: where this leader pushes session events."""
+        return self._decode(self._request("GET", "/push"), PushEndpoint)
+
+    @contextlib.contextmanager
+    def event_stream(
+        self,
+        session_id: str,
+        *,
+        after: int,
+        types: Sequence[str] = (),
+        read_timeout_s: float = 60.0,
+    ) -> Iterator[httpx.Response]:
+        """The SSE stream of a session from just after seq ``after`` (``Last-Event-ID``).
+        A refusal (401/403/404...) is a CliError; a network failure stays an
+        ``httpx.TransportError`` so that followers can tell it apart and reconnect."""
+        url = self._url(f"/sessions/{session_id}/events")
+        headers = {"Accept": "text/event-stream", "Last-Event-ID": str(after)}
+        with self._http.stream(
+            "GET",
+            f"{API_BASE_PATH}/sessions/{session_id}/events",
+            params=[("type", t) for t in types],
+            headers=headers,
+            timeout=httpx.Timeout(read_timeout_s, connect=self._connect_timeout_s),
+        ) as response:
+            if not response.is_success:
+                response.read()
+                raise self._problem_error("GET", url, response)
+            yield response
+
+    def transport_error(self, exc: httpx.TransportError, url: str) -> CliError:
+        """The CliError for a network failure on ``url`` (what `event_stream` leaves raw)."""
+        return self._transport_error("GET", url, exc)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -230,6 +299,8 @@ class ApiClient:
             )
         if status == 404 and problem_type == ProblemType.UNKNOWN_HOST:
             return CliError(ExitCode.VALIDATION, detail, kind="unknownHost", details=details)
+        if status == 404 and problem_type == ProblemType.UNKNOWN_SESSION:
+            return CliError(ExitCode.VALIDATION, detail, kind="unknownSession", details=details)
         if status == 404:
             return CliError(
                 ExitCode.CONFIGURATION,

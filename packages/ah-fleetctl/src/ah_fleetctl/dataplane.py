@@ -76,6 +76,7 @@ __all__ = [
     "leader_os",
     "leader_workspace",
     "make_connector",
+    "make_direct_connector",
     "open_links",
     "ssh_alias",
     "ssh_login",
@@ -293,8 +294,15 @@ def ssh_login(app: FleetContext) -> SshLogin:
 
 
 def make_connector(app: FleetContext) -> HostConnector:
-    """The connector this invocation uses. Today: :class:`DirectConnector` under
-    ``[path-policy]``; path selection (direct → connect → relay) replaces it here."""
+    """The connector this invocation uses: path selection (direct → connect → relay under
+    ``[path-policy]``, :class:`ah_fleetctl.paths.PathConnector`)."""
+    from .paths import make_path_connector
+
+    return make_path_connector(app)
+
+
+def make_direct_connector(app: FleetContext) -> HostConnector:
+    """:class:`DirectConnector` under ``[path-policy]`` (direct TCP only)."""
     login = ssh_login(app)
     options = SshOptions(connect_timeout_s=app.connect_timeout_s())
     return DirectConnector(
@@ -495,8 +503,11 @@ class FleetLinks:
 
     async def _link(self, name: str) -> None:
         follower = self.followers[name]
+        # A connector that tries several methods (path selection) bounds its own attempts by
+        # timeouts.connect each and needs up to its overall deadline in total.
+        deadline = max(self.connect_timeout, getattr(self.connector, "overall_timeout_s", 0.0))
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout(deadline):
                 transport = await self.connector.connect(follower)
         except FollowerUnreachable as exc:
             self._fail(name, exc)
@@ -506,7 +517,7 @@ class FleetLinks:
                 name,
                 FollowerUnreachable(
                     name,
-                    f"{name}: no SSH session within {self.connect_timeout:g}s (timeouts.connect)",
+                    f"{name}: no SSH session within {deadline:g}s (timeouts.connect)",
                     kind="timeout",
                 ),
             )

@@ -75,11 +75,14 @@ from ah_domain_types import (
 )
 from ah_mutagen_project import (
     IgnorePatternError,
+    Manifest,
     MutagenFollower,
     MutagenProject,
     RemoteDigest,
     RsyncEngine,
+    RsyncError,
     Snapshot,
+    SnapshotError,
     SyncOutcome,
     mutagen_available,
     parse_digest_output,
@@ -101,6 +104,8 @@ __all__ = [
     "FenceTarget",
     "MutagenSync",
     "RsyncSync",
+    "VerifiedHosts",
+    "changed_paths",
     "choose_engine",
     "fence_selected",
     "fence_targets",
@@ -177,7 +182,8 @@ def user_cache_dir(env: Mapping[str, str] | None = None, platform: str | None = 
 
 def workspace_cache_dir(leader_root: Path, cache_root: Path | None = None) -> Path:
     """``<user cache>/fence/<first 16 hex of sha256(workspace path)>``, created 0700: the
-    leader snapshot's stat cache and what the fence remembers of each host."""
+    leader snapshot's stat cache (``snapshot.cache``) and, while a fence runs, its session
+    directory (the ssh config, Mutagen's project file and private daemon)."""
     key = hashlib.sha256(os.fsencode(str(leader_root))).hexdigest()[:16]
     directory = (cache_root or user_cache_dir()) / "fence" / key
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -199,6 +205,122 @@ def choose_engine(mutagen_binary: str = "mutagen") -> EngineName:
 
 def _step_timeout(remaining: float) -> float:
     return max(0.05, remaining - min(_STEP_MARGIN_S, remaining * 0.1))
+
+
+# --------------------------------------------------------------------------- verified hosts
+
+
+class _HostRecord(msgspec.Struct, frozen=True):
+    """The snapshot a fence last *proved* a host holds, and under which terms."""
+
+    snapshot_id: str
+    workspace: str
+    ignores: tuple[str, ...]
+    exec_bits: bool
+
+
+class _Records(msgspec.Struct):
+    hosts: dict[str, _HostRecord] = {}
+
+
+class VerifiedHosts:
+    """What the fences of one leader workspace proved, kept in its cache directory:
+    ``verified.json`` (host → :class:`_HostRecord`) and ``manifests/<snapshot id>.msgpack``
+    (each proven snapshot's manifest, kept while some host's record names it).
+
+    Only ever a hint: the next fence sends a host just what differs from the manifest it
+    last proved there, and the digest afterwards still proves the result (when the follower
+    changed meanwhile, the digest disagrees and a full sync follows)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "verified.json"
+        self.manifest_dir = directory / "manifests"
+        self.records = _Records()
+        self._manifests: dict[str, Manifest | None] = {}
+        # None yet, or unreadable: every host gets a full sync.
+        with contextlib.suppress(OSError, msgspec.DecodeError, msgspec.ValidationError):
+            self.records = msgspec.json.decode(self.path.read_bytes(), type=_Records)
+
+    def manifest_for(
+        self, host: str, target: FenceTarget, ignores: tuple[str, ...]
+    ) -> Manifest | None:
+        """The manifest last proven on ``host``, if that proof holds for how it is fenced
+        now (same workspace, ignores and executable-bit rule)."""
+        record = self.records.hosts.get(host)
+        if record is None or (record.workspace, record.ignores, record.exec_bits) != (
+            target.workspace,
+            ignores,
+            target.exec_bits,
+        ):
+            return None
+        if record.snapshot_id not in self._manifests:
+            try:
+                data = (self.manifest_dir / f"{record.snapshot_id}.msgpack").read_bytes()
+                self._manifests[record.snapshot_id] = msgspec.msgpack.decode(data, type=Manifest)
+            except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+                self._manifests[record.snapshot_id] = None
+        return self._manifests[record.snapshot_id]
+
+    def update(
+        self,
+        snapshot: Snapshot,
+        results: Mapping[str, FenceHostResult],
+        targets: Mapping[str, FenceTarget],
+        ignores: tuple[str, ...],
+    ) -> None:
+        """Record the hosts proven consistent with ``snapshot``, forget the others; keep
+        only manifests still named. Failing to write loses only the shortcut."""
+        for host, result in results.items():
+            target = targets.get(host)
+            if target is not None and result.state is FenceHostState.CONSISTENT:
+                self.records.hosts[host] = _HostRecord(
+                    snapshot.id, target.workspace, ignores, target.exec_bits
+                )
+            else:
+                self.records.hosts.pop(host, None)
+        wanted = {r.snapshot_id for r in self.records.hosts.values()}
+        try:
+            self.manifest_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if snapshot.id in wanted:
+                path = self.manifest_dir / f"{snapshot.id}.msgpack"
+                if not path.exists():
+                    _write_atomically(path, msgspec.msgpack.encode(snapshot.manifest))
+            for stale in self.manifest_dir.glob("*.msgpack"):
+                if stale.stem not in wanted:
+                    stale.unlink(missing_ok=True)
+            _write_atomically(self.path, msgspec.json.encode(self.records))
+        except OSError as exc:
+            logger.debug("fence: cannot record the verified hosts in {}: {}", self.path, exc)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def changed_paths(proven: Manifest, wanted: Manifest) -> list[str]:
+    """What to list for ``rsync --files-from`` to turn a tree holding ``proven`` into one
+    holding ``wanted``: every path added or changed, and every path removed whose parent is
+    neither removed nor changed itself (a removed directory goes with its contents; a
+    directory that became a file is replaced as a whole)."""
+    diff = proven.diff(wanted)
+    replaced = {*diff.removed, *diff.changed}
+    top_removed = [
+        path for path in diff.removed if not any(parent in replaced for parent in _parents(path))
+    ]
+    return sorted({*diff.added, *diff.changed, *top_removed})
+
+
+def _parents(path: str) -> list[str]:
+    parts = path.split("/")
+    return ["/".join(parts[:index]) for index in range(1, len(parts))]
 
 
 # --------------------------------------------------------------------------- engines
@@ -225,6 +347,7 @@ class _Digester:
             python="python" if windows else "python3",
             style="inline-powershell" if windows else "heredoc",
             cache=True,
+            isolated=True,
         )
         try:
             stdout = await self.engine.run_remote(target.alias, command, _step_timeout(timeout))
@@ -319,7 +442,6 @@ class MutagenSync:
             ssh_config=ssh_config,
         )
         self._lock = asyncio.Lock()
-        self._started = False
         self._flushes = 0
         self._initial: asyncio.Task[None] | None = None
 
@@ -327,7 +449,6 @@ class MutagenSync:
         deadline = time.monotonic() + timeout
         async with self._lock:
             await self.project.start(timeout=_step_timeout(deadline - time.monotonic()))
-            self._started = True
             self._flushes += 1
             await self.project.flush(timeout=_step_timeout(deadline - time.monotonic()))
 
@@ -348,15 +469,25 @@ class MutagenSync:
         await self._flush_again(self._flushes, timeout)
 
     async def close(self) -> None:
-        """Terminate the project and stop its private daemon (idempotent)."""
+        """Terminate the project and stop its private daemon. Never raises: the fence's
+        verdicts stand; a teardown that fails is a loud warning naming the project."""
         if self._initial is not None and not self._initial.done():
             self._initial.cancel()
             with contextlib.suppress(BaseException):
                 await self._initial
-        try:
-            await self.project.terminate(timeout=30.0)
-        finally:
-            await self.project.stop_daemon(timeout=30.0)
+        for what, call in (
+            ("project terminate", self.project.terminate),
+            ("daemon stop", self.project.stop_daemon),
+        ):
+            try:
+                await call(timeout=30.0)
+            except Exception as exc:
+                logger.warning(
+                    "fence: mutagen {} for {} failed, its sessions may still run: {}",
+                    what,
+                    self.project_file,
+                    exc,
+                )
 
 
 # --------------------------------------------------------------------------- the fence
@@ -388,8 +519,8 @@ async def fence_workspace(
 
     ``unreachable``: selected hosts with no path, reported with the given state and reason
     (they are in the events and the result, and nothing is attempted on them).
-    ``cache_dir``: where the snapshot's stat cache lives (default
-    :func:`workspace_cache_dir`). ``engine``: default :func:`choose_engine`.
+    ``cache_dir``: where the snapshot's stat cache and the :class:`VerifiedHosts` live
+    (default :func:`workspace_cache_dir`). ``engine``: default :func:`choose_engine`.
     Never raises for a host's failure (see :func:`ah_mutagen_project.require_consistent`).
     """
     leader_root = leader_root.resolve()
@@ -425,9 +556,12 @@ async def fence_workspace(
                 timeout=timeout,
                 emit=emit,
                 session_id=session_id,
-                snapshot_cache=cache / "snapshot.cache",
+                cache=cache,
                 ignores=ignore_list,
                 unreachable=unreachable,
+                rsync=rsync,
+                targets=by_name,
+                session_dir=session_dir,
             )
         finally:
             await syncer.close()
@@ -444,9 +578,12 @@ async def _fence(
     timeout: float,
     emit: FenceEmit | None,
     session_id: str,
-    snapshot_cache: Path,
+    cache: Path,
     ignores: tuple[str, ...],
     unreachable: Mapping[str, tuple[FenceHostState, str]],
+    rsync: RsyncEngine,
+    targets: Mapping[str, FenceTarget],
+    session_dir: Path,
 ) -> FenceMetadata:
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -455,12 +592,22 @@ async def _fence(
     def remaining() -> float:
         return max(0.0, deadline - loop.time())
 
-    # rsync starts while the snapshot is taken: the digest after it proves what arrived.
+    verified = VerifiedHosts(cache)
+    proven: dict[str, Manifest] = {}
+    if isinstance(syncer, RsyncSync):
+        for host, target in targets.items():
+            found = verified.manifest_for(host, target, ignores)
+            if found is not None:
+                proven[host] = found
+    # Hosts with nothing proven get a full rsync at once, while the snapshot is taken (the
+    # digest afterwards proves what arrived, whatever the order). The others wait for the
+    # snapshot and are sent just what differs from the manifest last proven there.
     early_sync: dict[str, asyncio.Task[object]] = {}
     if isinstance(syncer, RsyncSync):
         early_sync = {
             host: asyncio.ensure_future(syncer.sync(host, force=False, timeout=remaining()))
-            for host in digester.targets
+            for host in targets
+            if host not in proven
         }
 
     async def cancel_early() -> None:
@@ -470,8 +617,16 @@ async def _fence(
 
     try:
         snapshot: Snapshot = await asyncio.to_thread(
-            take_snapshot, leader_root, list(ignores), cache_path=snapshot_cache
+            take_snapshot, leader_root, list(ignores), cache_path=cache / "snapshot.cache"
         )
+    except SnapshotError as exc:
+        await cancel_early()
+        raise CliError(
+            ExitCode.HOSTS_FAILED,
+            f"fence: cannot snapshot the leader workspace {leader_root}: {exc}",
+            kind="fence",
+            details={"workspace": str(leader_root)},
+        ) from None
     except BaseException:
         await cancel_early()
         raise
@@ -483,6 +638,24 @@ async def _fence(
         snapshot.files_cached,
         snapshot.took_s * 1000,
     )
+    expected_ids = {True: snapshot.id}
+    # Hosts proven at the same snapshot share one manifest object: diff each one once.
+    diffs: dict[int, list[str]] = {}
+    listed: dict[str, list[str]] = {}
+    for host, manifest in proven.items():
+        if id(manifest) not in diffs:
+            diffs[id(manifest)] = changed_paths(manifest, snapshot.manifest)
+        listed[host] = diffs[id(manifest)]
+    fell_back: set[str] = set()
+
+    def expected_id(exec_bits: bool) -> str:
+        if exec_bits not in expected_ids:
+            expected_ids[exec_bits] = snapshot.manifest.content_id(exec_bits=exec_bits)
+        return expected_ids[exec_bits]
+
+    async def full_sync(host: str, timeout: float) -> object:
+        fell_back.add(host)
+        return await syncer.sync(host, force=False, timeout=timeout)
 
     async def sync(host: str, *, force: bool, timeout: float) -> object:
         if host in unreachable:
@@ -490,10 +663,45 @@ async def _fence(
             if state is FenceHostState.TIMEOUT:
                 raise TimeoutError(reason)
             raise RuntimeError(reason)
+        if force:
+            return await syncer.sync(host, force=True, timeout=timeout)
         task = early_sync.pop(host, None)
-        if task is not None and not force:
+        if task is not None:
             return await task
-        return await syncer.sync(host, force=force, timeout=timeout)
+        paths = listed.get(host)
+        if paths is None:
+            return await full_sync(host, timeout)
+        if not paths:
+            return None  # nothing differs from what was proven there; the digest checks
+        target = targets[host]
+        try:
+            return await rsync.sync_listed(
+                target.alias,
+                leader_root,
+                target.workspace,
+                ignores,
+                paths,
+                _step_timeout(timeout),
+                list_dir=session_dir,
+            )
+        except RsyncError as exc:
+            logger.debug("fence: listed sync to {} failed ({}); syncing it in full", host, exc)
+            return await full_sync(host, remaining())
+
+    async def digest(host: str, *, with_manifest: bool, timeout: float) -> RemoteDigest:
+        found = await digester.digest(host, with_manifest=with_manifest, timeout=timeout)
+        if (
+            host in listed
+            and host not in fell_back
+            and not with_manifest
+            and found.id != expected_id(found.exec_bits)
+        ):
+            # The follower changed since its last proof (a build wrote into the tree, another
+            # workspace was fenced there...): sync it in full before the plan's forced resync.
+            logger.debug("fence: {} differs from its last proof; syncing it in full", host)
+            await full_sync(host, remaining())
+            found = await digester.digest(host, with_manifest=False, timeout=remaining())
+        return found
 
     def fix_up(hosts: Mapping[str, FenceHostResult]) -> dict[str, FenceHostResult]:
         """Unreachable hosts: their own state and reason, not "sync failed: ..."."""
@@ -511,13 +719,22 @@ async def _fence(
 
     try:
         metadata = await run_fence(
-            snapshot, names, sync, digester.digest, remaining(), relay, session_id=session_id
+            snapshot,
+            names,
+            sync,
+            digest,
+            timeout,
+            relay,
+            session_id=session_id,
+            deadline=deadline,
         )
     finally:
         await cancel_early()  # only tasks no host got to use are left
-    return msgspec.structs.replace(
+    metadata = msgspec.structs.replace(
         metadata, hosts=fix_up(metadata.hosts), took_ms=int((loop.time() - started) * 1000)
     )
+    verified.update(snapshot, metadata.hosts, targets, ignores)
+    return metadata
 
 
 def fence_targets(links: FleetLinks, hosts: Iterable[str]) -> list[FenceTarget]:

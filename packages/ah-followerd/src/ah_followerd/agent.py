@@ -26,7 +26,7 @@ from pathlib import Path
 import msgspec
 from loguru import logger
 
-from ah_connectivity import Backoff, ControlClient
+from ah_connectivity import Backoff, ControlClient, TunnelPolicy
 from ah_domain_types import (
     ControlMessage,
     ExecRequest,
@@ -38,6 +38,7 @@ from ah_domain_types import (
     StreamError,
     StreamErrorCode,
     Welcome,
+    parse_host_port,
 )
 
 from . import __version__
@@ -258,6 +259,7 @@ async def run_agent(state: FollowerState, options: RunOptions) -> int:
     def on_disconnected(reason: str) -> None:
         _log.warning("disconnected from access point {}:{}: {}", host, port, reason)
 
+    ssh_host, ssh_port = parse_host_port(options.ssh_dst, default_port=22)
     client = ControlClient(
         host=host,
         port=port,
@@ -269,6 +271,8 @@ async def run_agent(state: FollowerState, options: RunOptions) -> int:
         backoff=Backoff(base_s=0.1, cap_s=max(0.1, options.backoff_cap_s)),
         on_connected=on_connected,
         on_disconnected=on_disconnected,
+        # Tunnels (CONNECT on the access point) reach only this sshd; "<follower>:22" means it.
+        tunnel_policy=TunnelPolicy.for_sshd(ssh_host, ssh_port),
     )
     stopping: list[asyncio.Task[None]] = []
 

@@ -401,6 +401,7 @@ class LocalFleet:
             raise RuntimeError("the access point is already running")
         quic_port = self.ready.get("quicPort", 0) if same_ports else 0
         api_port = self.ready.get("apiPort", 0) if same_ports else 0
+        connect_port = (self.ready.get("connectPort") or 0) if same_ports else 0
         self.ap_ready_file.unlink(missing_ok=True)
         self.access_point = self.group.start(
             [
@@ -409,6 +410,7 @@ class LocalFleet:
                 "--state-dir", str(self.ap_dir),
                 "--quic-port", str(quic_port),
                 "--api-port", str(api_port),
+                "--connect-port", str(connect_port),
                 "--ready-file", str(self.ap_ready_file),
                 "--heartbeat-interval", self.heartbeat_interval,
             ],
@@ -439,6 +441,11 @@ class LocalFleet:
     @property
     def quic_port(self) -> int:
         return int(self.ready["quicPort"])
+
+    @property
+    def connect_port(self) -> int:
+        """TCP port of the access point's TLS CONNECT listener."""
+        return int(self.ready["connectPort"])
 
     @property
     def api_url(self) -> str:
@@ -500,6 +507,9 @@ class LocalFleet:
                 "ca-file": str(self.ca_path),
                 "ssh.user": self.ssh_user,
                 "ssh.identity-file": str(self.leader_key),
+                # No background leader agent unless a test asks for one (AH_AGENT_ENABLED):
+                # it would outlive the test's processes.
+                "agent.enabled": False,
             },
             env={"AH_HOME": str(self.home)},
         )

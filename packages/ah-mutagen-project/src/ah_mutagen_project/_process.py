@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -54,41 +55,46 @@ async def run_command(
 ) -> CommandResult:
     """Run ``argv`` in a new session with stdin from /dev/null and capture its output.
 
+    Output goes to anonymous temporary files, not pipes: an ``ssh`` that joins an OpenSSH
+    ControlMaster hands its stdio descriptors to the master, which keeps them until the
+    session ends. With pipes, a session stalled on a frozen follower would keep them open
+    after we killed rsync and its ssh, and waiting for the process (which in asyncio also
+    waits for its pipes to close) would last until the master gives up (30 s and more).
+
     Raises:
         CommandTimeout: after ``timeout`` seconds (the process group has been killed).
         FileNotFoundError: ``argv[0]`` does not exist.
     """
     started = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,
-        env=dict(env) if env is not None else None,
-        cwd=cwd,
-    )
-    timed_out = False
-    stdout = stderr = b""
-    try:
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+        )
+        timed_out = False
         try:
-            async with asyncio.timeout(max(timeout, 0.0)):
-                stdout, stderr = await proc.communicate()
-        except TimeoutError:
-            timed_out = True
-    finally:
-        # Reached on timeout and also when the caller is cancelled (e.g. an outer deadline):
-        # nothing we started may outlive the call.
-        if proc.returncode is None:
-            _kill_group(proc.pid)
-            with contextlib.suppress(ProcessLookupError):
-                await proc.wait()
+            try:
+                async with asyncio.timeout(max(timeout, 0.0)):
+                    await proc.wait()
+            except TimeoutError:
+                timed_out = True
+        finally:
+            # Reached on timeout and also when the caller is cancelled (e.g. an outer
+            # deadline): nothing we started may outlive the call.
+            if proc.returncode is None:
+                _kill_group(proc.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    await proc.wait()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
     if timed_out:
-        partial = b""
-        if proc.stderr is not None:
-            with contextlib.suppress(Exception):
-                partial = await asyncio.wait_for(proc.stderr.read(), 1.0)
-        raise CommandTimeout(what, timeout, partial)
+        raise CommandTimeout(what, timeout, stderr)
     assert proc.returncode is not None
     return CommandResult(
         argv=tuple(argv),

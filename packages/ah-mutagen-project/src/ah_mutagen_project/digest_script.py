@@ -199,6 +199,14 @@ class IgnoreRules:
         else:
             self._leaf_names.add(body)
 
+    @property
+    def names_only(self) -> "frozenset[str] | None":
+        """The ignored names when every pattern is a plain name (the default list), so that
+        a set lookup decides for files and directories alike; None otherwise."""
+        if self._leaf_dir_names or self._leaf_globs or self._anchored:
+            return None
+        return frozenset(self._leaf_names)
+
     def matches(self, rel_path: str, name: str, is_dir: bool) -> bool:
         """True if the entry at ``rel_path`` (``/``-separated, last component ``name``) is ignored."""
         if name in self._leaf_names or (is_dir and name in self._leaf_dir_names):
@@ -245,6 +253,18 @@ def path_bytes(path: str) -> bytes:
         return path.encode("utf-8", "surrogatepass")
 
 
+def _sort_by_path_bytes(entries: "list[Entry]") -> None:
+    """Sort in place by the paths' UTF-8 bytes. For valid Unicode that is code point order,
+    i.e. plain ``str`` order (paths are unique, so tuples compare by path alone); names that
+    are not UTF-8 (surrogate escapes) need the byte key."""
+    try:
+        "".join([entry[0] for entry in entries]).encode("utf-8")
+    except UnicodeEncodeError:
+        entries.sort(key=lambda entry: path_bytes(entry[0]))
+    else:
+        entries.sort()
+
+
 def scan_tree(
     root: str, rules: "IgnoreRules", file_digest: "FileDigester | None" = None
 ) -> "list[Entry]":
@@ -253,10 +273,17 @@ def scan_tree(
     Raises:
         TreeError: ``root`` is not a directory, or a directory or file could not be read.
     """
+    # The loop runs once per entry of trees with tens of thousands of them, on the leader
+    # and on every follower for every fence: keep it free of avoidable calls.
     digester = file_digest or _default_digester
     if not os.path.isdir(root):
         raise TreeError(f"tree root {root!r} is not a directory (or does not exist)")
+    names_only = rules.names_only
+    matches = rules.matches
+    is_regular = stat.S_ISREG
+    exec_mask = stat.S_IXUSR
     entries: "list[Entry]" = []
+    append = entries.append
     pending: "list[tuple[str, str]]" = [(root, "")]
     while pending:
         directory, prefix = pending.pop()
@@ -270,31 +297,40 @@ def scan_tree(
         except OSError as exc:
             raise TreeError(f"cannot list directory {directory!r}: {exc.strerror or exc}") from exc
         for child in children:
-            rel = prefix + child.name
+            name = child.name
+            if names_only is not None and name in names_only:
+                continue
+            rel = prefix + name
             try:
                 if child.is_symlink():
-                    if rules.matches(rel, child.name, False):
+                    if names_only is None and matches(rel, name, False):
                         continue
-                    entries.append((rel, KIND_LINK, 0, 0, os.readlink(child.path)))
+                    append((rel, KIND_LINK, 0, 0, os.readlink(child.path)))
                 elif child.is_dir(follow_symlinks=False):
-                    if rules.matches(rel, child.name, True):
+                    if names_only is None and matches(rel, name, True):
                         continue
-                    entries.append((rel, KIND_DIR, 0, 0, ""))
+                    append((rel, KIND_DIR, 0, 0, ""))
                     pending.append((child.path, rel + "/"))
                 elif child.is_file(follow_symlinks=False):
-                    if rules.matches(rel, child.name, False):
+                    if names_only is None and matches(rel, name, False):
                         continue
                     st = child.stat(follow_symlinks=False)
-                    if not stat.S_ISREG(st.st_mode):
+                    if not is_regular(st.st_mode):
                         continue
-                    executable = 1 if st.st_mode & stat.S_IXUSR else 0
-                    digest = digester(child.path, rel, st)
-                    entries.append((rel, KIND_FILE, executable, st.st_size, digest))
+                    append(
+                        (
+                            rel,
+                            KIND_FILE,
+                            1 if st.st_mode & exec_mask else 0,
+                            st.st_size,
+                            digester(child.path, rel, st),
+                        )
+                    )
             except FileNotFoundError:
                 continue  # vanished between listing and reading
             except OSError as exc:
                 raise TreeError(f"cannot read {child.path!r}: {exc.strerror or exc}") from exc
-    entries.sort(key=lambda entry: path_bytes(entry[0]))
+    _sort_by_path_bytes(entries)
     return entries
 
 
@@ -333,32 +369,42 @@ class StatCache:
                 and document.get("root") == self.root
                 and isinstance(document.get("files"), dict)
             ):
-                self.old = document["files"]
+                self.old = {
+                    rel: row
+                    for rel, row in document["files"].items()
+                    if isinstance(row, list) and len(row) == 5 and isinstance(row[4], str)
+                }
         except (OSError, ValueError):
             pass  # missing or damaged: hash everything and write a fresh one
 
-    @staticmethod
-    def _key(st: os.stat_result) -> "list[object]":
-        return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
-
     def digest(self, abs_path: str, rel_path: str, st: os.stat_result) -> str:
-        key = self._key(st)
-        settled = max(st.st_mtime_ns, st.st_ctime_ns) <= self.settled_ns
         cached = self.old.get(rel_path)
+        mtime_ns = st.st_mtime_ns
+        ctime_ns = st.st_ctime_ns
+        settled = (mtime_ns if mtime_ns > ctime_ns else ctime_ns) <= self.settled_ns
         if (
             settled
-            and isinstance(cached, list)
-            and len(cached) == 5
-            and cached[:4] == key
-            and isinstance(cached[4], str)
+            and cached is not None
+            and cached[0] == st.st_size
+            and cached[1] == mtime_ns
+            and cached[2] == st.st_ino
+            and cached[3] == ctime_ns
         ):
             self.cached += 1
             self.new[rel_path] = cached
-            return cached[4]
+            return cached[4]  # type: ignore[return-value]  # checked when loaded
         digest = sha256_file(abs_path)
         self.hashed += 1
-        if settled and self._key(os.stat(abs_path, follow_symlinks=False)) == key:
-            self.new[rel_path] = [*key, digest]
+        if settled:
+            after = os.stat(abs_path, follow_symlinks=False)
+            key = [st.st_size, mtime_ns, st.st_ino, ctime_ns]
+            if [after.st_size, after.st_mtime_ns, after.st_ino, after.st_ctime_ns] == key:
+                self.new[rel_path] = [*key, digest]
+                return digest
+        if cached is not None:
+            # Keep the old row (its key no longer matches, so it is never used): a file
+            # that is still too young to cache then does not rewrite the whole cache.
+            self.new[rel_path] = cached
         return digest
 
     def save(self) -> None:
@@ -382,20 +428,35 @@ class StatCache:
                 os.unlink(tmp)
 
 
-def content_id(entries: "Iterable[Entry]", exec_bits: bool = True) -> str:
-    """The ``snap-<hex>`` id of the canonical manifest of ``entries`` (sorted by path bytes)."""
-    digest = hashlib.sha256()
+def content_id(entries: "Iterable[Entry]", exec_bits: bool = True, presorted: bool = False) -> str:
+    """The ``snap-<hex>`` id of the canonical manifest of ``entries``, taken in the order of
+    their paths' bytes (``presorted``: they already are, as :func:`scan_tree` returns them)."""
+    rows = list(entries)
+    if not presorted:
+        _sort_by_path_bytes(rows)
     header = FORMAT if exec_bits else FORMAT + " no-exec-bit"
-    digest.update(header.encode("ascii") + b"\n")
-    for path, kind, executable, size, data in sorted(entries, key=lambda e: path_bytes(e[0])):
-        exec_field = b"1" if (executable and exec_bits) else b"0"
-        digest.update(
-            b"\0".join(
-                (path_bytes(path), kind.encode("ascii"), exec_field, str(size).encode("ascii"),
-                 path_bytes(data))
-            )
-            + b"\0"
-        )  # fmt: skip
+    digest = hashlib.sha256(header.encode("ascii") + b"\n")
+    text = "".join(
+        [
+            f"{path}\0{kind}\0{'1' if executable and exec_bits else '0'}\0{size}\0{data}\0"
+            for path, kind, executable, size, data in rows
+        ]
+    )
+    try:
+        # One encode for the whole manifest; equal to encoding field by field (path_bytes)
+        # whenever no name needs surrogatepass.
+        digest.update(text.encode("utf-8", "surrogateescape"))
+    except UnicodeEncodeError:
+        digest = hashlib.sha256(header.encode("ascii") + b"\n")
+        for path, kind, executable, size, data in rows:
+            exec_field = b"1" if (executable and exec_bits) else b"0"
+            digest.update(
+                b"\0".join(
+                    (path_bytes(path), kind.encode("ascii"), exec_field,
+                     str(size).encode("ascii"), path_bytes(data))
+                )
+                + b"\0"
+            )  # fmt: skip
     return ID_PREFIX + digest.hexdigest()[:ID_HEX_DIGITS]
 
 
@@ -456,7 +517,7 @@ def main(argv: "Sequence[str] | None" = None) -> int:
         return _fail(args.json, "tree", str(exc), 1)
     if cache is not None:
         cache.save()
-    tree_id = content_id(entries, exec_bits)
+    tree_id = content_id(entries, exec_bits, presorted=True)
     if args.json:
         document = {
             "format": FORMAT,

@@ -269,8 +269,13 @@ async def run_fence(
     *,
     session_id: str = "local",
     clock: Callable[[], float] = time.time,
+    deadline: float | None = None,
 ) -> FenceMetadata:
     """Fence ``hosts`` to ``snapshot`` in parallel within ``timeout`` seconds.
+
+    ``deadline`` (event-loop time) ends the fence earlier than ``timeout`` from now, for a
+    caller whose fence began before this call (e.g. with the snapshot); messages still name
+    ``timeout``, the fence timeout the user set.
 
     Never raises for a host's failure: each host's verdict is in the returned metadata
     (use :func:`require_consistent` to turn lagging hosts into a :class:`FenceError`).
@@ -279,7 +284,7 @@ async def run_fence(
     loop = asyncio.get_running_loop()
     started_ms = int(clock() * 1000)
     started = loop.time()
-    deadline = started + timeout
+    end = started + timeout if deadline is None else deadline
     await _emit(
         emit,
         FenceStartedEvent(
@@ -293,9 +298,9 @@ async def run_fence(
         host_started = loop.time()
         step = plan.begin(host)
         try:
-            async with asyncio.timeout_at(deadline):
+            async with asyncio.timeout_at(end):
                 while not isinstance(step, HostVerdict):
-                    remaining = max(0.0, deadline - loop.time())
+                    remaining = max(0.0, end - loop.time())
                     if isinstance(step, SyncStep):
                         await sync(host, force=step.force, timeout=remaining)
                         step = plan.synced(host)

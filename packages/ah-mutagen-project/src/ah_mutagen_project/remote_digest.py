@@ -82,6 +82,7 @@ def remote_digest_command(
     python: str = "python3",
     style: DigestCommandStyle = "heredoc",
     cache: bool = False,
+    isolated: bool = False,
 ) -> str:
     """A command line that prints the digest of ``root`` on a follower (see module doc).
 
@@ -89,6 +90,8 @@ def remote_digest_command(
     ``manifest=True`` asks for the JSON document with the manifest (``--json``).
     ``cache=True`` lets the follower reuse file hashes from its own stat cache (``--cache
     auto``; see ``digest_script``): a digest then reads only files that changed.
+    ``isolated=True`` starts Python with ``-I -S`` (no site, no user or environment paths:
+    the script needs only the standard library, and a fence pays the start-up per host).
     """
     args = ["--root", root]
     for pattern in user_ignores(ignores):
@@ -99,12 +102,13 @@ def remote_digest_command(
         args.append("--no-exec-bit")
     if cache:
         args += ["--cache", "auto"]
+    flags = ["-I", "-S"] if isolated else []
     source = digest_script_source()
     if style == "heredoc":
         if HEREDOC_MARKER in source:
             raise AssertionError(f"digest_script.py contains the heredoc marker {HEREDOC_MARKER}")
         return (
-            f"{shlex.quote(python)} - {shlex.join(args)} <<'{HEREDOC_MARKER}'\n"
+            f"{shlex.join([python, *flags, '-', *args])} <<'{HEREDOC_MARKER}'\n"
             f"{source.rstrip()}\n{HEREDOC_MARKER}\n"
         )
     payload = base64.b64encode(zlib.compress(source.encode("utf-8"), 9)).decode("ascii")
@@ -121,7 +125,7 @@ def remote_digest_command(
     program = quote(python)
     if style == "inline-powershell" and program != python:
         program = "& " + program  # a quoted first word is a string, not a command, there
-    return " ".join([program, "-c", f'"{_INLINE_LOADER}"', payload, *map(quote, args)])
+    return " ".join([program, *flags, "-c", f'"{_INLINE_LOADER}"', payload, *map(quote, args)])
 
 
 def _last_line(stdout: bytes) -> str:

@@ -36,6 +36,7 @@ import math
 import os
 import re
 import shlex
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -299,6 +300,80 @@ class RsyncEngine:
             raise RsyncError(label, result.returncode, result.output_tail())
         changed, deleted = _parse_itemized(result.stdout)
         return SyncOutcome(label, result.took_s, changed, deleted, checksum)
+
+    def listed_rsync_argv(
+        self,
+        target: SshTarget,
+        src_root: str | os.PathLike[str],
+        dst_root: str,
+        ignores: Sequence[str] | None,
+        list_file: Path,
+        *,
+        timeout: float,
+    ) -> list[str]:
+        """The rsync command line :meth:`sync_listed` runs."""
+        src = os.path.abspath(os.fspath(src_root)).rstrip("/") + "/"
+        argv = [
+            self.rsync_binary,
+            "-lpt",
+            f"--files-from={list_file}",
+            "--from0",
+            "--delete-missing-args",
+            "--force",
+            "--ignore-times",
+            "--mkpath",
+            "--out-format=%i %n",
+            f"--modify-window={self.modify_window}",
+            f"--timeout={max(1, math.ceil(timeout))}",
+            "-e",
+            shlex.join(self.transport.ssh_options(target)),
+        ]
+        argv += [f"--exclude={pattern}" for pattern in rsync_exclude_patterns(ignores)]
+        argv += [src, self.transport.rsync_destination(target, dst_root.rstrip("/") + "/")]
+        return argv
+
+    async def sync_listed(
+        self,
+        target: SshTarget,
+        src_root: str | os.PathLike[str],
+        dst_root: str,
+        ignores: Sequence[str] | None,
+        paths: Sequence[str],
+        timeout: float,
+        *,
+        list_dir: Path,
+    ) -> SyncOutcome:
+        """Bring just ``paths`` (relative, ``/``-separated) of ``dst_root`` in line with
+        ``src_root``: each one present on the leader is sent (``--ignore-times``: listed
+        because it differs, whatever its size and mtime say), each one missing there is
+        deleted on the follower (``--delete-missing-args --force``, directories with their
+        contents); nothing else is looked at. For a caller that knows what differs (the
+        fence, from the manifest it last verified on the follower); the list goes through a
+        NUL-separated file in ``list_dir``.
+
+        Raises:
+            SyncTimeout, RsyncError, FileNotFoundError: as :meth:`sync`.
+        """
+        label = target_label(target)
+        list_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="files-from.", dir=list_dir)
+        list_file = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(b"".join(os.fsencode(path) + b"\0" for path in paths))
+            argv = self.listed_rsync_argv(
+                target, src_root, dst_root, ignores, list_file, timeout=timeout
+            )
+            try:
+                result = await run_command(argv, timeout=timeout, what=f"rsync to {label}")
+            except CommandTimeout:
+                raise SyncTimeout(label, timeout) from None
+        finally:
+            list_file.unlink(missing_ok=True)
+        if result.returncode != 0:
+            raise RsyncError(label, result.returncode, result.output_tail())
+        changed, deleted = _parse_itemized(result.stdout)
+        return SyncOutcome(label, result.took_s, changed, deleted, False)
 
     async def sync_many(
         self,

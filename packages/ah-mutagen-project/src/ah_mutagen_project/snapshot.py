@@ -267,7 +267,10 @@ def take_snapshot(
         cached = old.get(rel_path)
         if (
             cached is not None
-            and cached == _cache_key(st, cached.sha256)
+            and cached.size == st.st_size
+            and cached.mtime_ns == st.st_mtime_ns
+            and cached.ino == st.st_ino
+            and cached.ctime_ns == st.st_ctime_ns
             and max(st.st_mtime_ns, st.st_ctime_ns) <= settled_ns
         ):
             counters["cached"] += 1
@@ -279,19 +282,22 @@ def take_snapshot(
         unchanged = _cache_key(after, digest) == _cache_key(st, digest)
         if unchanged and max(st.st_mtime_ns, st.st_ctime_ns) <= settled_ns:
             new[rel_path] = _cache_key(st, digest)
+        elif cached is not None:
+            # Keep the old row (its key no longer matches, so it is never used): a file still
+            # too young to cache then does not make every scan rewrite the cache.
+            new[rel_path] = cached
         return digest
 
     try:
         rows = digest_script.scan_tree(root_text, rules, file_digest)
     except digest_script.TreeError as exc:
         raise SnapshotError(str(exc)) from exc
-    manifest = Manifest(
-        tuple(ManifestEntry(p, EntryKind(k), bool(x), s, d) for p, k, x, s, d in rows)
-    )
+    kinds = {kind.value: kind for kind in EntryKind}
+    manifest = Manifest(tuple([ManifestEntry(p, kinds[k], x == 1, s, d) for p, k, x, s, d in rows]))
     if cache_path is not None and new != old:
         _store_cache(cache_path, root_text, new)
     return Snapshot(
-        id=digest_script.content_id(rows),
+        id=digest_script.content_id(rows, presorted=True),
         root=root_text,
         ignores=patterns,
         manifest=manifest,

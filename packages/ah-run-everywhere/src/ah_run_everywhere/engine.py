@@ -15,6 +15,9 @@ Failure semantics (see also the scheduler):
   reported ``unreachable``. Other hosts carry on.
 * Timeouts are per job and run in parallel. If an executor ignores its ``timeout``, the
   engine cancels it ``timeout_grace`` seconds later and reports ``timeout`` anyway.
+* Hosts passed as ``unreachable`` (no connection could be made before the run) never
+  get a job: in ``once-per-os`` their jobs go to the other hosts of the same OS, otherwise
+  they are reported ``unreachable`` with the reason.
 * Cancellation (:meth:`RunEngine.cancel`, or cancelling the task running
   :meth:`RunEngine.run`, which is what Ctrl-C does under ``asyncio.run``) cancels every
   running executor call — which must stop the remote command — and reports queued jobs
@@ -225,6 +228,7 @@ class RunEngine:
         timeout_grace: float = 5.0,
         cancel_grace: float = 5.0,
         clock: Callable[[], float] = time.time,
+        unreachable: Mapping[str, str] | None = None,
     ) -> None:
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive seconds or None, got {timeout!r}")
@@ -239,6 +243,10 @@ class RunEngine:
         self.mode: SchedulingMode = mode or default_mode(len(self._commands))
         self._scheduler = ShardScheduler([(h.name, h.os) for h in hosts], self._display, self.mode)
         # Render everything first: an inexpressible command is an error before any start.
+        self._unreachable = dict(unreachable or {})
+        unknown = sorted(set(self._unreachable) - set(self._hosts))
+        if unknown:
+            raise ValueError(f"unreachable hosts {unknown} are not among the run's hosts")
         self._rendered: dict[tuple[str, int], str] = {}
         for host in hosts:
             adapter = adapter_for(host.os)
@@ -289,8 +297,14 @@ class RunEngine:
         self._loop = loop
         self._loop_thread = threading.get_ident()
         scheduler = self._scheduler
+        # Hosts known to be unreachable before the start are lost first: in once-per-os
+        # their jobs move to the other hosts of their OS (none of them had started).
+        for name, reason in self._unreachable.items():
+            scheduler.host_lost(name, reason)
         for name in self._hosts:
-            scheduler.host_ready(name)
+            if name not in self._unreachable:
+                scheduler.host_ready(name)
+        self._emit_new_reports()
         tasks: dict[asyncio.Task[JobOutcome | _Lost], Assignment] = {}
         cancel_waiter = loop.create_task(self._cancel_requested.wait())
         cancelled_reason: str | None = None

@@ -276,8 +276,8 @@ class ShardScheduler:
                     ran=False,
                     outcome=JobOutcome(
                         state=HostState.UNREACHABLE,
-                        error=f"host {host!r} was lost before this command started "
-                        f"and {why}: {reason}",
+                        error=f"host {host!r} became unreachable before this command "
+                        f"started and {why}: {reason}",
                     ),
                 )
 

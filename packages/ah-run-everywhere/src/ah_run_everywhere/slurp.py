@@ -11,7 +11,9 @@ the follower's workspace and always use ``/``:
 * ``**`` as a whole component matches zero or more directories (``logs/**/*.txt`` matches
   ``logs/a.txt`` and ``logs/x/y/a.txt``); elsewhere it is an error;
 * an ``exclude`` glob that matches a file *or any of its parent directories* excludes it
-  (``exclude = ["tmp"]`` drops ``tmp/`` and everything below it);
+  (``exclude = ["out/tmp"]`` drops ``out/tmp/`` and everything below it); an exclude
+  without ``/`` matches a name at any depth, like ``sync-ignores`` (``exclude = ["*.tmp"]``
+  drops every ``.tmp`` file, ``exclude = ["cache"]`` every ``cache`` directory);
 * absolute globs and ``..`` components are errors (a fileset never leaves the workspace).
 
 Layout: the files of a fileset that exactly one host provided go to ``<dest>/<path>``;
@@ -145,11 +147,16 @@ class FilesetMatcher:
         return tuple(path)
 
     def excluded(self, path: str | Sequence[str]) -> bool:
-        """True when an exclude glob matches ``path`` or one of its parent directories."""
+        """True when an exclude glob matches ``path`` or one of its parent directories
+        (a glob without ``/``: any component of ``path``)."""
         parts = self._parts(path)
-        return any(
-            glob.matches(parts[:n]) for glob in self._exclude for n in range(1, len(parts) + 1)
-        )
+        for glob in self._exclude:
+            if len(glob.parts) == 1 and glob.parts[0] != "**":
+                if any(glob.matches((name,)) for name in parts):
+                    return True
+            elif any(glob.matches(parts[:n]) for n in range(1, len(parts) + 1)):
+                return True
+        return False
 
     def matches(self, path: str | Sequence[str]) -> bool:
         """True when ``path`` (a file) is selected: some include matches, no exclude does."""

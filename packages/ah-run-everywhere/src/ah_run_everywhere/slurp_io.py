@@ -203,7 +203,8 @@ class _HostRun:
                     break
                 pending, last_reasons = await self._round(pending)
             for path in pending:
-                self.errors.append(last_reasons.get(path, f"{self.name}:{path}: not verified"))
+                reason = last_reasons.get(path, f"{self.name}:{path}: not verified")
+                self.errors.append(f"{reason} (also after one retry)")
         except HostExecutionError as exc:
             self.unreachable = True
             self.errors.append(f"{self.name}: {exc.reason}")

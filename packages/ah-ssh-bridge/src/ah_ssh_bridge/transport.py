@@ -455,6 +455,11 @@ class SshTransport:
         return not self._closed and self._lost_reason is None and bool(self._transport.is_active())
 
     @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called (a lost connection is not "closed")."""
+        return self._closed
+
+    @property
     def cipher(self) -> str:
         """The negotiated cipher (client to server)."""
         return str(self._transport.local_cipher)

@@ -12,7 +12,9 @@ from .exec import exec_command
 from .fence import fence_command
 from .fleet import fleet
 from .login import login
+from .paths import agent_command, paths_command, proxy_command, ssh_config_command
 from .run import run_command
+from .session import session
 from .slurp import slurp_command
 
 __all__ = ["COMMANDS"]
@@ -24,5 +26,10 @@ COMMANDS: tuple[click.Command, ...] = (
     fence_command,
     slurp_command,
     exec_command,
+    session,
+    paths_command,
+    proxy_command,
+    ssh_config_command,
+    agent_command,
     config,
 )

@@ -1,9 +1,11 @@
 """``ah-fleetctl fence``: sync the leader's tree to the selected followers and prove it arrived.
 
 Order of work: resolve the selection (exit 7 when it is bad or empty) → link every selected
-follower in parallel (:mod:`ah_fleetctl.dataplane`; the connect deadline is
-``timeouts.connect`` but never longer than the fence's) → :func:`ah_fleetctl.fencing.
-fence_selected` → per-host table (or one ``FenceMetadata`` document with ``--json``).
+follower in parallel (:mod:`ah_fleetctl.dataplane`, as ``run`` does: each path method gets
+``timeouts.connect``) → :func:`ah_fleetctl.fencing.fence_selected` (``--timeout`` /
+``timeouts.fence`` bounds the snapshot, sync and verification) → per-host table (or one
+``FenceMetadata`` document with ``--json``). A follower that cannot be reached is in the
+result too: ``timeout`` when reaching it timed out, else ``error``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ah_config import echo_json
+from ah_config import AhCommand, echo_json
 from ah_domain_types import ExitCode, FenceMetadata, FollowerStatus
 
 from ..context import FleetContext
@@ -36,22 +38,36 @@ _HEADERS = ("HOST", "STATE", "TOOK", "DETAIL")
 
 
 async def _fence(
-    app: FleetContext, selected: Sequence[FollowerStatus], timeout_s: float, engine: EngineName
+    app: FleetContext,
+    selected: Sequence[FollowerStatus],
+    timeout_s: float,
+    engine: EngineName,
+    session_id: str | None,
 ) -> FenceMetadata:
-    from ..dataplane import FleetLinks, make_connector, workspace_overrides
+    from ..dataplane import open_links
     from ..fencing import fence_selected
+    from .run import _event_sink
 
-    links = FleetLinks(
-        selected,
-        make_connector(app),
-        connect_timeout=min(app.connect_timeout_s(), timeout_s),
-        workspaces=workspace_overrides(app),
-    )
+    events = _event_sink(app)
+    if events is not None:
+        events.start(session_id)
     try:
-        await links.connect()
-        return await fence_selected(app, links, links.names, timeout=timeout_s, engine=engine)
+        links = await open_links(app, selected)
+        try:
+            return await fence_selected(
+                app,
+                links,
+                links.names,
+                timeout=timeout_s,
+                engine=engine,
+                emit=events.emit if events is not None else None,
+            )
+        finally:
+            await links.close()
     finally:
-        await links.close()
+        if events is not None:
+            # Bounded: waits a few seconds at most for the access point's acknowledgements.
+            await asyncio.to_thread(events.close)
 
 
 def _render(metadata: FenceMetadata, engine: str) -> str:
@@ -72,7 +88,9 @@ def _render(metadata: FenceMetadata, engine: str) -> str:
     )
 
 
-@click.command("fence", short_help="Sync the tree to the selected followers and verify it.")
+@click.command(
+    "fence", cls=AhCommand, short_help="Sync the tree to the selected followers and verify it."
+)
 @selector_options
 @click.option(
     "--timeout",
@@ -80,8 +98,15 @@ def _render(metadata: FenceMetadata, engine: str) -> str:
     default=None,
     metavar="DURATION",
     callback=parse_duration_option,
-    help="Deadline for the whole fence (500ms, 30s, 1m30s...). Default: config "
-    "timeouts.fence (120s).",
+    help="Deadline for snapshot, sync and verification (500ms, 30s, 1m30s...). Default: "
+    "config timeouts.fence (120s). Reaching the followers is bounded by timeouts.connect.",
+)
+@click.option(
+    "--session",
+    "session_id",
+    default=None,
+    metavar="ID",
+    help="Session the fence's events belong to (default: config session, else a new one).",
 )
 @common_options
 @click.pass_context
@@ -92,6 +117,7 @@ def fence_command(
     tags: tuple[str, ...],
     all_: bool,
     timeout_s: float | None,
+    session_id: str | None,
     **_: object,
 ) -> int:
     """Fence the selected followers: snapshot the leader's tree (the repo root of the
@@ -101,19 +127,22 @@ def fence_command(
 
     Prints each host's state (consistent, timeout, error) and time, and the snapshot id.
     Exit 0 only when every selected host is consistent; 1 otherwise (the message names the
-    lagging and failed hosts); 7 for a bad or empty selection. With --json: one fence
+    lagging and failed hosts); 7 for a bad or empty selection. The events fenceStarted and
+    fenceResult go to the session's event stream (--session, else a new session). With --json: one fence
     document ({"snapshotId", "hosts": {NAME: {"state", "tookMs", "detail"}}, "startedMs",
     "tookMs"}).
     """
     from ..fencing import choose_engine, fence_timeout_s
+    from .run import _session_id
 
     selector = selector_from_options(hosts, tags, all_)
     app = FleetContext.of(ctx)
+    session = _session_id(app, session_id)
     limit = fence_timeout_s(app.config.typed, timeout_s)
     with app.api_client() as api:
         selected = select_followers(selector, api.followers().followers)
     engine = choose_engine()
-    metadata = asyncio.run(_fence(app, selected, limit, engine))
+    metadata = asyncio.run(_fence(app, selected, limit, engine, session))
     if app.json:
         echo_json(metadata)
     else:

@@ -33,7 +33,6 @@ from ah_domain_types import (
     FollowerStatus,
     HostResult,
     HostState,
-    OsKind,
     RunEnvelope,
     RunSummary,
     validate_session_id,
@@ -50,9 +49,10 @@ from .exec import runs_dir
 from .fleet import select_followers
 
 if TYPE_CHECKING:
-    from ah_run_everywhere import EventSink, LogicalCommand, TargetHost
+    from ah_run_everywhere import LogicalCommand, TargetHost
 
     from ..dataplane import FleetLinks
+    from ..events import SessionEventSink
 
 __all__ = ["INTERRUPTED_EXIT_CODE", "run_command"]
 
@@ -70,13 +70,19 @@ def _load_fencing() -> ModuleType | None:
         return None
 
 
-def _event_sink(app: FleetContext, session_id: str | None) -> tuple[EventSink | None, object]:
-    """HOOK (session events, issue 7): where ``hostStarted``/``hostLog``/``hostExited``/
-    ``summary`` go. Returns ``(sink, closer)``; today there is no session event sink in
-    this package, so nothing is published. When ``ah_fleetctl.events.SessionEventSink``
-    exists, construct it here (``emit(event)`` is the engine's sink, ``close()`` runs after
-    the summary)."""
-    return None, None
+def _event_sink(app: FleetContext) -> SessionEventSink | None:
+    """The session event sink (``hostStarted``/``hostLog``/``hostExited``/``summary`` and
+    the fence's events go to the access point and a local copy), or None when this
+    build has none. It never fails the run: a sink that cannot be set up is a warning."""
+    try:
+        from ..events import SessionEventSink
+    except ImportError:
+        return None
+    try:
+        return SessionEventSink.from_context(app)
+    except Exception as exc:  # the run matters more than its event stream
+        click.echo(f"warning: session events are off for this run: {exc}", err=True)
+        return None
 
 
 def _session_id(app: FleetContext, flag: str | None) -> str | None:
@@ -105,20 +111,12 @@ def _check_renderable(targets: Sequence[TargetHost], commands: Sequence[LogicalC
             adapter.render(command, cwd=target.cwd)
 
 
-def _engine_hosts(
-    targets: Sequence[TargetHost],
-    links: FleetLinks,
-    fence_failed: dict[str, str],
-    sharded: bool,
-) -> list[TargetHost]:
-    """Who the engine schedules. Hosts whose fence failed never get a command. Unreachable
-    hosts go in (the executor reports their jobs ``unreachable``) — except, when sharding,
-    where a reachable host of the same OS can take their jobs instead."""
-    eligible = [t for t in targets if t.name not in fence_failed]
-    if not sharded:
-        return eligible
-    reachable_os: set[OsKind] = {t.os for t in eligible if t.name not in links.unreachable}
-    return [t for t in eligible if t.name not in links.unreachable or t.os not in reachable_os]
+def _engine_hosts(targets: Sequence[TargetHost], fence_failed: dict[str, str]) -> list[TargetHost]:
+    """Who the engine schedules: every selected host except those whose fence failed
+    (they never get a command). Unreachable hosts go in as such (``RunEngine``'s
+    ``unreachable``): their jobs move to another host of their OS when sharding, else are
+    reported ``unreachable`` with the reason."""
+    return [t for t in targets if t.name not in fence_failed]
 
 
 def _supplement(
@@ -181,7 +179,7 @@ async def _run(
     session_id: str | None,
     interrupt: _Interrupt,
 ) -> RunEnvelope:
-    from ah_run_everywhere import LinePrinter, RunDirectory, RunEngine, default_mode
+    from ah_run_everywhere import HostExecutor, LinePrinter, RunDirectory, RunEngine, default_mode
     from ah_run_everywhere.ssh_executor import SshExecutor
 
     from ..dataplane import FleetLinks, make_connector, workspace_overrides
@@ -205,12 +203,20 @@ async def _run(
     fence_failed: dict[str, str] = {}
     printer = None if app.json else LinePrinter(sys.stdout, [t.name for t in targets])
     run_dir = RunDirectory(runs_dir(app).parent)
-    sink, closer = _event_sink(app, session_id)
+    events = _event_sink(app)
+    if events is not None:
+        session_id = events.start(session_id)
+    # The leader agent (issue 4) keeps paths and transports between invocations; it runs
+    # the commands when no fence needs this process's own links.
+    from ..agent import agent_executor
+
+    via_agent = None if fence else await agent_executor(app)
     try:
         try:
-            await links.connect()
+            if via_agent is None:
+                await links.connect()
             if fence and links.linked:
-                fence_failed = await _fence(app, links)
+                fence_failed = await _fence(app, links, events)
             elif not fence:
                 logger.debug("run: --no-fence, not fencing")
         except asyncio.CancelledError:
@@ -226,7 +232,7 @@ async def _run(
                 summary=RunSummary.from_results(hosts),
                 run_dir=str(run_dir.path),
             )
-        engine_hosts = _engine_hosts(targets, links, fence_failed, mode == "once-per-os")
+        engine_hosts = _engine_hosts(targets, fence_failed)
         if not engine_hosts:
             hosts = _supplement([], links, fence_failed)
             run_dir.close()
@@ -237,9 +243,15 @@ async def _run(
                 summary=RunSummary.from_results(hosts),
                 run_dir=str(run_dir.path),
             )
-        executor = SshExecutor(
-            links.transports,
-            unreachable={n: e.reason for n, e in links.unreachable.items()},
+        unreachable = {
+            t.name: f"unreachable: {links.unreachable[t.name].reason}"
+            for t in engine_hosts
+            if t.name in links.unreachable
+        }
+        executor: HostExecutor = (
+            via_agent
+            if via_agent is not None
+            else SshExecutor(links.transports, unreachable=unreachable)
         )
         engine = RunEngine(
             executor,
@@ -247,10 +259,11 @@ async def _run(
             commands,
             mode=mode,
             timeout=timeout,
-            sink=sink,
+            sink=events.emit if events is not None else None,
             printer=printer,
             run_dir=run_dir,
             session_id=session_id,
+            unreachable=unreachable,
         )
         interrupt.engine = engine
         if interrupt.count:
@@ -269,12 +282,14 @@ async def _run(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.remove_signal_handler(signal.SIGINT)
         await links.close()
-        close = getattr(closer, "close", None)
-        if callable(close):
-            close()
+        if events is not None:
+            # Bounded: waits a few seconds at most for the access point's acknowledgements.
+            await asyncio.to_thread(events.close)
 
 
-async def _fence(app: FleetContext, links: FleetLinks) -> dict[str, str]:
+async def _fence(
+    app: FleetContext, links: FleetLinks, events: SessionEventSink | None
+) -> dict[str, str]:
     """Fence the linked hosts; returns host → why it may not run (not ``consistent``)."""
     fencing = _load_fencing()
     if fencing is None:
@@ -283,7 +298,9 @@ async def _fence(app: FleetContext, links: FleetLinks) -> dict[str, str]:
             err=True,
         )
         return {}
-    metadata = await fencing.fence_selected(app, links, links.linked)
+    metadata = await fencing.fence_selected(
+        app, links, links.linked, emit=events.emit if events is not None else None
+    )
     failed: dict[str, str] = {}
     for name in links.linked:
         result = metadata.hosts.get(name)

@@ -1,0 +1,263 @@
+"""Session events under load: a leader pushes N events/s while SSE clients follow the session.
+
+A real access point (``ah-access-pointd init`` + ``serve`` in a temp dir) receives the events
+from the leader's real sink (`ah_fleetctl.events.SessionEventSink`: QUIC, ``ah-leader/1``)
+at a steady rate; ``--clients`` SSE clients (raw TLS sockets in a child process, so their
+parsing does not compete with the leader's interpreter) follow the session from its start.
+
+Reported: the rate the leader emitted at, the rate the access point acknowledged at, what
+each client received, the end-to-end latency emit → receipt on a client (p50/p99/max over
+every event and client), and the CPU the access point used (from /proc; 100% = one core).
+
+    uv run python benchmarks/events.py [--rate 5000] [--seconds 10] [--clients 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import re
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+_ID = re.compile(rb"\nid: (\d+)\n")
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` so far (Linux /proc)."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    fields = raw[raw.rfind(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
+    return ordered[index]
+
+
+# --------------------------------------------------------------------------- SSE clients
+
+
+async def _follow(
+    host: str, port: int, ca_pem: str, token: str, session_id: str, expected: int,
+    deadline: float, following: Any,
+) -> tuple[list[tuple[int, int]], int]:  # fmt: skip
+    """One SSE client: [(highest id in a read, monotonic ns of that read)] and how often it
+    had to reconnect (resuming with Last-Event-ID, as any client must)."""
+    context = ssl.create_default_context(cadata=ca_pem)
+    marks: list[tuple[int, int]] = []
+    highest = 0
+    reconnects = -1
+    while highest < expected and time.monotonic() < deadline:
+        reconnects += 1
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=context, server_hostname="localhost"
+        )
+        writer.write(
+            (
+                f"GET /api/v1/sessions/{session_id}/events HTTP/1.1\r\nHost: localhost\r\n"
+                f"Authorization: Bearer {token}\r\nAccept: text/event-stream\r\n"
+                f"Last-Event-ID: {highest}\r\n\r\n"
+            ).encode()
+        )
+        await writer.drain()
+        tail = b""
+        try:
+            while highest < expected:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    chunk = await asyncio.wait_for(reader.read(1 << 16), remaining)
+                except TimeoutError:
+                    break
+                if not chunk:
+                    break  # the access point ended the stream: resume
+                now = time.monotonic_ns()
+                data = tail + chunk
+                found = _ID.findall(data)
+                if found:
+                    if highest == 0:
+                        with following.get_lock():
+                            following.value += 1  # has the warm-up event: it follows
+                    highest = max(highest, int(found[-1]))
+                    marks.append((highest, now))
+                tail = data[-32:]
+        except (ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+    return marks, reconnects
+
+
+def clients_main(
+    host: str, port: int, ca_pem: str, token: str, session_id: str, clients: int,
+    expected: int, timeout: float, following: Any, results: Any,
+) -> None:  # fmt: skip
+    async def main() -> list[tuple[list[tuple[int, int]], int]]:
+        deadline = time.monotonic() + timeout
+        tasks = [
+            asyncio.ensure_future(
+                _follow(host, port, ca_pem, token, session_id, expected, deadline, following)
+            )
+            for _ in range(clients)
+        ]
+        return list(await asyncio.gather(*tasks))
+
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    marks = asyncio.run(main())
+    results.put((marks, time.process_time() - cpu0, time.monotonic() - wall0))
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate", type=int, default=5000, help="events per second to push")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--line", type=int, default=80, help="characters per event payload")
+    parser.add_argument(
+        "--profile-ap", type=Path, default=None, metavar="FILE",
+        help="run the access point under cProfile, writing its stats to FILE",
+    )  # fmt: skip
+    args = parser.parse_args()
+
+    from ah_access_pointd.state import load_state
+    from ah_domain_types import HostLogEvent
+    from ah_fleetctl.events import SessionEventSink
+    from ah_harness_local import ProcessGroup, wait_for
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AH_")}
+    with tempfile.TemporaryDirectory(prefix="ah-bench-events-") as tmp, ProcessGroup(
+        Path(tmp) / "logs"
+    ) as group:
+        state_dir = Path(tmp) / "ap"
+        subprocess.run(
+            [sys.executable, "-m", "ah_access_pointd", "init", "--state-dir", str(state_dir)],
+            env=env, check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+        ready_file = Path(tmp) / "ready.json"
+        profile = ["-m", "cProfile", "-o", str(args.profile_ap)] if args.profile_ap else []
+        ap = group.start(
+            [
+                sys.executable, *profile, "-m", "ah_access_pointd", "serve", "--state-dir", str(state_dir),
+                "--ready-file", str(ready_file), "--log-level", "warning",
+            ],
+            name="ap",
+            env=env,
+        )  # fmt: skip
+        ready = wait_for(
+            lambda: json.loads(ready_file.read_text()) if ready_file.exists() else None,
+            120,
+            what="access point ready",
+        )
+        state = load_state(state_dir)
+        token = state.signer.issue_user("bench", scopes=["exec", "read-logs"])
+        ca_pem = state.ca.cert_pem.decode()
+        api_url = f"https://127.0.0.1:{ready['apiPort']}"
+        total = int(args.rate * args.seconds)
+
+        sink = SessionEventSink(
+            api_url=api_url,
+            token=token,
+            verify=ssl.create_default_context(cadata=ca_pem),
+            ca_pem=ca_pem,
+            local_copy_dir=Path(tmp) / "copies",
+            close_timeout_s=60.0,
+        )
+        session_id = sink.start()
+        # The session exists (and the push connection is up) before the clients follow it.
+        sink.emit(sink.make(HostLogEvent, host="bench", stream="stdout", line="warm-up"))
+        wait_for(lambda: sink.delivered >= 1, 60, what="the first event acknowledged")
+
+        following: Any = multiprocessing.Value("i", 0)
+        results: Any = multiprocessing.Queue()
+        followers = multiprocessing.Process(
+            target=clients_main,
+            args=(
+                "127.0.0.1", int(ready["apiPort"]), ca_pem, token, session_id, args.clients,
+                total + 1, args.seconds + 120, following, results,
+            ),
+        )  # fmt: skip
+        followers.start()
+        wait_for(lambda: following.value >= args.clients, 60, what="every client following")
+
+        payload = "x" * args.line
+        emit_ns = [0] * (total + 2)  # by seq: the warm-up event is seq 1
+        tick = 0.01
+        per_tick = args.rate * tick
+        ap_cpu0 = cpu_seconds(ap.pid)
+        me_cpu0 = time.process_time()
+        started = time.monotonic()
+        emitted = 0
+        credit = 0.0
+        while emitted < total:
+            credit += per_tick
+            batch = min(int(credit), total - emitted)
+            credit -= batch
+            for _ in range(batch):
+                emitted += 1
+                emit_ns[emitted + 1] = time.monotonic_ns()
+                sink.emit(
+                    sink.make(HostLogEvent, host="bench", stream="stdout", line=f"{emitted} {payload}")
+                )
+            next_tick = started + (emitted / args.rate)
+            delay = next_tick - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        emit_seconds = time.monotonic() - started
+        wait_for(lambda: sink.delivered >= total + 1, 120, what="every event acknowledged")
+        ack_seconds = time.monotonic() - started
+        per_client: list[tuple[list[tuple[int, int]], int]]
+        per_client, clients_cpu, clients_wall = results.get(timeout=args.seconds + 180)
+        received_seconds = time.monotonic() - started
+        ap_cpu = cpu_seconds(ap.pid) - ap_cpu0
+        me_cpu = time.process_time() - me_cpu0
+        followers.join(30)
+        report = sink.close()
+
+    latencies: list[float] = []
+    counts = []
+    reconnects = sum(r for _, r in per_client)
+    for marks, _ in per_client:
+        counts.append(marks[-1][0] if marks else 0)
+        seq = 2
+        for highest, at in marks:
+            while seq <= highest and seq <= total + 1:
+                latencies.append((at - emit_ns[seq]) / 1e6)
+                seq += 1
+    print(f"events pushed:         {total} at a target of {args.rate}/s over {args.seconds:g} s")
+    print(f"leader emit rate:      {total / emit_seconds:,.0f} events/s")
+    print(f"access point acked:    {total / ack_seconds:,.0f} events/s sustained "
+          f"(all {report.delivered - 1} acknowledged {ack_seconds - emit_seconds:.2f} s after the last emit)")  # fmt: skip
+    print(f"SSE clients:           {args.clients}, each received "
+          f"{min(counts) - 1}..{max(counts) - 1} of {total} events "
+          f"(all delivered {received_seconds - emit_seconds:.2f} s after the last emit; "
+          f"{reconnects} reconnects)")  # fmt: skip
+    print(f"latency emit→receipt:  p50 {percentile(latencies, 0.5):.1f} ms, "
+          f"p99 {percentile(latencies, 0.99):.1f} ms, max {max(latencies, default=float('nan')):.1f} ms "
+          f"over {len(latencies):,} deliveries")  # fmt: skip
+    print(f"access point CPU:      {100 * ap_cpu / received_seconds:.0f}% of one core "
+          f"({ap_cpu:.1f} s over {received_seconds:.1f} s)")  # fmt: skip
+    print(f"leader process CPU:    {100 * me_cpu / received_seconds:.0f}% of one core")
+    print(f"SSE clients' process:  {100 * clients_cpu / clients_wall:.0f}% of one core "
+          f"(all {args.clients} clients, TLS + parsing)")  # fmt: skip
+    print(f"machine:               {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,563 @@
+"""The leader agent: one background process per user and access point (the ControlMaster
+equivalent) that keeps each follower's fixed path and SSH transport open between
+``ah-fleetctl`` invocations.
+
+* :func:`agent_client` — the agent of this invocation's configuration, started on first use
+  (``ah-fleetctl agent``, a hidden command, in its own session), or None when bypassed
+  (``--no-agent``, config ``agent.enabled = false``).
+* The socket lives in the private (0700) runtime directory, named by a hash of the access
+  point URL and the data-plane configuration (login, path policy, timeouts), so an
+  invocation never reuses an agent that would reach followers differently.
+* The agent exits after ``agent.idle`` (default 10 minutes) without a request.
+* :class:`AgentExecutor` is an ``ah_run_everywhere.HostExecutor`` whose commands run on the
+  agent's transports (streamed lines, exit status, cancel).
+
+The protocol is in :mod:`ah_fleetctl.agent_proto`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from loguru import logger
+
+from ah_config import CliError, find_config_file
+from ah_connectivity.framing import FrameDecoder, FrameError, encode_frame
+from ah_domain_types import Event, ExitCode, FollowerStatus, parse_duration
+from ah_run_everywhere import HostConnectionLost, HostUnreachable, OutputCallback
+from ah_ssh_bridge import SshChannelError, SshConnectionLost, SshError
+
+from .agent_proto import (
+    AgentReply,
+    AgentRequest,
+    CancelRequest,
+    ErrorReply,
+    ExecRequest,
+    ExitReply,
+    HostPath,
+    LineReply,
+    PathsReply,
+    PathsRequest,
+    PingRequest,
+    PongReply,
+    ShutdownRequest,
+)
+from .dataplane import FollowerUnreachable
+
+if TYPE_CHECKING:
+    from .context import FleetContext
+    from .paths import PathConnector
+
+__all__ = [
+    "DEFAULT_IDLE_S",
+    "AgentClient",
+    "AgentExecutor",
+    "AgentOutcome",
+    "LeaderAgent",
+    "agent_client",
+    "agent_executor",
+    "agent_socket_path",
+]
+
+DEFAULT_IDLE_S = 600.0
+_START_TIMEOUT_S = 20.0
+_FOLLOWERS_TTL_S = 2.0
+_log = logger.bind(component="ah-fleetctl.agent")
+
+_REQUEST_DECODER_TYPE: Any = AgentRequest
+_REPLY_DECODER_TYPE: Any = AgentReply
+
+
+# --------------------------------------------------------------------------- where
+
+
+def agent_idle_s(app: FleetContext) -> float:
+    agent = app.config.typed.agent
+    value = agent.idle if agent is not None else None
+    return DEFAULT_IDLE_S if value is None else max(parse_duration(value), 0.1)
+
+
+def agent_enabled(app: FleetContext) -> bool:
+    if app.click_ctx.find_root().meta.get("ah_fleetctl.no_agent"):
+        return False
+    if os.environ.get("AH_NO_AGENT"):
+        return False
+    agent = app.config.typed.agent
+    return not (agent is not None and agent.enabled is False)
+
+
+def agent_socket_path(app: FleetContext) -> Path:
+    """The agent's socket: keyed by the access point and every setting that changes how
+    followers are reached (and by whom)."""
+    from .paths import runtime_dir
+
+    cfg = app.config.typed
+    key = msgspec.json.encode(
+        {
+            "accessPoint": app.access_point(),
+            "token": hashlib.sha256(app.token().encode()).hexdigest(),
+            "caFile": str(app.ca_file() or ""),
+            "ssh": msgspec.to_builtins(cfg.ssh),
+            "hosts": msgspec.to_builtins(cfg.hosts),
+            "pathPolicy": msgspec.to_builtins(cfg.path_policy),
+            "timeouts": msgspec.to_builtins(cfg.timeouts),
+            "session": cfg.session,
+        }
+    )
+    directory = runtime_dir() / "agents"
+    with contextlib.suppress(FileExistsError):
+        directory.mkdir(mode=0o700)
+    return directory / f"{hashlib.sha256(key).hexdigest()[:20]}.sock"
+
+
+# --------------------------------------------------------------------------- client
+
+
+class AgentError(Exception):
+    """The agent answered with an error (``reply``) or could not be talked to."""
+
+    def __init__(self, message: str, reply: ErrorReply | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reply = reply
+
+
+class AgentOutcome(msgspec.Struct, frozen=True):
+    """An ``ExecOutcomeLike`` from the agent's :class:`ExitReply`."""
+
+    exit_code: int | None
+    timed_out: bool
+    cancelled: bool
+    took_ms: float
+
+
+class AgentClient:
+    """Talks to a running agent over its unix socket."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_unix_connection(str(self.socket_path), limit=1 << 20)
+
+    async def replies(
+        self,
+        request: AgentRequest,
+        *,
+        cancel: asyncio.Event | None = None,
+    ) -> AsyncIterator[AgentReply]:
+        """Send ``request`` and yield the agent's replies until it closes the connection.
+        When ``cancel`` is set, a :class:`CancelRequest` follows."""
+        reader, writer = await self._open()
+        decoder: FrameDecoder[AgentReply] = FrameDecoder(_REPLY_DECODER_TYPE)
+        canceller: asyncio.Task[None] | None = None
+        try:
+            writer.write(encode_frame(request))
+            await writer.drain()
+            if cancel is not None:
+
+                async def send_cancel() -> None:
+                    await cancel.wait()
+                    with contextlib.suppress(OSError, RuntimeError):
+                        writer.write(encode_frame(CancelRequest()))
+                        await writer.drain()
+
+                canceller = asyncio.get_running_loop().create_task(send_cancel())
+            while data := await reader.read(1 << 16):
+                for reply in decoder.feed(data):
+                    yield reply
+        finally:
+            if canceller is not None:
+                canceller.cancel()
+            writer.close()
+            with contextlib.suppress(OSError, ConnectionError):
+                await writer.wait_closed()
+
+    async def one(self, request: AgentRequest) -> AgentReply:
+        async for reply in self.replies(request):
+            return reply
+        raise AgentError(f"the agent at {self.socket_path} closed the connection without a reply")
+
+    async def ping(self) -> PongReply:
+        reply = await self.one(PingRequest())
+        if not isinstance(reply, PongReply):
+            raise AgentError(f"unexpected answer to ping: {reply!r}")
+        return reply
+
+    async def paths(self, hosts: list[str]) -> PathsReply:
+        reply = await self.one(PathsRequest(hosts=hosts))
+        if isinstance(reply, ErrorReply):
+            raise AgentError(reply.message, reply)
+        if not isinstance(reply, PathsReply):
+            raise AgentError(f"unexpected answer to paths: {reply!r}")
+        return reply
+
+    async def shutdown(self) -> None:
+        with contextlib.suppress(AgentError, OSError):
+            await self.one(ShutdownRequest())
+
+    async def run(
+        self,
+        host: str,
+        command: str,
+        *,
+        on_stdout: Callable[[str], object],
+        on_stderr: Callable[[str], object],
+        timeout: float | None = None,
+        cancel: asyncio.Event | None = None,
+    ) -> AgentOutcome:
+        """Run ``command`` on ``host`` through the agent; lines (without terminators) go
+        to the callbacks. Raises :class:`AgentError` (``reply.unreachable``...)."""
+        request = ExecRequest(host=host, command=command, timeout_s=timeout)
+        async for reply in self.replies(request, cancel=cancel):
+            if isinstance(reply, LineReply):
+                (on_stdout if reply.stream == "stdout" else on_stderr)(reply.line)
+            elif isinstance(reply, ExitReply):
+                return AgentOutcome(
+                    reply.exit_code, reply.timed_out, reply.cancelled, reply.took_ms
+                )
+            elif isinstance(reply, ErrorReply):
+                raise AgentError(reply.message, reply)
+        raise AgentError(f"the agent lost the command on {host} (connection closed)")
+
+
+async def _ping(path: Path) -> bool:
+    if not path.exists():
+        return False
+    try:
+        async with asyncio.timeout(5.0):
+            await AgentClient(path).ping()
+    except (OSError, AgentError, FrameError, TimeoutError):
+        return False
+    return True
+
+
+def _spawn_argv(app: FleetContext, socket_path: Path, idle_s: float) -> list[str]:
+    argv = [sys.executable, "-m", "ah_fleetctl"]
+    config = find_config_file(app.click_ctx)
+    if config is not None:
+        argv += ["--config", str(config.absolute())]
+    return [*argv, "agent", "--socket", str(socket_path), "--idle", f"{idle_s:g}s"]
+
+
+async def agent_client(app: FleetContext) -> AgentClient | None:
+    """The running agent of this configuration, started if needed; None when bypassed or
+    when it cannot be started (the caller then connects by itself)."""
+    if not agent_enabled(app):
+        return None
+    path = agent_socket_path(app)
+    if await _ping(path):
+        return AgentClient(path)
+    lock_path = path.with_suffix(".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        if await _ping(path):
+            return AgentClient(path)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        log_path = path.with_suffix(".log")
+        env = {
+            **os.environ,
+            "AH_REMOTE_SERVER": app.access_point(),
+            "AH_TOKEN": app.token(),
+        }
+        env.pop("AH_JSON", None)
+        ca_file = app.ca_file()
+        if ca_file is not None:
+            env["AH_CA_FILE"] = str(ca_file.absolute())
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(
+                _spawn_argv(app, path, agent_idle_s(app)),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env=env,
+                cwd="/",
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                _log.warning(
+                    "the leader agent exited with status {} at start (log: {})",
+                    process.returncode,
+                    log_path,
+                )
+                return None
+            if await _ping(path):
+                _log.debug("started the leader agent (pid {}) at {}", process.pid, path)
+                return AgentClient(path)
+            await asyncio.sleep(0.05)
+        _log.warning(
+            "the leader agent did not answer within {}s (log: {})", _START_TIMEOUT_S, log_path
+        )
+        return None
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- executor
+
+
+class AgentExecutor:
+    """An ``ah_run_everywhere.HostExecutor`` running each command through the agent."""
+
+    def __init__(self, client: AgentClient) -> None:
+        self.client = client
+
+    async def run(
+        self,
+        host: str,
+        command: str,
+        *,
+        on_stdout: OutputCallback,
+        on_stderr: OutputCallback,
+        timeout: float | None,
+    ) -> AgentOutcome:
+        cancel = asyncio.Event()
+        try:
+            return await self.client.run(
+                host,
+                command,
+                on_stdout=lambda line: on_stdout(line + "\n"),
+                on_stderr=lambda line: on_stderr(line + "\n"),
+                timeout=timeout,
+                cancel=cancel,
+            )
+        except AgentError as exc:
+            reply = exc.reply
+            if reply is not None and reply.unreachable:
+                raise HostUnreachable(host, reply.message) from None
+            if reply is not None and reply.kind != "connection-lost":
+                raise
+            raise HostConnectionLost(host, exc.message) from None
+        except (OSError, FrameError) as exc:
+            raise HostConnectionLost(host, f"leader agent: {exc}") from None
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+
+
+# --------------------------------------------------------------------------- the agent
+
+
+class LeaderAgent:
+    """The agent process: paths and transports, served over a unix socket."""
+
+    def __init__(self, app: FleetContext, socket_path: Path, idle_s: float) -> None:
+        self.app = app
+        self.socket_path = socket_path
+        self.idle_s = idle_s
+        self.connector: PathConnector | None = None
+        self._followers: dict[str, FollowerStatus] = {}
+        self._fetched_at = -1e9
+        self._fetch_lock = asyncio.Lock()
+        self._active = 0
+        self._last_activity = time.monotonic()
+        self._stop = asyncio.Event()
+        self._client: Any = None
+
+    async def serve(self) -> int:
+        from .paths import make_path_connector
+
+        self._client = self.app.api_client()
+        self.connector = await asyncio.to_thread(make_path_connector, self.app)
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        old_umask = os.umask(0o177)
+        try:
+            server = await asyncio.start_unix_server(
+                self._handle, path=str(self.socket_path), limit=1 << 20
+            )
+        finally:
+            os.umask(old_umask)
+        _log.info(
+            "leader agent (pid {}) for {} on {}; exits after {:g}s idle",
+            os.getpid(),
+            self.app.access_point(),
+            self.socket_path,
+            self.idle_s,
+        )
+        try:
+            while not self._stop.is_set():
+                idle_for = time.monotonic() - self._last_activity
+                if self._active == 0 and idle_for >= self.idle_s:
+                    _log.info("leader agent idle for {:.0f}s: exiting", idle_for)
+                    break
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.05, min(1.0, self.idle_s - idle_for))):
+                        await self._stop.wait()
+        finally:
+            server.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_path.unlink()
+            await self.connector.close()
+            self._client.close()
+        return int(ExitCode.OK)
+
+    async def _followers_named(self, names: list[str]) -> list[FollowerStatus]:
+        async with self._fetch_lock:
+            stale = time.monotonic() - self._fetched_at > _FOLLOWERS_TTL_S
+            if stale or any(n not in self._followers for n in names):
+                response = await asyncio.to_thread(self._client.followers)
+                self._followers = {f.info.name: f for f in response.followers}
+                self._fetched_at = time.monotonic()
+        if not names:
+            return list(self._followers.values())
+        unknown = [n for n in names if n not in self._followers]
+        if unknown:
+            raise CliError(
+                ExitCode.VALIDATION,
+                f"no follower named {', '.join(map(repr, unknown))} in this fleet",
+                kind="validation",
+            )
+        return [self._followers[n] for n in names]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._active += 1
+        self._last_activity = time.monotonic()
+        decoder: FrameDecoder[AgentRequest] = FrameDecoder(_REQUEST_DECODER_TYPE)
+        pending: list[AgentRequest] = []
+        try:
+            while not pending:
+                data = await reader.read(1 << 16)
+                if not data:
+                    return
+                pending.extend(decoder.feed(data))
+            request = pending.pop(0)
+            await self._dispatch(request, reader, writer, decoder)
+        except FrameError as exc:
+            _log.warning("bad request on the agent socket: {}", exc)
+        except (ConnectionError, OSError) as exc:
+            _log.debug("agent client went away: {}", exc)
+        finally:
+            self._active -= 1
+            self._last_activity = time.monotonic()
+            writer.close()
+            with contextlib.suppress(OSError, ConnectionError):
+                await writer.wait_closed()
+
+    @staticmethod
+    def _send(writer: asyncio.StreamWriter, reply: AgentReply) -> None:
+        writer.write(encode_frame(reply))
+
+    async def _dispatch(
+        self,
+        request: AgentRequest,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        decoder: FrameDecoder[AgentRequest],
+    ) -> None:
+        pong = PongReply(pid=os.getpid(), access_point=self.app.access_point())
+        if isinstance(request, PingRequest):
+            self._send(writer, pong)
+        elif isinstance(request, ShutdownRequest):
+            self._send(writer, pong)
+            self._stop.set()
+        elif isinstance(request, PathsRequest):
+            self._send(writer, await self._paths(request))
+        elif isinstance(request, ExecRequest):
+            await self._exec(request, reader, writer, decoder)
+        else:
+            self._send(writer, ErrorReply(message=f"unexpected request {request!r}", kind="usage"))
+        await writer.drain()
+
+    async def _paths(self, request: PathsRequest) -> PathsReply | ErrorReply:
+        from .paths import establish_paths
+
+        assert self.connector is not None
+        try:
+            followers = await self._followers_named(list(request.hosts))
+        except CliError as exc:
+            return ErrorReply(message=exc.message, kind=exc.kind)
+        paths: list[HostPath] = await establish_paths(self.connector, followers)
+        events: list[Event] = []
+        for follower in followers:
+            driver = self.connector.paths.get(follower.info.name)
+            if driver is not None:
+                events.extend(driver.events)
+        events.sort(key=lambda e: e.ts_ms)
+        return PathsReply(paths=paths, events=events)
+
+    async def _exec(
+        self,
+        request: ExecRequest,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        decoder: FrameDecoder[AgentRequest],
+    ) -> None:
+        assert self.connector is not None
+        try:
+            (follower,) = await self._followers_named([request.host])
+        except CliError as exc:
+            self._send(writer, ErrorReply(message=exc.message, kind=exc.kind, unreachable=True))
+            return
+        try:
+            transport = await self.connector.connect(follower)
+        except FollowerUnreachable as exc:
+            self._send(writer, ErrorReply(message=exc.reason, kind=exc.kind, unreachable=True))
+            return
+        cancel = asyncio.Event()
+
+        async def watch_client() -> None:
+            # A CancelRequest, or the client going away, stops the command.
+            with contextlib.suppress(OSError, ConnectionError, FrameError):
+                while data := await reader.read(4096):
+                    if any(isinstance(r, CancelRequest) for r in decoder.feed(data)):
+                        break
+            cancel.set()
+
+        watcher = asyncio.get_running_loop().create_task(watch_client())
+        try:
+            outcome = await transport.run(
+                request.command,
+                on_stdout=lambda line: self._send(writer, LineReply(stream="stdout", line=line)),
+                on_stderr=lambda line: self._send(writer, LineReply(stream="stderr", line=line)),
+                timeout=request.timeout_s,
+                cancel=cancel,
+            )
+        except SshConnectionLost as exc:
+            self._send(writer, ErrorReply(message=str(exc), kind="connection-lost"))
+            return
+        except SshChannelError as exc:
+            self._send(writer, ErrorReply(message=str(exc), kind="channel"))
+            return
+        except SshError as exc:
+            self._send(writer, ErrorReply(message=str(exc), kind=exc.kind, unreachable=True))
+            return
+        finally:
+            watcher.cancel()
+        self._send(
+            writer,
+            ExitReply(
+                exit_code=outcome.exit_code,
+                timed_out=outcome.timed_out,
+                cancelled=outcome.cancelled,
+                took_ms=outcome.took_ms,
+            ),
+        )
+
+
+async def agent_executor(app: FleetContext) -> AgentExecutor | None:
+    """An :class:`AgentExecutor` on this configuration's agent (started if needed), or None
+    when the agent is bypassed or unavailable (the caller links the followers itself)."""
+    try:
+        client = await agent_client(app)
+    except (OSError, CliError) as exc:
+        _log.info("not using the leader agent: {}", exc)
+        return None
+    return AgentExecutor(client) if client is not None else None
