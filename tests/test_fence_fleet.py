@@ -215,6 +215,7 @@ def test_deletes_renames_symlinks_and_exec_bits_propagate(
             "tools/build.sh": "#!/bin/sh\necho build\n",
             "tools/plain.sh": "#!/bin/sh\necho plain\n",
             "empty-later/x": "x\n",
+            "stable.txt": "never changes\n",
         },
     )
     (ws / "tools" / "build.sh").chmod(0o755)
@@ -222,6 +223,11 @@ def test_deletes_renames_symlinks_and_exec_bits_propagate(
     fence_ok(fence_fleet, ws)
     for name in NAMES:
         assert _tree_state(fence_fleet.workspace(name)) == _tree_state(ws)
+    # An mtime-only change on a follower: content (all the fence proves) is the same. A full
+    # rsync would reset the mtime; the next fence sends only what changed since the
+    # manifest it proved there, so this file stays untouched.
+    stable = fence_fleet.workspace("lin-a") / "stable.txt"
+    os.utime(stable, (978_307_200, 978_307_200))
 
     (ws / "old-dir").rename(ws / "new-dir")
     (ws / "gone.txt").unlink()
@@ -244,6 +250,7 @@ def test_deletes_renames_symlinks_and_exec_bits_propagate(
         assert not os.access(copy / "tools" / "build.sh", os.X_OK)
         assert os.readlink(copy / "dir-link") == "new-dir"
         assert follower_id(fence_fleet, name) == document["snapshotId"]
+    assert stable.stat().st_mtime == 978_307_200, "the fence re-sent an unchanged file"
 
 
 # --------------------------------------------------------------------------- tampering

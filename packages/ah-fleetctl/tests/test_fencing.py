@@ -28,12 +28,15 @@ from ah_fleetctl.dataplane import FleetLinks
 from ah_fleetctl.fencing import (
     DEFAULT_FENCE_TIMEOUT_S,
     FenceTarget,
+    VerifiedHosts,
+    changed_paths,
     choose_engine,
     fence_selected,
     fence_timeout_s,
     user_cache_dir,
     workspace_cache_dir,
 )
+from ah_mutagen_project import Manifest, take_snapshot
 
 if TYPE_CHECKING:
     from conftest import Cli, RunningApi
@@ -133,3 +136,76 @@ def test_fence_cli_usage_and_selection_errors(cli: Cli, api: RunningApi) -> None
     as_json = cli("fence", "--json", "--host", "ghost", env=api.env())
     assert as_json.returncode == ExitCode.VALIDATION, as_json
     assert "ghost" in as_json.json()["error"]["message"]
+
+
+def _manifest(rows: list[tuple[str, str, str]]) -> Manifest:
+    return Manifest.from_tuples([[path, kind, 0, len(data), data] for path, kind, data in rows])
+
+
+def test_changed_paths_lists_what_to_send_and_the_top_of_what_to_delete() -> None:
+    proven = _manifest(
+        [
+            ("keep.txt", "f", "k"),
+            ("edit.txt", "f", "old"),
+            ("gone-dir", "d", ""),
+            ("gone-dir/a.txt", "f", "a"),
+            ("gone-dir/sub", "d", ""),
+            ("gone-dir/sub/b.txt", "f", "b"),
+            ("dir-to-file", "d", ""),
+            ("dir-to-file/c.txt", "f", "c"),
+            ("link", "l", "keep.txt"),
+        ]
+    )
+    wanted = _manifest(
+        [
+            ("keep.txt", "f", "k"),
+            ("edit.txt", "f", "new"),
+            ("dir-to-file", "f", "now a file"),
+            ("link", "l", "edit.txt"),
+            ("new-dir", "d", ""),
+            ("new-dir/n.txt", "f", "n"),
+        ]
+    )
+    assert changed_paths(proven, wanted) == [
+        "dir-to-file",
+        "edit.txt",
+        "gone-dir",
+        "link",
+        "new-dir",
+        "new-dir/n.txt",
+    ]
+    assert changed_paths(wanted, wanted) == []
+
+
+def test_verified_hosts_round_trip_and_invalidation(tmp_path: Path) -> None:
+    root = tmp_path / "ws"
+    root.mkdir()
+    (root / "a.txt").write_text("a\n")
+    snapshot = take_snapshot(root, [])
+    linux = FenceTarget(name="l", alias="ah-l", workspace="/ws", os=OsKind.LINUX)
+    windows = FenceTarget(name="w", alias="ah-w", workspace="C:/ws", os=OsKind.WINDOWS)
+    targets = {"l": linux, "w": windows}
+    store = VerifiedHosts(tmp_path / "cache")
+    assert store.manifest_for("l", linux, ()) is None
+    ok = FenceHostResult(state=FenceHostState.CONSISTENT, took_ms=1)
+    store.update(snapshot, {"l": ok, "w": ok}, targets, ())
+
+    again = VerifiedHosts(tmp_path / "cache")
+    assert again.manifest_for("l", linux, ()) == snapshot.manifest
+    assert again.manifest_for("w", windows, ()) == snapshot.manifest
+    # A proof holds only for the same workspace and ignores.
+    assert again.manifest_for("l", linux, ("dist",)) is None
+    moved = FenceTarget(name="l", alias="ah-l", workspace="/elsewhere", os=OsKind.LINUX)
+    assert again.manifest_for("l", moved, ()) is None
+
+    failed = FenceHostResult(state=FenceHostState.ERROR, took_ms=1, detail="x")
+    (root / "a.txt").write_text("b\n")
+    newer = take_snapshot(root, [])
+    again.update(newer, {"l": ok, "w": failed}, targets, ())
+    last = VerifiedHosts(tmp_path / "cache")
+    assert last.manifest_for("w", windows, ()) is None
+    assert last.manifest_for("l", linux, ()) == newer.manifest
+    kept = sorted(p.stem for p in (tmp_path / "cache" / "manifests").iterdir())
+    assert kept == [newer.id]  # the old snapshot's manifest is no longer named
+    (tmp_path / "cache" / "verified.json").write_text("{broken")
+    assert VerifiedHosts(tmp_path / "cache").manifest_for("l", linux, ()) is None

@@ -49,9 +49,18 @@ CLI = [sys.executable, "-m", "ah_fleetctl"]
 def realistic_events(sink: SessionEventSink, hosts: list[str]) -> list[Event]:
     """What a fenced run on three hosts publishes, in order."""
     paths = {
-        hosts[0]: PathRecord(method=TransportMethod.DIRECT, target="127.0.0.1:2201", relay=None, rtt_estimate_ms=0.4),
-        hosts[1]: PathRecord(method=TransportMethod.CONNECT, target=f"{hosts[1]}:22", relay=None, rtt_estimate_ms=2.5),
-        hosts[2]: PathRecord(method=TransportMethod.RELAY, target=f"{hosts[2]}:22", relay="ap-2", rtt_estimate_ms=20.0),
+        hosts[0]: PathRecord(
+            method=TransportMethod.DIRECT, target="127.0.0.1:2201", relay=None, rtt_estimate_ms=0.4
+        ),
+        hosts[1]: PathRecord(
+            method=TransportMethod.CONNECT, target=f"{hosts[1]}:22", relay=None, rtt_estimate_ms=2.5
+        ),
+        hosts[2]: PathRecord(
+            method=TransportMethod.RELAY,
+            target=f"{hosts[2]}:22",
+            relay="ap-2",
+            rtt_estimate_ms=20.0,
+        ),
     }
     events: list[Event] = [sink.make(PathFixedEvent, host=h, path=paths[h]) for h in hosts]
     events.append(sink.make(FenceStartedEvent, snapshot_id="snap-9", hosts=hosts))
@@ -215,7 +224,12 @@ class PrivateAp:
         ready_file.unlink(missing_ok=True)
         ports = []
         if same_ports:
-            ports = ["--quic-port", str(self.ready["quicPort"]), "--api-port", str(self.ready["apiPort"])]
+            ports = [
+                "--quic-port",
+                str(self.ready["quicPort"]),
+                "--api-port",
+                str(self.ready["apiPort"]),
+            ]
         self.process = self.group.start(
             [
                 sys.executable, "-m", "ah_access_pointd", "serve",
@@ -281,8 +295,12 @@ def test_follow_reconnects_across_an_access_point_restart_without_loss(
     lines: list[str] = []
     stderr: list[str] = []
     readers = [
-        threading.Thread(target=lambda: lines.extend(iter(follower.stdout.readline, "")), daemon=True),  # type: ignore[union-attr]
-        threading.Thread(target=lambda: stderr.extend(iter(follower.stderr.readline, "")), daemon=True),  # type: ignore[union-attr]
+        threading.Thread(
+            target=lambda: lines.extend(iter(follower.stdout.readline, "")), daemon=True
+        ),  # type: ignore[union-attr]
+        threading.Thread(
+            target=lambda: stderr.extend(iter(follower.stderr.readline, "")), daemon=True
+        ),  # type: ignore[union-attr]
     ]
     for reader in readers:
         reader.start()

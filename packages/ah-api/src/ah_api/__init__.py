@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from .merge import ReplayLiveMerge
 from .problems import PROBLEM_MEDIA_TYPE, ApiProblem, ProblemType
 from .wire import (
+    API_BASE_PATH,
     EndpointsResponse,
     EventSort,
     EventsPage,
@@ -32,7 +33,6 @@ from .wire import (
 
 if TYPE_CHECKING:
     from .app import (
-        API_BASE_PATH,
         BEARER_SCHEME,
         CA_FINGERPRINT_HEADER,
         DOCS_PATH,
@@ -67,7 +67,6 @@ if TYPE_CHECKING:
 _LAZY = {
     **dict.fromkeys(
         [
-            "API_BASE_PATH",
             "BEARER_SCHEME",
             "CA_FINGERPRINT_HEADER",
             "DOCS_PATH",

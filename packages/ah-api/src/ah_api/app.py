@@ -53,7 +53,8 @@ __all__ = [
     "create_app",
 ]
 
-API_BASE_PATH = "/api/v1"
+from .wire import API_BASE_PATH
+
 OPENAPI_PATH = f"{API_BASE_PATH}/openapi.json"
 DOCS_PATH = f"{API_BASE_PATH}/docs"
 CA_FINGERPRINT_HEADER = "X-AH-CA-Fingerprint"

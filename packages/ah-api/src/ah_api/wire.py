@@ -8,6 +8,9 @@ import msgspec
 
 from ah_domain_types import HOST_NAME_PATTERN, Event, FollowerStatus
 
+API_BASE_PATH = "/api/v1"
+"""Every REST route lives under this prefix."""
+
 __all__ = [
     "EndpointsResponse",
     "EventSort",
