@@ -26,6 +26,7 @@ lint_specs = _load_lint()
 
 
 def _write(tmp_path: Path, text: str) -> Path:
+    assert text != STATUS.read_text(), "the edit did not apply: the status file changed"
     path = tmp_path / "status.md"
     path.write_text(text)
     return path
@@ -43,8 +44,8 @@ def test_missing_milestone_is_reported(tmp_path: Path) -> None:
 
 def test_ticked_box_without_a_test_reference_is_reported(tmp_path: Path) -> None:
     text = STATUS.read_text().replace(
-        "  - [ ] Sharding round-robin per OS; each command once per OS.",
-        "  - [x] Sharding round-robin per OS; each command once per OS.",
+        "  - [ ] Container scenario: enroll, execute, collect outputs; CONNECT path used.",
+        "  - [x] Container scenario: enroll, execute, collect outputs; CONNECT path used.",
     )
     problems = lint_specs.lint(_write(tmp_path, text), ROOT)
     assert any("names no test" in p for p in problems), problems
@@ -52,8 +53,8 @@ def test_ticked_box_without_a_test_reference_is_reported(tmp_path: Path) -> None
 
 def test_ticked_box_naming_a_missing_test_is_reported(tmp_path: Path) -> None:
     text = STATUS.read_text().replace(
-        "  - [ ] Sharding round-robin per OS; each command once per OS.",
-        "  - [x] Sharding `tests/test_lint_specs.py::test_that_does_not_exist`.",
+        "  - [ ] Container scenario: enroll, execute, collect outputs; CONNECT path used.",
+        "  - [x] Container scenario `tests/test_lint_specs.py::test_that_does_not_exist`.",
     )
     problems = lint_specs.lint(_write(tmp_path, text), ROOT)
     assert any("test_that_does_not_exist does not exist" in p for p in problems), problems

@@ -292,3 +292,55 @@ def test_stop_daemon_runs_with_the_projects_environment(
     (tmp_path / "s").mkdir()
     run(project.stop_daemon(timeout=10))  # exit status 1 (no daemon) is fine
     assert record.read_text() == "daemon stop data=/d/x\n"
+
+
+# --------------------------------------------------------------------------- listed sync
+
+
+def test_sync_listed_touches_exactly_the_listed_paths(
+    fleet: Any, tmp_path: Path, run: Callable[..., Any], build_tree: Callable[..., Path]
+) -> None:
+    from ah_mutagen_project import RsyncEngine
+
+    leader = build_tree(
+        tmp_path / "leader",
+        {
+            "keep.txt": "keep\n",
+            "edit.txt": "old\n",
+            "old-dir/a.txt": "a\n",
+            "old-dir/sub/b.txt": "b\n",
+            "becomes-file/c.txt": "c\n",
+            "node_modules/dep.js": "leader dep\n",
+        },
+    )
+    follower = tmp_path / "follower" / "ws"
+    engine = RsyncEngine(ssh_config_path=fleet.ssh_config)
+    run(engine.sync(fleet.alias(0), leader, str(follower), None, 30))
+    proven = take_snapshot(leader)
+    os.utime(follower / "keep.txt", (978_307_200, 978_307_200))  # not listed: left alone
+    (follower / "node_modules").mkdir()
+    (follower / "node_modules" / "own.js").write_text("the follower's own\n")
+
+    (leader / "edit.txt").write_text("new\n")  # same size, so --ignore-times matters
+    os.utime(leader / "edit.txt", ns=(0, (follower / "edit.txt").stat().st_mtime_ns))
+    import shutil as _shutil
+
+    _shutil.rmtree(leader / "old-dir")
+    _shutil.rmtree(leader / "becomes-file")
+    (leader / "becomes-file").write_text("now a file\n")
+    (leader / "new-dir").mkdir()
+    (leader / "new-dir" / "n.txt").write_text("n\n")
+    (leader / "odd\nname").write_text("newline in the name\n")
+    wanted = take_snapshot(leader)
+    diff = proven.manifest.diff(wanted.manifest)
+    paths = sorted({*diff.added, *diff.changed, "old-dir"})
+    outcome = run(
+        engine.sync_listed(
+            fleet.alias(0), leader, str(follower), None, paths, 30, list_dir=tmp_path / "lists"
+        )
+    )
+    assert take_snapshot(follower).id == wanted.id
+    assert (follower / "keep.txt").stat().st_mtime == 978_307_200
+    assert "old-dir" in outcome.deleted
+    assert (follower / "node_modules" / "own.js").is_file()
+    assert list((tmp_path / "lists").iterdir()) == []  # the list file is gone

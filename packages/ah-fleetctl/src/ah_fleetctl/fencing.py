@@ -27,11 +27,20 @@ selection's :class:`~ah_fleetctl.dataplane.FleetLinks`:
 The events ``fenceStarted{snapshotId}`` then ``fenceResult{snapshotId, hosts}`` go to
 ``emit`` (any callable taking the event; a coroutine function is awaited).
 
-Speed (see ``benchmarks/fence.py``): with rsync, the sync starts *while* the snapshot is
-taken (the digest afterwards proves what arrived, whatever the order, so nothing is lost),
-and followers keep a stat cache of their own (``--cache auto`` of the digest script; it keys
-on inode and ctime, which a follower-side edit always changes, so tampering cannot hide
-behind a restored mtime): a fence reads only the files that changed, on both sides.
+Speed (see ``benchmarks/fence.py``). The proof is always the follower's digest of its whole
+tree; everything before it only has to make that digest likely to match:
+
+* :class:`VerifiedHosts` remembers, per leader workspace, which snapshot each host was last
+  *proven* to hold (and that snapshot's manifest). Such a host gets ``rsync --files-from``
+  of exactly the paths that differ between that manifest and the new snapshot (nothing at
+  all when none differ), instead of rsync walking both trees. When the follower changed
+  meanwhile (a build wrote into the tree, another workspace was fenced there), its digest
+  disagrees and it gets a full rsync and a second digest before the plan's forced resync.
+* A host with nothing proven gets a full rsync started *while* the snapshot is taken.
+* Both sides keep stat caches (the leader's snapshot cache; the follower's ``--cache auto``
+  of the digest script, keyed on inode and ctime, which a follower-side edit always
+  changes, so tampering cannot hide behind a restored mtime): only changed files are read.
+* The digest runs ``python3 -I -S`` (no site import) and reuses each ControlMaster.
 
 Selected followers the links could not reach are part of the result, never dropped: a
 connect timeout is ``timeout``, any other failure ``error``, with the reason.
@@ -307,15 +316,19 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 def changed_paths(proven: Manifest, wanted: Manifest) -> list[str]:
     """What to list for ``rsync --files-from`` to turn a tree holding ``proven`` into one
-    holding ``wanted``: every path added or changed, and every path removed whose parent is
-    neither removed nor changed itself (a removed directory goes with its contents; a
-    directory that became a file is replaced as a whole)."""
-    diff = proven.diff(wanted)
-    replaced = {*diff.removed, *diff.changed}
+    holding ``wanted``: every path added or changed (kind, content, size, executable bit or
+    link target), and every path removed whose parent is neither removed nor changed itself
+    (a removed directory goes with its contents; a directory that became a file is replaced
+    as a whole). On the fence's critical path, so one dict and one pass each way."""
+    before = {entry.path: entry for entry in proven.entries}
+    present = {entry.path for entry in wanted.entries}
+    differing = [entry.path for entry in wanted.entries if before.get(entry.path) != entry]
+    removed = [path for path in before if path not in present]
+    replaced = {*removed, *(path for path in differing if path in before)}
     top_removed = [
-        path for path in diff.removed if not any(parent in replaced for parent in _parents(path))
+        path for path in removed if not any(parent in replaced for parent in _parents(path))
     ]
-    return sorted({*diff.added, *diff.changed, *top_removed})
+    return sorted({*differing, *top_removed})
 
 
 def _parents(path: str) -> list[str]:
