@@ -14,14 +14,19 @@ from pathlib import Path
 
 import msgspec
 
-__all__ = ["CommandResult", "CommandTimeout", "run_command"]
+__all__ = ["CommandResult", "CommandTimeout", "format_seconds", "run_command"]
+
+
+def format_seconds(seconds: float) -> str:
+    """``2.43612`` → ``2.44``, ``120.0`` → ``120``: deadlines in messages, readable."""
+    return f"{seconds:.2f}".rstrip("0").rstrip(".")
 
 
 class CommandTimeout(TimeoutError):
     """The command did not finish by its deadline and was killed (with its process group)."""
 
     def __init__(self, what: str, timeout: float, stderr: bytes = b"") -> None:
-        super().__init__(f"{what} did not finish within {timeout:g}s and was killed")
+        super().__init__(f"{what} did not finish within {format_seconds(timeout)}s and was killed")
         self.what = what
         self.timeout = timeout
         self.stderr = stderr

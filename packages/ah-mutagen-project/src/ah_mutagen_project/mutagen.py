@@ -48,7 +48,12 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from ah_domain_types import OsKind
-from ah_mutagen_project._process import CommandResult, CommandTimeout, run_command
+from ah_mutagen_project._process import (
+    CommandResult,
+    CommandTimeout,
+    format_seconds,
+    run_command,
+)
 from ah_mutagen_project.ignores import mutagen_ignore_paths
 
 __all__ = [
@@ -92,7 +97,7 @@ class MutagenTimeout(TimeoutError):
 
     def __init__(self, call: str, timeout: float, project_file: Path) -> None:
         super().__init__(
-            f"mutagen {call} ({project_file}) did not finish within its {timeout:g}s deadline "
+            f"mutagen {call} ({project_file}) did not finish within its {format_seconds(timeout)}s deadline "
             "and was killed"
         )
         self.call = call

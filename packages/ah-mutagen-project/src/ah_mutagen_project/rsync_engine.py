@@ -44,7 +44,7 @@ from typing import TypeAlias
 
 import msgspec
 
-from ah_mutagen_project._process import CommandTimeout, run_command
+from ah_mutagen_project._process import CommandTimeout, format_seconds, run_command
 from ah_mutagen_project.ignores import rsync_exclude_patterns
 from ah_mutagen_project.remote_digest import (
     RemoteDigest,
@@ -138,7 +138,7 @@ class SyncTimeout(TimeoutError):
 
     def __init__(self, host: str, timeout: float) -> None:
         super().__init__(
-            f"sync to {host} did not finish within {timeout:g}s; rsync and its ssh were killed"
+            f"sync to {host} did not finish within {format_seconds(timeout)}s; rsync and its ssh were killed"
         )
         self.host = host
         self.timeout = timeout
@@ -450,7 +450,7 @@ class RsyncEngine:
             raise RemoteCommandError(f"digest of {root!r}: {exc}") from None
         except CommandTimeout:
             raise TimeoutError(
-                f"digest of {root!r} on {label} did not finish within {timeout:g}s "
+                f"digest of {root!r} on {label} did not finish within {format_seconds(timeout)}s "
                 f"(gave up after {time.monotonic() - started:.1f}s)"
             ) from None
         digest = parse_digest_output(stdout, manifest=manifest, where=label)
