@@ -143,6 +143,18 @@ def _loadavg() -> tuple[float, float, float]:
     return os.getloadavg()
 
 
+def _udp_socket_drops(port: int) -> int:
+    """Datagrams dropped at the UDP socket bound to local `port` (``/proc/net/udp`` drops)."""
+    total = 0
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    total += int(fields[-1])
+    return total
+
+
 def _udp_receive_buffer_drops() -> int:
     """Datagrams the kernel dropped for a full socket receive buffer, machine-wide."""
     lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines()]
@@ -483,6 +495,7 @@ class Report:
     loadavg_window_end: tuple[float, float, float]
     udp_drops_total: int
     udp_drops_in_window: int
+    ap_socket_drops: int
     profile: str | None
     passed: bool
     verdict: list[str]
@@ -625,6 +638,7 @@ def run(args: argparse.Namespace, work: Path) -> Report:
         workers_cpu_1 = sum(_cpu_seconds(pid) for pid in worker_pids)
         load_end = _loadavg()
         udp_drops_2 = _udp_receive_buffer_drops()
+        ap_socket_drops = _udp_socket_drops(ap.quic_port)
         window_s = window_end - window_start
 
         user_token = ap.signer.issue_user("bench", scopes=["read-logs"], ttl="10m")
@@ -705,6 +719,7 @@ def run(args: argparse.Namespace, work: Path) -> Report:
         loadavg_before=load_before,
         loadavg_window_end=load_end,
         udp_drops_total=udp_drops_2 - udp_drops_0,
+        ap_socket_drops=ap_socket_drops,
         udp_drops_in_window=udp_drops_2 - udp_drops_1,
         profile=str(profile) if profile else None,
         passed=not verdict,
@@ -764,7 +779,7 @@ def print_report(report: Report) -> None:
         f"  listed healthy by the AP       {report.healthy}/{report.listed}",
         f"  disconnects total / in window  {report.disconnects_total} / {report.disconnects_in_window}",
         f"  UDP rcvbuf drops total / window {report.udp_drops_total} / "
-        f"{report.udp_drops_in_window} (machine-wide)",
+        f"{report.udp_drops_in_window} (machine-wide); at the AP's socket {report.ap_socket_drops}",
         f"  load average before / at end   {_fmt_load(report.loadavg_before)} / "
         f"{_fmt_load(report.loadavg_window_end)} ({os.cpu_count()} cores)",
     ]

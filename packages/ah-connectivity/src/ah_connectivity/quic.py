@@ -1373,7 +1373,10 @@ class _AccessPointConnection(_FramedConnection):
             unhealthy_after_intervals=srv.unhealthy_after_intervals,
             hello_timeout_ms=srv.hello_timeout_ms,
         )
-        _log.info("{}: authenticated as {}", self.label, spiffe_id)
+        # Debug: the handler reports the accepted follower (the access point's fleet logs it
+        # with its facts); at info, 500 followers reconnecting meant thousands of redacted
+        # lines (~0.15 ms each) on the loop that must also finish their handshakes.
+        _log.debug("{}: authenticated as {}", self.label, spiffe_id)
         self.rearm_timer()
 
     def accept_stream(self, sid: int) -> _Stream | None:
@@ -1620,7 +1623,7 @@ class ControlServer:
             self._gone(old, "superseded by a newer connection from the same follower")
             old.close("superseded by a newer connection", ConnectionCloseCode.SUPERSEDED)
         self._followers[conn.name] = conn
-        _log.info("follower {!r} connected from {}", conn.name, conn.peer_address)
+        _log.debug("follower {!r} connected from {}", conn.name, conn.peer_address)
         self._call("on_follower_connected", conn.name, conn)
 
     def _gone(self, conn: FollowerConnection, reason: str) -> None:
