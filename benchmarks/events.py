@@ -29,7 +29,12 @@ from pathlib import Path
 from typing import Any
 
 _ID = re.compile(rb"\nid: (\d+)\n")
+_TS = re.compile(rb'"tsMs":([0-9.e+]+)}\n')
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+Mark = tuple[int, int, int, float]
+"""(highest id received so far, monotonic ns and wall-clock ns of the read that completed
+it, the ``tsMs`` the access point stored that event with)"""
 
 
 def cpu_seconds(pid: int) -> float:
@@ -53,13 +58,15 @@ def percentile(values: list[float], fraction: float) -> float:
 async def _follow(
     host: str, port: int, ca_pem: str, token: str, session_id: str, expected: int,
     deadline: float, following: Any,
-) -> tuple[list[tuple[int, int]], int]:  # fmt: skip
-    """One SSE client: [(highest id in a read, monotonic ns of that read)] and how often it
-    had to reconnect (resuming with Last-Event-ID, as any client must)."""
+) -> tuple[list[Mark], int, int]:  # fmt: skip
+    """One SSE client: a `Mark` per read that completed new events, how often it had to
+    reconnect (resuming with Last-Event-ID, as any client must), and how many ids were not
+    the one expected next (a gap, a duplicate or a reordering: must be 0)."""
     context = ssl.create_default_context(cadata=ca_pem)
-    marks: list[tuple[int, int]] = []
+    marks: list[Mark] = []
     highest = 0
     reconnects = -1
+    disorder = 0
     while highest < expected and time.monotonic() < deadline:
         reconnects += 1
         reader, writer = await asyncio.open_connection(
@@ -85,28 +92,38 @@ async def _follow(
                     break
                 if not chunk:
                     break  # the access point ended the stream: resume
-                now = time.monotonic_ns()
-                data = tail + chunk
+                now, wall = time.monotonic_ns(), time.time_ns()
+                # An event counts as received once its whole frame (up to the blank line
+                # that ends it) is in; the rest waits for the next read (with the newline
+                # before it, so that every id line is found as "\nid: ...\n").
+                buffered = tail + chunk
+                cut = buffered.rfind(b"\n\n") + 1
+                data, tail = buffered[:cut], buffered[cut:]
                 found = _ID.findall(data)
-                if found:
-                    if highest == 0:
-                        with following.get_lock():
-                            following.value += 1  # has the warm-up event: it follows
-                    highest = max(highest, int(found[-1]))
-                    marks.append((highest, now))
-                tail = data[-32:]
+                if not found:
+                    continue
+                if highest == 0:
+                    with following.get_lock():
+                        following.value += 1  # has the warm-up event: it follows
+                for raw in found:
+                    number = int(raw)
+                    if highest and number != highest + 1:
+                        disorder += 1
+                    highest = max(highest, number)
+                stamp = _TS.search(data, data.rfind(b'"tsMs":'))
+                marks.append((highest, now, wall, float(stamp[1]) if stamp else 0.0))
         except (ConnectionError, ssl.SSLError):
             pass
         finally:
             writer.close()
-    return marks, reconnects
+    return marks, reconnects, disorder
 
 
 def clients_main(
     host: str, port: int, ca_pem: str, token: str, session_id: str, clients: int,
     expected: int, timeout: float, following: Any, results: Any,
 ) -> None:  # fmt: skip
-    async def main() -> list[tuple[list[tuple[int, int]], int]]:
+    async def main() -> list[tuple[list[Mark], int, int]]:
         deadline = time.monotonic() + timeout
         tasks = [
             asyncio.ensure_future(
@@ -198,6 +215,7 @@ def main() -> None:
 
         payload = "x" * args.line
         emit_ns = [0] * (total + 2)  # by seq: the warm-up event is seq 1
+        emit_wall_ns = [0] * (total + 2)
         tick = 0.01
         per_tick = args.rate * tick
         ap_cpu0 = cpu_seconds(ap.pid)
@@ -212,6 +230,7 @@ def main() -> None:
             for _ in range(batch):
                 emitted += 1
                 emit_ns[emitted + 1] = time.monotonic_ns()
+                emit_wall_ns[emitted + 1] = time.time_ns()
                 sink.emit(
                     sink.make(HostLogEvent, host="bench", stream="stdout", line=f"{emitted} {payload}")
                 )
@@ -222,7 +241,7 @@ def main() -> None:
         emit_seconds = time.monotonic() - started
         wait_for(lambda: sink.delivered >= total + 1, 120, what="every event acknowledged")
         ack_seconds = time.monotonic() - started
-        per_client: list[tuple[list[tuple[int, int]], int]]
+        per_client: list[tuple[list[Mark], int, int]]
         per_client, clients_cpu, clients_wall = results.get(timeout=args.seconds + 180)
         received_seconds = time.monotonic() - started
         ap_cpu = cpu_seconds(ap.pid) - ap_cpu0
@@ -231,15 +250,30 @@ def main() -> None:
         report = sink.close()
 
     latencies: list[float] = []
+    # Where the time goes, from the last event of each read: emit → the access point stored
+    # it (the tsMs it assigned), and stored → receipt; each counted for every event of the read.
+    stored_lag: list[float] = []
+    fanout_lag: list[float] = []
+    by_second: dict[int, list[float]] = {}
     counts = []
-    reconnects = sum(r for _, r in per_client)
-    for marks, _ in per_client:
+    reconnects = sum(r for _, r, _ in per_client)
+    disorder = sum(d for _, _, d in per_client)
+    for marks, _, _ in per_client:
         counts.append(marks[-1][0] if marks else 0)
         seq = 2
-        for highest, at in marks:
+        for highest, at, wall, ts_ms in marks:
+            first = seq
             while seq <= highest and seq <= total + 1:
-                latencies.append((at - emit_ns[seq]) / 1e6)
+                latency = (at - emit_ns[seq]) / 1e6
+                latencies.append(latency)
+                second = (emit_ns[seq] - emit_ns[2]) // 1_000_000_000
+                by_second.setdefault(second, []).append(latency)
                 seq += 1
+            last = min(highest, total + 1)
+            if last >= 2 and ts_ms:
+                # Weighted by the events the read completed, as the latency above is.
+                stored_lag += [ts_ms - emit_wall_ns[last] / 1e6] * (seq - first)
+                fanout_lag += [wall / 1e6 - ts_ms] * (seq - first)
     print(f"events pushed:         {total} at a target of {args.rate}/s over {args.seconds:g} s")
     print(f"leader emit rate:      {total / emit_seconds:,.0f} events/s")
     print(f"access point acked:    {total / ack_seconds:,.0f} events/s sustained "
@@ -247,10 +281,18 @@ def main() -> None:
     print(f"SSE clients:           {args.clients}, each received "
           f"{min(counts) - 1}..{max(counts) - 1} of {total} events "
           f"(all delivered {received_seconds - emit_seconds:.2f} s after the last emit; "
-          f"{reconnects} reconnects)")  # fmt: skip
+          f"{reconnects} reconnects, {disorder} ids out of sequence)")  # fmt: skip
     print(f"latency emit→receipt:  p50 {percentile(latencies, 0.5):.1f} ms, "
           f"p99 {percentile(latencies, 0.99):.1f} ms, max {max(latencies, default=float('nan')):.1f} ms "
           f"over {len(latencies):,} deliveries")  # fmt: skip
+    print(f"  emit→stored:         p50 {percentile(stored_lag, 0.5):.1f} ms, "
+          f"p99 {percentile(stored_lag, 0.99):.1f} ms, max {max(stored_lag, default=float('nan')):.1f} ms "
+          "(by the access point's tsMs of the last event of each read; wall clock)")  # fmt: skip
+    print(f"  stored→receipt:      p50 {percentile(fanout_lag, 0.5):.1f} ms, "
+          f"p99 {percentile(fanout_lag, 0.99):.1f} ms, max {max(fanout_lag, default=float('nan')):.1f} ms")  # fmt: skip
+    print("  by second of emit:   " + ", ".join(
+        f"{second}s p99 {percentile(values, 0.99):.0f}/max {max(values):.0f}"
+        for second, values in sorted(by_second.items())))  # fmt: skip
     print(f"access point CPU:      {100 * ap_cpu / received_seconds:.0f}% of one core "
           f"({ap_cpu:.1f} s over {received_seconds:.1f} s)")  # fmt: skip
     print(f"leader process CPU:    {100 * me_cpu / received_seconds:.0f}% of one core")

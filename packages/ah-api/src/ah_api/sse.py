@@ -233,6 +233,8 @@ class SsePump:
         self.merge: ReplayLiveMerge[StoredEvent] = ReplayLiveMerge(after)
         self.abort = asyncio.Event()
         """Set when the client lags so far behind live events that it must be cut off."""
+        self.on_abort: Callable[[], None] | None = None
+        """Called when `abort` is set (the response abandons a write still pending)."""
         self.sent_events = 0
         self._started = False
         self._finished = False
@@ -249,6 +251,8 @@ class SsePump:
         # pending, a replaying pump just reads on (see `_replay_step`) and a live one ends
         # the stream at its next step.
         self.abort.set()
+        if self.on_abort is not None:
+            self.on_abort()
 
     def close(self) -> None:
         self._finished = True
@@ -349,7 +353,7 @@ logging.getLogger("uvicorn.error").addFilter(_stalled_filter)
 
 
 class _EventStreamASGIResponse(ASGIStreamingResponse):
-    """Streams an `SsePump`; each write races the pump's abort signal."""
+    """Streams an `SsePump`; a write still pending when the pump aborts is abandoned."""
 
     def __init__(self, *, pump: SsePump, **kwargs: Any) -> None:
         super().__init__(iterator=pump, **kwargs)
@@ -372,24 +376,33 @@ class _EventStreamASGIResponse(ASGIStreamingResponse):
             pump.close()
 
     async def _stream_abortable(self, send: Send) -> bool:
-        """Send every chunk; True when the client was cut off mid-way."""
+        """Send every chunk; True when the client was cut off mid-way.
+
+        Writes are awaited directly (no task per write: this is the hot path, one write per
+        pushed batch and client). The pump's abort hook runs synchronously when the client's
+        queue overflows; if a write is pending then, the client is not reading: this task is
+        cancelled out of the write and the connection closed."""
         pump = self.pump
-        abort = pump.abort
-        abort_wait: asyncio.Task[bool] | None = None
+        task = asyncio.current_task()
+        assert task is not None
+        writing = False
+        cut = False
+
+        def on_abort() -> None:
+            nonlocal cut
+            if writing and not cut:
+                cut = True
+                task.cancel()
+
+        pump.on_abort = on_abort
         try:
             async for chunk in pump:
-                if abort_wait is None or abort_wait.done():
-                    # (A replaying pump clears a past overflow: wait for the next one.)
-                    abort_wait = asyncio.ensure_future(abort.wait())
                 message: Any = {"type": "http.response.body", "body": chunk, "more_body": True}
-                if not await self._write(send, message, abort_wait):
-                    _log.info(
-                        "event stream of session %s: the client stopped reading and lags more "
-                        "than %d events behind; closing its connection",
-                        pump.session_id,
-                        pump.settings.queue_size,
-                    )
-                    return True
+                writing = True
+                try:
+                    await send(message)
+                finally:
+                    writing = False
             # The end of the stream (a lagging client told to resume): it must not wait on a
             # client that does not read either.
             end: Any = {"type": "http.response.body", "body": b"", "more_body": False}
@@ -398,9 +411,19 @@ class _EventStreamASGIResponse(ASGIStreamingResponse):
                 return not await self._write(send, end, give_up)
             finally:
                 give_up.cancel()
+        except asyncio.CancelledError:
+            if not cut:
+                raise
+            task.uncancel()
+            _log.info(
+                "event stream of session %s: the client stopped reading and lags more "
+                "than %d events behind; closing its connection",
+                pump.session_id,
+                pump.settings.queue_size,
+            )
+            return True
         finally:
-            if abort_wait is not None:
-                abort_wait.cancel()
+            pump.on_abort = None
 
     @staticmethod
     async def _write(send: Send, message: Any, unless: asyncio.Future[Any]) -> bool:

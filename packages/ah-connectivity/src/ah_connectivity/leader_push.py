@@ -60,6 +60,7 @@ from ah_connectivity.quic import (
     ConnectionCloseCode,
     ControlServer,
     _AccessPointConnection,
+    _ack_with_next_packet,
     serve_quic,
 )
 from ah_domain_types import (
@@ -174,6 +175,8 @@ class _PushConnection:
         self.authenticated = False
         self._hello_timer: asyncio.TimerHandle | None = None
         self._refused_ids: set[int] = set()
+        # A leader streams batches of many packets: ACK them once per read burst.
+        proto.coalesce_transmit = True
 
     @property
     def label(self) -> str:
@@ -329,6 +332,8 @@ class _PushConnection:
         except (RuntimeError, ValueError) as exc:
             _log.debug("{}: cannot write to push stream {}: {}", self.label, stream.sid, exc)
             return
+        # The batch's packets are acknowledged in the packet that carries its PushAck.
+        _ack_with_next_packet(self.proto._quic, self.proto._loop.time())
         self.proto._transmit_soon()
 
     def _finish(self, stream: _ServerPushStream) -> None:
@@ -562,6 +567,8 @@ class _PushClientProtocol(QuicConnectionProtocol):
         except (RuntimeError, ValueError) as exc:
             self.end(f"cannot write to the push stream: {exc}")
             return
+        # The access point's PushAcks are acknowledged in the packets of the next batch.
+        _ack_with_next_packet(self._quic, self._loop.time())
         self._transmit_soon()
 
     def finish(self) -> None:
