@@ -44,6 +44,48 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
+def udp_receive_buffer_errors() -> int:
+    """Datagrams this machine dropped for a full socket receive buffer so far (every process)."""
+    lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines() if line.startswith("Udp:")]
+    return int(lines[1][lines[0].index("RcvbufErrors")])
+
+
+class QuicWatch:
+    """What the leader's QUIC connection went through: packets declared lost (each one cuts
+    the congestion window), and the window and smoothed RTT it ended with."""
+
+    def __init__(self) -> None:
+        from aioquic.quic.recovery import QuicPacketRecovery
+
+        self.lost = 0
+        self.recoveries: list[Any] = []
+        watch = self
+        original_lost = QuicPacketRecovery._on_packets_lost
+        original_init = QuicPacketRecovery.__init__
+
+        def on_packets_lost(recovery: Any, **kwargs: Any) -> None:
+            packets = list(kwargs.pop("packets"))
+            watch.lost += len(packets)
+            original_lost(recovery, packets=packets, **kwargs)
+
+        def init(recovery: Any, *args: Any, **kwargs: Any) -> None:
+            original_init(recovery, *args, **kwargs)
+            watch.recoveries.append(recovery)
+
+        QuicPacketRecovery._on_packets_lost = on_packets_lost  # type: ignore[method-assign]
+        QuicPacketRecovery.__init__ = init  # type: ignore[method-assign]
+
+    def describe(self) -> str:
+        if not self.recoveries:
+            return "no connection"
+        last = self.recoveries[-1]
+        return (
+            f"{len(self.recoveries)} connection(s), {self.lost} packets declared lost; "
+            f"final congestion window {last.congestion_window / 1024:.0f} KiB, "
+            f"smoothed RTT {last._rtt_smoothed * 1000:.1f} ms"
+        )
+
+
 def percentile(values: list[float], fraction: float) -> float:
     if not values:
         return float("nan")
@@ -158,6 +200,7 @@ def main() -> None:
     from ah_fleetctl.events import SessionEventSink
     from ah_harness_local import ProcessGroup, wait_for
 
+    quic_watch = QuicWatch()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AH_")}
     with tempfile.TemporaryDirectory(prefix="ah-bench-events-") as tmp, ProcessGroup(
         Path(tmp) / "logs"
@@ -218,6 +261,7 @@ def main() -> None:
         emit_wall_ns = [0] * (total + 2)
         tick = 0.01
         per_tick = args.rate * tick
+        udp_drops0 = udp_receive_buffer_errors()
         ap_cpu0 = cpu_seconds(ap.pid)
         me_cpu0 = time.process_time()
         started = time.monotonic()
@@ -246,6 +290,7 @@ def main() -> None:
         received_seconds = time.monotonic() - started
         ap_cpu = cpu_seconds(ap.pid) - ap_cpu0
         me_cpu = time.process_time() - me_cpu0
+        udp_drops = udp_receive_buffer_errors() - udp_drops0
         followers.join(30)
         report = sink.close()
 
@@ -298,6 +343,8 @@ def main() -> None:
     print(f"leader process CPU:    {100 * me_cpu / received_seconds:.0f}% of one core")
     print(f"SSE clients' process:  {100 * clients_cpu / clients_wall:.0f}% of one core "
           f"(all {args.clients} clients, TLS + parsing)")  # fmt: skip
+    print(f"leader's QUIC:         {quic_watch.describe()}")
+    print(f"UDP receive drops:     {udp_drops} on this machine during the run (all processes)")
     print(f"machine:               {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
 
 

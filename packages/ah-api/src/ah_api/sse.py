@@ -104,7 +104,9 @@ class Subscription:
         self.overflowed = False
         self.closed = False
         self.on_overflow: Callable[[], None] | None = None
-        self._ready = asyncio.Event()
+        self._waiter: asyncio.Future[bool] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
 
     def offer(self, events: Sequence[StoredEvent]) -> None:
         if self.overflowed or self.closed:
@@ -112,17 +114,16 @@ class Subscription:
         if len(self.queue) + len(events) > self.max_queue:
             self.overflowed = True
             self.queue.clear()
-            self._ready.set()
+            self._wake(True)
             if self.on_overflow is not None:
                 self.on_overflow()
             return
         self.queue.extend(events)
-        self._ready.set()
+        self._wake(True)
 
     def take(self) -> list[StoredEvent]:
         items = list(self.queue)
         self.queue.clear()
-        self._ready.clear()
         return items
 
     def reset(self) -> None:
@@ -130,25 +131,59 @@ class Subscription:
         replaying history, which covers whatever was dropped."""
         self.overflowed = False
         self.queue.clear()
-        self._ready.clear()
 
     async def wait(self, timeout: float) -> bool:
         """Until something is queued, the queue overflowed or the hub closed (True), or
-        ``timeout`` (False)."""
+        ``timeout`` (False).
+
+        A client that keeps receiving events waits here once per batch: instead of a timer
+        per wait, one timer per subscription is moved forward lazily (when it fires before
+        the latest deadline, it re-arms for that deadline), so it fires about once per
+        ``timeout`` however many waits there were."""
         if self.queue or self.overflowed or self.closed:
             return True
+        loop = asyncio.get_running_loop()
+        self._deadline = deadline = loop.time() + timeout
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(deadline, self._on_timer)
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiter = waiter
         try:
-            async with asyncio.timeout(timeout):
-                await self._ready.wait()
-        except TimeoutError:
-            return False
-        return True
+            return await waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self, value: bool) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(value)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # nobody waits: the next wait arms a timer of its own
+        loop = waiter.get_loop()
+        if loop.time() + _TIMER_SLACK_S >= self._deadline:
+            waiter.set_result(False)
+        else:
+            self._timer = loop.call_at(self._deadline, self._on_timer)
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self._ready.set()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._wake(True)
             self.hub._remove(self)
+
+
+_TIMER_SLACK_S = 0.001
+"""A keep-alive timer that fires this close to its deadline counts as expired."""
 
 
 class EventHub:

@@ -77,6 +77,8 @@ from ah_domain_types import (
 
 __all__ = [
     "LEADER_ALPN",
+    "LEADER_MAX_BATCHES_IN_FLIGHT",
+    "LEADER_MAX_BATCH_EVENTS",
     "ControlAndPushServer",
     "LeaderPushClient",
     "PushGrant",
@@ -88,6 +90,14 @@ __all__ = [
 ]
 
 LEADER_ALPN = "ah-leader/1"
+
+LEADER_MAX_BATCH_EVENTS = 1024
+"""Events per batch the leader sends at most (the access point's default limit)."""
+LEADER_MAX_BATCHES_IN_FLIGHT = 2
+"""Batches the leader has unacknowledged at most: one being stored while the next one waits
+at the access point, and whatever is emitted meanwhile gathers into the batch after (see
+`PushSender`). An access point that falls behind thus gets fewer, larger batches instead of
+a backlog of small ones, each costing a transaction and a write per SSE client."""
 
 _log = logger.bind(component="ah-connectivity.leader_push")
 
@@ -649,7 +659,10 @@ class LeaderPushClient:
         self.session_id = session_id
         self.producer = producer or new_producer_id()
         self.client_version = client_version
-        self.sender = sender or PushSender()
+        self.sender = sender or PushSender(
+            max_batch_events=LEADER_MAX_BATCH_EVENTS,
+            max_in_flight_batches=LEADER_MAX_BATCHES_IN_FLIGHT,
+        )
         self.backoff = backoff or Backoff(base_s=0.2, cap_s=5.0)
         self.connect_timeout_s = connect_timeout_s
         self.idle_timeout_s = idle_timeout_s
