@@ -93,6 +93,25 @@ class StoredEvent:
         return frame
 
 
+class PublishedBatch:
+    """Events published together (ascending seqs), offered to every subscriber as one
+    object: their SSE frames are joined once, by the first client that sends them whole,
+    and every other client sends the same bytes."""
+
+    __slots__ = ("_frames", "events")
+
+    def __init__(self, events: Sequence[StoredEvent]) -> None:
+        self.events = events
+        self._frames: bytes | None = None
+
+    @property
+    def frames(self) -> bytes:
+        frames = self._frames
+        if frames is None:
+            frames = self._frames = b"".join([e.frame for e in self.events])
+        return frames
+
+
 class Subscription:
     """Live events of one session for one client (event-loop thread only)."""
 
@@ -100,7 +119,10 @@ class Subscription:
         self.hub = hub
         self.session_id = session_id
         self.max_queue = max_queue
-        self.queue: deque[StoredEvent] = deque()
+        self.queue: deque[PublishedBatch] = deque()
+        """Published batches not yet taken (whole: offer never splits one)."""
+        self.queued = 0
+        """Events in `queue`."""
         self.overflowed = False
         self.closed = False
         self.on_overflow: Callable[[], None] | None = None
@@ -108,29 +130,39 @@ class Subscription:
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
 
-    def offer(self, events: Sequence[StoredEvent]) -> None:
+    def offer(self, events: Sequence[StoredEvent] | PublishedBatch) -> None:
         if self.overflowed or self.closed:
             return
-        if len(self.queue) + len(events) > self.max_queue:
+        batch = events if isinstance(events, PublishedBatch) else PublishedBatch(events)
+        if self.queued + len(batch.events) > self.max_queue:
             self.overflowed = True
             self.queue.clear()
+            self.queued = 0
             self._wake(True)
             if self.on_overflow is not None:
                 self.on_overflow()
             return
-        self.queue.extend(events)
+        self.queue.append(batch)
+        self.queued += len(batch.events)
         self._wake(True)
 
-    def take(self) -> list[StoredEvent]:
-        items = list(self.queue)
+    def take_batches(self) -> list[PublishedBatch]:
+        """Everything queued, as published."""
+        batches = list(self.queue)
         self.queue.clear()
-        return items
+        self.queued = 0
+        return batches
+
+    def take(self) -> list[StoredEvent]:
+        """Everything queued, one event after the other."""
+        return [event for batch in self.take_batches() for event in batch.events]
 
     def reset(self) -> None:
         """Forget the overflow (and everything queued): only while the client is still
         replaying history, which covers whatever was dropped."""
         self.overflowed = False
         self.queue.clear()
+        self.queued = 0
 
     async def wait(self, timeout: float) -> bool:
         """Until something is queued, the queue overflowed or the hub closed (True), or
@@ -204,9 +236,10 @@ class EventHub:
         subscribers = self._subscribers.get(session_id)
         if not subscribers or not events:
             return
+        batch = PublishedBatch(events)
         for subscription in list(subscribers):
             was = subscription.overflowed
-            subscription.offer(events)
+            subscription.offer(batch)
             if subscription.overflowed and not was:
                 self.overflows += 1
 
@@ -330,8 +363,18 @@ class SsePump:
                     self.merge.cursor,
                 )
                 raise StopAsyncIteration
-            items = subscription.take()
-            if items:
+            batches = subscription.take_batches()
+            if batches:
+                if self.types is None and self.merge.pass_through(
+                    batches[0].events[0].seq, batches[-1].events[-1].seq
+                ):
+                    # The common case: every event of the batches is new and wanted, so
+                    # the client gets the frames every other client gets too.
+                    self.sent_events += sum(len(batch.events) for batch in batches)
+                    if len(batches) == 1:
+                        return batches[0].frames
+                    return b"".join([batch.frames for batch in batches])
+                items = [event for batch in batches for event in batch.events]
                 if self.types is not None:
                     items = [e for e in items if e.type in self.types]
                 chunk = self._frames(self.merge.arrived_sorted(items, _seq))
