@@ -193,7 +193,16 @@ def main() -> None:
         "--profile-ap", type=Path, default=None, metavar="FILE",
         help="run the access point under cProfile, writing its stats to FILE",
     )  # fmt: skip
+    parser.add_argument(
+        "--leader-batches", type=int, default=None, metavar="N",
+        help="batches the leader keeps unacknowledged at most (0: no bound; default: the "
+        "leader's own, LEADER_MAX_BATCHES_IN_FLIGHT)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.leader_batches is not None:
+        from ah_connectivity import leader_push
+
+        leader_push.LEADER_MAX_BATCHES_IN_FLIGHT = args.leader_batches or None  # type: ignore[assignment]
 
     from ah_access_pointd.state import load_state
     from ah_domain_types import HostLogEvent

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import pytest
 from aioquic.asyncio.client import connect
 from aioquic.quic.configuration import QuicConfiguration
@@ -48,6 +49,8 @@ class MemoryIngest:
     """session → [(seq, producer, message)]"""
     producers: dict[tuple[str, str], int] = field(default_factory=dict)
     fail_next_append: bool = False
+    wire_session_ids: set[str] = field(default_factory=set)
+    """The session ids the events carried on the wire."""
 
     def open_push(self, token: str, session_id: str, producer: str) -> PushGrant:
         try:
@@ -76,6 +79,7 @@ class MemoryIngest:
         first = len(stored) + 1
         for event in events:
             assert isinstance(event, NoteEvent)
+            self.wire_session_ids.add(event.session_id)
             stored.append((len(stored) + 1, grant.producer, event.message))
         self.producers[key] = first_lseq + len(events) - 1
         return first, len(stored)
@@ -168,6 +172,9 @@ def test_push_and_follower_share_the_port(
             )
             async with running(client):
                 for event in notes(0, 1500):
+                    # Half as the sink makes them (with the session id), half without.
+                    if len(event.message) % 2:
+                        event = msgspec.structs.replace(event, session_id=session)
                     client.emit(event)
                 assert await client.flush(20.0)
                 await follower.wait_connected(10.0)
@@ -178,6 +185,7 @@ def test_push_and_follower_share_the_port(
 
     run(body())
     assert ingest.messages(session) == [f"n{i}" for i in range(1500)]
+    assert ingest.wire_session_ids == {""}, "the stream's session id is not repeated per event"
     # The acks cover seqs 1..1500 once each, in order.
     covered = [seq for first, last in acked for seq in range(first, last + 1)]
     assert covered == list(range(1, 1501))
