@@ -6,10 +6,16 @@ at a steady rate; ``--clients`` SSE clients (raw TLS sockets in a child process,
 parsing does not compete with the leader's interpreter) follow the session from its start.
 
 Reported: the rate the leader emitted at, the rate the access point acknowledged at, what
-each client received, the end-to-end latency emit → receipt on a client (p50/p99/max over
-every event and client), and the CPU the access point used (from /proc; 100% = one core).
+each client received (and how many ids were not the next one: a gap, duplicate or reordering,
+must be 0), the end-to-end latency emit → receipt on a client (p50/p99/max over every event
+and every client; an event counts as received when its whole frame has been read; both
+stamps from the same monotonic clock), split into emit → stored (the access point's tsMs) and
+stored → receipt, the p99/max per second of the run, the CPU of the access point, the leader
+and the clients (from /proc; 100% = one core), the leader's QUIC losses, congestion window
+and RTT, and UDP receive-buffer drops on the machine.
 
     uv run python benchmarks/events.py [--rate 5000] [--seconds 10] [--clients 10]
+        [--leader-batches N] [--profile-ap FILE]
 """
 
 from __future__ import annotations
