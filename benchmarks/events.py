@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -30,6 +31,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,49 @@ def cpu_seconds(pid: int) -> float:
     raw = Path(f"/proc/{pid}/stat").read_text()
     fields = raw[raw.rfind(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def runqueue_wait_ns(pid: int) -> int:
+    """Nanoseconds the threads of ``pid`` have spent runnable but waiting for a CPU
+    (``/proc/<pid>/task/*/schedstat``, second field): time lost to CPU contention."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, IndexError, ValueError):  # the thread ended
+            total += int((task / "schedstat").read_text().split()[1])
+    return total
+
+
+class RunQueueSampler(threading.Thread):
+    """Once a second: how long each process waited for a CPU in that second."""
+
+    def __init__(self, pids: dict[str, int], started: float) -> None:
+        super().__init__(name="runqueue-sampler", daemon=True)
+        self.pids = pids
+        self.started = started
+        self.stop = threading.Event()
+        self.seconds: list[dict[str, float]] = []
+        """Per second of the run: process name → milliseconds waited."""
+        self.totals: dict[str, float] = dict.fromkeys(pids, 0.0)
+
+    def _read(self) -> dict[str, int]:
+        values = {}
+        for name, pid in self.pids.items():
+            try:
+                values[name] = runqueue_wait_ns(pid)
+            except OSError:
+                values[name] = 0
+        return values
+
+    def run(self) -> None:
+        last = self._read()
+        first = dict(last)
+        tick = 1
+        while not self.stop.wait(max(0.0, self.started + tick - time.monotonic())):
+            now = self._read()
+            self.seconds.append({k: (now[k] - last[k]) / 1e6 for k in now})
+            self.totals = {k: (now[k] - first[k]) / 1e6 for k in now}
+            last = now
+            tick += 1
 
 
 def udp_receive_buffer_errors() -> int:
@@ -280,6 +325,11 @@ def main() -> None:
         ap_cpu0 = cpu_seconds(ap.pid)
         me_cpu0 = time.process_time()
         started = time.monotonic()
+        sampler = RunQueueSampler(
+            {"access point": ap.pid, "leader": os.getpid(), "clients": int(followers.pid or 0)},
+            started,
+        )
+        sampler.start()
         emitted = 0
         credit = 0.0
         while emitted < total:
@@ -304,6 +354,8 @@ def main() -> None:
         per_client, clients_cpu, clients_wall = results.get(timeout=args.seconds + 180)
         received_seconds = time.monotonic() - started
         ap_cpu = cpu_seconds(ap.pid) - ap_cpu0
+        sampler.stop.set()
+        sampler.join(5)
         me_cpu = time.process_time() - me_cpu0
         udp_drops = udp_receive_buffer_errors() - udp_drops0
         followers.join(30)
@@ -350,14 +402,23 @@ def main() -> None:
           "(by the access point's tsMs of the last event of each read; wall clock)")  # fmt: skip
     print(f"  stored→receipt:      p50 {percentile(fanout_lag, 0.5):.1f} ms, "
           f"p99 {percentile(fanout_lag, 0.99):.1f} ms, max {max(fanout_lag, default=float('nan')):.1f} ms")  # fmt: skip
+    waits = sampler.seconds
+
+    def ap_wait(second: int) -> str:
+        return f" (AP waited {waits[second]['access point']:.0f})" if second < len(waits) else ""
+
     print("  by second of emit:   " + ", ".join(
-        f"{second}s p99 {percentile(values, 0.99):.0f}/max {max(values):.0f}"
+        f"{second}s p99 {percentile(values, 0.99):.0f}/max {max(values):.0f}{ap_wait(int(second))}"
         for second, values in sorted(by_second.items())))  # fmt: skip
+    print("  (ms; 'AP waited': how long the access point was runnable but got no CPU that second)")
     print(f"access point CPU:      {100 * ap_cpu / received_seconds:.0f}% of one core "
           f"({ap_cpu:.1f} s over {received_seconds:.1f} s)")  # fmt: skip
     print(f"leader process CPU:    {100 * me_cpu / received_seconds:.0f}% of one core")
     print(f"SSE clients' process:  {100 * clients_cpu / clients_wall:.0f}% of one core "
           f"(all {args.clients} clients, TLS + parsing)")  # fmt: skip
+    print("run-queue wait:        " + ", ".join(
+        f"{name} {ms / received_seconds:.0f} ms/s" for name, ms in sampler.totals.items())
+        + " (runnable but no CPU: contention with everything else on the machine)")  # fmt: skip
     print(f"leader's QUIC:         {quic_watch.describe()}")
     print(f"UDP receive drops:     {udp_drops} on this machine during the run (all processes)")
     print(f"machine:               {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
