@@ -249,7 +249,16 @@ def main() -> None:
         help="batches the leader keeps unacknowledged at most (0: no bound; default: the "
         "leader's own, LEADER_MAX_BATCHES_IN_FLIGHT)",
     )  # fmt: skip
+    parser.add_argument(
+        "--leader-linger-ms", type=float, default=None, metavar="MS",
+        help="how long the leader lets an event wait for others to join its batch "
+        "(default: the leader's own, LEADER_LINGER_S)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.leader_linger_ms is not None:
+        from ah_connectivity import leader_push
+
+        leader_push.LEADER_LINGER_S = args.leader_linger_ms / 1000
     if args.leader_batches is not None:
         from ah_connectivity import leader_push
 

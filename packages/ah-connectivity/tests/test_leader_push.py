@@ -28,6 +28,7 @@ from ah_connectivity.leader_push import (
     PushRefusedError,
     new_session_id,
 )
+from ah_connectivity.push_core import PushSender
 from ah_domain_types import (
     SESSION_ID_PATTERN,
     Event,
@@ -253,6 +254,39 @@ def test_reconnect_after_the_access_point_restarts_stores_each_event_once(
 
     run(body())
     assert ingest.messages(session) == [f"n{i}" for i in range(800)]
+
+
+def test_events_linger_for_their_batch_and_a_full_batch_goes_at_once(
+    run: Callable[..., Any], fleet: Any, handler: Any, signer: TokenSigner
+) -> None:
+    ingest = MemoryIngest(signer)
+    session = new_session_id()
+
+    async def body() -> None:
+        async with make_server(fleet, handler, ingest) as server:
+            port = await server.start()
+            client = make_client(
+                fleet,
+                port,
+                signer.issue_user("alice", scopes=["exec"]),
+                session,
+                sender=PushSender(max_batch_events=10, max_in_flight_batches=2),
+                linger_s=3600.0,
+            )
+            async with running(client):
+                await client.wait_for(lambda c: c.connected, 10.0)
+                for event in notes(0, 3):
+                    client.emit(event)
+                # Three events wait for others to join their batch (the linger is an hour)...
+                assert not await client.flush(0.5)
+                assert client.sender.in_flight == 0 and ingest.messages(session) == []
+                for event in notes(3, 10):
+                    client.emit(event)
+                # ...and the tenth fills the batch: it leaves at once.
+                assert await client.flush(10.0), client.status
+
+    run(body())
+    assert ingest.messages(session) == [f"n{i}" for i in range(10)]
 
 
 def test_a_storage_failure_refuses_the_stream_and_the_leader_retries(

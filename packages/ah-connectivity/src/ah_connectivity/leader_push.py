@@ -99,6 +99,10 @@ LEADER_MAX_BATCHES_IN_FLIGHT = 2
 at the access point, and whatever is emitted meanwhile gathers into the batch after (see
 `PushSender`). An access point that falls behind thus gets fewer, larger batches instead of
 a backlog of small ones, each costing a transaction and a write per SSE client."""
+LEADER_LINGER_S = 0.002
+"""How long an emitted event may wait for others to join its batch (unless a full batch is
+ready sooner): a burst of events emitted within this time (a tick of output from many
+hosts) becomes one batch, not one per event-loop turn of the leader."""
 
 _log = logger.bind(component="ah-connectivity.leader_push")
 
@@ -650,7 +654,9 @@ class LeaderPushClient:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         on_ack: Callable[[AckedRange], None] | None = None,
         on_status: Callable[[PushStatus], None] | None = None,
+        linger_s: float | None = None,
     ) -> None:
+        """``linger_s``: see `LEADER_LINGER_S` (the default); 0 sends on the next loop turn."""
         validate_session_id(session_id)
         self.host = host
         self.port = port
@@ -672,6 +678,7 @@ class LeaderPushClient:
         self.max_frame_size = max_frame_size
         self.on_ack = on_ack
         self.on_status = on_status
+        self.linger_s = LEADER_LINGER_S if linger_s is None else linger_s
         self.status = PushStatus()
         self._proto: _PushClientProtocol | None = None
         self._pump_handle: asyncio.Handle | None = None
@@ -683,17 +690,31 @@ class LeaderPushClient:
 
     def emit(self, event: Event) -> int:
         """Queue ``event`` (its ``seq``/``tsMs`` are assigned by the access point); returns
-        its lseq. Sent on the loop's next turn when connected, together with every other
-        event emitted until then (one batch, one ack), or when the batch window has room
-        again (see `PushSender.max_in_flight_batches`).
+        its lseq. Sent ``linger_s`` later when connected (at once when a full batch is
+        waiting), together with every other event emitted until then (one batch, one ack),
+        or when the batch window has room again (see `PushSender.max_in_flight_batches`).
 
         The event's session id travels as "" (the push stream's session, which the access
         point sets on every stored event): 14% fewer bytes and packets for a log line."""
         if event.session_id == self.session_id:
             event = msgspec.structs.replace(event, session_id="")
-        lseq = self.sender.emit(event)
-        if self._pump_handle is None and self._proto is not None:
-            self._pump_handle = asyncio.get_running_loop().call_soon(self._scheduled_pump)
+        sender = self.sender
+        lseq = sender.emit(event)
+        if self._proto is None:
+            return lseq
+        handle = self._pump_handle
+        if sender.unacked - sender.in_flight >= sender.max_batch_events:
+            if handle is not None:
+                handle.cancel()
+                self._pump_handle = None
+            self._pump()
+        elif handle is None:
+            loop = asyncio.get_running_loop()
+            self._pump_handle = (
+                loop.call_later(self.linger_s, self._scheduled_pump)
+                if self.linger_s > 0
+                else loop.call_soon(self._scheduled_pump)
+            )
         return lseq
 
     def _scheduled_pump(self) -> None:
