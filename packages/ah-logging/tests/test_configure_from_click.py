@@ -63,3 +63,11 @@ def test_sinks_close_with_the_context(tmp_path: Path) -> None:
     size = log.stat().st_size
     logger.info("after the command")  # its file sink is gone: nothing more reaches the file
     assert log.stat().st_size == size
+
+
+def test_unusable_log_file_is_a_configuration_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    result = CliRunner().invoke(_command(None), ["--log-file", str(blocker / "d.log")])
+    assert result.exit_code == 8
+    assert str(blocker / "d.log") in result.output

@@ -101,6 +101,11 @@ class LogFileError(OSError):
     """The log file could not be created or opened (the message names the path)."""
 
 
+class _LogDestinationError(click.ClickException):
+    # 8 is the spec's "configuration" exit code (ah-logging sits below the ExitCode users).
+    exit_code = 8
+
+
 # -- rendering -------------------------------------------------------------------------
 
 
@@ -438,11 +443,14 @@ def configure_logging_from_click(
 ) -> LoggingHandle:
     """The usual set-up of a command: its log flags, then ``configured`` (what the binary's
     own configuration sets), then the defaults for ``kind``. A bad level or ``RUST_LOG`` is a
-    usage error (exit 2); the sinks are closed when the click context closes."""
+    usage error (exit 2); a log file that cannot be opened is a configuration error (exit
+    8); the sinks are closed when the click context closes."""
     try:
         settings = LogSettings.merged(log_settings_from_click(ctx), configured, kind)
         handle = configure_logging(binary, kind, settings)
     except ValueError as exc:  # bad --log-level, configured level or RUST_LOG
         raise click.UsageError(str(exc), ctx=ctx) from None
+    except LogFileError as exc:
+        raise _LogDestinationError(f"{exc} (--log-file/--log-dir or configured [log])") from None
     ctx.call_on_close(handle.close)
     return handle
