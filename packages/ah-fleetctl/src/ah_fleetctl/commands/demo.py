@@ -250,7 +250,8 @@ def demo_command(
     started = time.monotonic()
     demo = DemoFleet(count)
     kept: Path | None = None
-    _say(f"starting an access point and {count} followers in {demo.directory}")
+    followers_text = f"{count} follower{'s' if count != 1 else ''}"
+    _say(f"starting an access point and {followers_text} in {demo.directory}")
     try:
         with _terminate_like_ctrl_c():
             try:
@@ -264,7 +265,7 @@ def demo_command(
                     kind="demoStartFailed",
                 ) from None
             _say(
-                f"{count} followers connected in {demo.startup_seconds:.1f}s "
+                f"{followers_text} connected in {demo.startup_seconds:.1f}s "
                 f"({', '.join(demo.follower_names)}; access point {fleet.api_url})"
             )
             run_argv = [sys.executable, "-m", "ah_fleetctl", "run"]
