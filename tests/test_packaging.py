@@ -122,6 +122,31 @@ def test_versions_are_consistent_with_pinned_internal_dependencies() -> None:
                 )
 
 
+BINARIES = ("ah-access-pointd", "ah-fleetctl", "ah-followerd")
+
+
+def test_bin_holds_a_thin_launcher_for_each_binary_and_each_is_a_console_script() -> None:
+    assert sorted(p.name for p in (ROOT / "bin").iterdir()) == sorted(BINARIES)
+    for name in BINARIES:
+        module = name.replace("-", "_")
+        project = _pyproject(PACKAGES / name)["project"]
+        assert isinstance(project, dict)
+        assert project["scripts"][name] == f"{module}.cli:main", project["scripts"]
+        launcher = ROOT / "bin" / name
+        tree = ast.parse(launcher.read_text())
+        imports = [n for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)]
+        # Thin: it imports the package's main() and nothing else.
+        assert [(getattr(i, "module", None), [a.name for a in i.names]) for i in imports] == [
+            (f"{module}.cli", ["main"])
+        ], launcher
+        shown = subprocess.run(
+            [sys.executable, str(launcher), "--help"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert shown.returncode == 0, shown
+        assert shown.stdout.startswith(f"Usage: {name} "), shown.stdout
+
+
 @dataclass(frozen=True)
 class Wheelhouse:
     dist: Path
