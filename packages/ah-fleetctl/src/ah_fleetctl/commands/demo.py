@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import click
 from loguru import logger
@@ -34,6 +34,9 @@ from ah_domain_types import ExitCode
 
 from ..context import FleetContext
 from ..options import common_options
+
+if TYPE_CHECKING:
+    from ..localfleet.demo import DemoFleet
 
 __all__ = ["demo_command"]
 
@@ -56,6 +59,18 @@ def _terminate_like_ctrl_c() -> Iterator[None]:
     previous = {sig: signal.signal(sig, raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _teardown(demo: DemoFleet) -> None:
+    """Stop the fleet and remove its directory; a second Ctrl-C must not cut this short
+    (the watchdog would still stop the processes, but the directory would stay)."""
+    ignored = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in ignored}
+    try:
+        demo.teardown()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -290,14 +305,14 @@ def demo_command(
                 kept = demo.keep(env_file)
     except KeyboardInterrupt:
         _say("interrupted: stopping the fleet")
-        demo.teardown()
+        _teardown(demo)
         _say(f"fleet stopped, {demo.directory} removed")
         return _INTERRUPTED
     except BaseException:
-        demo.teardown()
+        _teardown(demo)
         raise
     if kept is None:
-        demo.teardown()
+        _teardown(demo)
         _say(f"fleet stopped, {demo.directory} removed; total {time.monotonic() - started:.1f}s")
     else:
         _say(
