@@ -172,10 +172,10 @@ def _fresh_venv(path: Path) -> Path:
 
 def _install(python: Path, wheelhouse: Wheelhouse, *requirements: str) -> None:
     """pip semantics: our packages from the wheelhouse (--find-links), third-party ones from
-    the index (in practice uv's cache)."""
+    the index (in practice uv's cache), bytecode compiled at install as pip does."""
     subprocess.run(
-        ["uv", "pip", "install", "-q", "--python", str(python), "--find-links",
-         str(wheelhouse.dist), *requirements],
+        ["uv", "pip", "install", "-q", "--compile-bytecode", "--python", str(python),
+         "--find-links", str(wheelhouse.dist), *requirements],
         check=True, timeout=300,
     )  # fmt: skip
 

@@ -17,6 +17,7 @@ exactly once.
 from __future__ import annotations
 
 import contextlib
+import shlex
 import signal
 import subprocess
 import sys
@@ -287,7 +288,7 @@ def demo_command(
             if app.json:
                 run_argv.append("--json")
             run_argv += ["--", *command]
-            _say(f"fencing {Path.cwd()} to them and running: {' '.join(command)}")
+            _say(f"fencing {Path.cwd()} to them and running: {shlex.join(command)}")
             run = _Run(run_argv, {**fleet.env(), **demo.env()}, started)
             try:
                 code = run.pump(sys.stdout.buffer)
