@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from ah_harness_local import wait_for
 
 DEMO = [sys.executable, "-m", "ah_fleetctl", "demo"]
@@ -102,6 +104,50 @@ def test_ctrl_c_during_the_run_stops_every_process_and_removes_the_directory(
     assert left == [], {pid: fleet_processes[pid] for pid in left}
     assert _processes_mentioning(str(directory)) == {}
     assert not directory.exists()
+
+
+@pytest.mark.parametrize("phase", ["sshd_config", "ah_followerd"], ids=["sshd-up", "enrolling"])
+def test_ctrl_c_while_the_fleet_comes_up_stops_what_was_started(tmp_path: Path, phase: str) -> None:
+    (tmp_path / "work").mkdir()
+    err_path = tmp_path / "demo.stderr"
+    with err_path.open("w") as err:
+        proc = subprocess.Popen(
+            [*DEMO, "--followers", "2"],
+            cwd=tmp_path / "work",
+            env=_environment(tmp_path),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )
+    try:
+        directory = wait_for(
+            lambda: (m := _DIR.search(err_path.read_text())) and Path(m.group(1)),
+            60,
+            what="the demo to name its directory",
+        )
+        # Part of the fleet is up: an sshd, or (later) a follower enrolling or starting.
+        wait_for(
+            lambda: (
+                any(phase in argv for argv in _processes_mentioning(str(directory)).values())
+                or proc.poll() is not None
+            ),
+            60,
+            what=f"a process of {directory} with {phase} in its command line",
+        )
+        assert proc.poll() is None, err_path.read_text()
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    stderr = err_path.read_text()
+    assert proc.returncode == 130, stderr
+    assert "connected in" not in stderr, "the interrupt came too late to test the bring-up"
+    # Processes started by threads still at work when the interrupt came are stopped too.
+    assert _processes_mentioning(str(directory)) == {}, stderr
+    assert not directory.exists(), stderr
 
 
 def test_keep_leaves_a_fleet_the_env_file_points_at_and_down_removes_it(tmp_path: Path) -> None:

@@ -166,7 +166,9 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Wheelhouse:
 
 def _fresh_venv(path: Path) -> Path:
     """A new venv (no workspace, no checkout on its path); its python."""
-    subprocess.run(["uv", "venv", "-q", "--python", sys.executable, str(path)], check=True, timeout=120)
+    subprocess.run(
+        ["uv", "venv", "-q", "--python", sys.executable, str(path)], check=True, timeout=120
+    )
     return path / "bin" / "python"
 
 

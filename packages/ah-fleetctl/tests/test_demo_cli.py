@@ -47,9 +47,7 @@ if TYPE_CHECKING:  # conftest is not importable at run time under --import-mode=
     ids=["down-without-env-file", "env-file-alone", "down-with-followers", "down-with-command",
          "zero-followers", "too-many-followers", "env-file-dir-missing"],
 )  # fmt: skip
-def test_usage_errors_exit_2_before_anything_starts(
-    cli: Cli, args: list[str], needle: str
-) -> None:
+def test_usage_errors_exit_2_before_anything_starts(cli: Cli, args: list[str], needle: str) -> None:
     result = cli(*args)
     assert result.returncode == 2, result
     assert needle in result.stderr, result
@@ -80,7 +78,9 @@ def test_missing_programs_are_named_with_their_debian_packages_and_exit_8(
 
 
 def test_a_missing_sshd_asks_for_openssh_server() -> None:
-    missing = missing_prerequisites(which=lambda name: f"/usr/bin/{name}", sshd_present=lambda: False)
+    missing = missing_prerequisites(
+        which=lambda name: f"/usr/bin/{name}", sshd_present=lambda: False
+    )
     assert [m.program for m in missing] == ["sshd"]
     hint = install_hint(missing)
     assert "sudo apt-get install openssh-server " in hint and "sshd" in hint
