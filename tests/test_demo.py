@@ -236,3 +236,24 @@ def test_keep_leaves_a_fleet_the_env_file_points_at_and_down_removes_it(tmp_path
         check=False,
     )
     assert again.returncode == 7 and "cannot read" in again.stderr, again
+
+
+def test_a_failing_command_fails_the_demo_and_still_tears_down(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [*DEMO, "--followers", "1", "--", "sh", "-c", "echo about to fail; exit 4"],
+        cwd=tmp_path,
+        env=_environment(tmp_path),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 1, done
+    assert "demo-1 | about to fail" in done.stdout.splitlines(), done
+    assert done.stdout.splitlines()[-1] == "0 succeeded, 1 failed, 0 unreachable", done
+    match = _DIR.search(done.stderr)
+    assert match, done.stderr
+    assert "demo: run exit 1" in done.stderr
+    assert _processes_mentioning(match.group(1)) == {}
+    assert not Path(match.group(1)).exists()
