@@ -32,6 +32,7 @@ from loguru import logger
 
 from ah_config import AhCommand, CliError
 from ah_domain_types import ExitCode
+from ah_logging import log_settings_from_click
 
 from ..context import FleetContext
 from ..options import common_options
@@ -63,6 +64,22 @@ def _terminate_like_ctrl_c() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _forwarded_flags(ctx: click.Context) -> list[str]:
+    """The log flags given to the demo, for the run it starts (so `--log-level debug` shows
+    the run's links, fence and commands too)."""
+    flags = log_settings_from_click(ctx)
+    forwarded: list[str] = []
+    for option, value in (
+        ("--log-level", flags.level),
+        ("--log-file", flags.file),
+        ("--log-dir", flags.dir),
+        ("--log-format", flags.format),
+    ):
+        if value is not None:
+            forwarded += [option, str(value)]
+    return forwarded
 
 
 def _teardown(demo: DemoFleet) -> None:
@@ -284,7 +301,7 @@ def demo_command(
                 f"{followers_text} connected in {demo.startup_seconds:.1f}s "
                 f"({', '.join(demo.follower_names)}; access point {fleet.api_url})"
             )
-            run_argv = [sys.executable, "-m", "ah_fleetctl", "run"]
+            run_argv = [sys.executable, "-m", "ah_fleetctl", "run", *_forwarded_flags(ctx)]
             if app.json:
                 run_argv.append("--json")
             run_argv += ["--", *command]
