@@ -25,7 +25,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +33,13 @@ import msgspec
 from loguru import logger
 
 from ah_config import CliError, find_config_file
-from ah_connectivity.framing import FrameDecoder, FrameError, encode_frame
+from ah_connectivity.framing import (
+    DEFAULT_MAX_FRAME_SIZE,
+    HEADER_SIZE,
+    FrameDecoder,
+    FrameError,
+    encode_frame,
+)
 from ah_domain_types import Event, ExitCode, FollowerStatus, parse_duration
 from ah_run_everywhere import HostConnectionLost, HostUnreachable, OutputCallback
 from ah_ssh_bridge import SshChannelError, SshConnectionLost, SshError
@@ -370,6 +376,7 @@ class LeaderAgent:
         self._last_activity = time.monotonic()
         self._stop = asyncio.Event()
         self._client: Any = None
+        self._background: set[asyncio.Task[None]] = set()
 
     async def serve(self) -> int:
         from .paths import make_path_connector
@@ -405,6 +412,8 @@ class LeaderAgent:
             server.close()
             with contextlib.suppress(FileNotFoundError):
                 self.socket_path.unlink()
+            if self._background:
+                await asyncio.wait(set(self._background), timeout=30.0)
             await self.connector.close()
             self._client.close()
         return int(ExitCode.OK)
@@ -427,19 +436,40 @@ class LeaderAgent:
             )
         return [self._followers[n] for n in names]
 
+    def in_background(self, awaitable: Awaitable[object]) -> None:
+        """Finish ``awaitable`` after the reply went out (awaited before the agent exits)."""
+
+        async def run() -> None:
+            try:
+                await awaitable
+            except Exception as exc:
+                _log.warning("agent background work failed: {}", exc)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._active += 1
         self._last_activity = time.monotonic()
-        decoder: FrameDecoder[AgentRequest] = FrameDecoder(_REQUEST_DECODER_TYPE)
-        pending: list[AgentRequest] = []
         try:
-            while not pending:
-                data = await reader.read(1 << 16)
-                if not data:
-                    return
-                pending.extend(decoder.feed(data))
-            request = pending.pop(0)
+            header = await reader.readexactly(HEADER_SIZE)
+            length = int.from_bytes(header, "big")
+            if not 0 < length <= DEFAULT_MAX_FRAME_SIZE:
+                raise FrameError(f"request frame of {length} bytes")
+            payload = await reader.readexactly(length)
+            if payload[:1] == b"{":
+                # The thin run path speaks JSON (see ah_fleetctl.thin).
+                from .thin_server import serve_thin_run
+
+                await serve_thin_run(self, payload, reader, writer)
+                await writer.drain()
+                return
+            decoder: FrameDecoder[AgentRequest] = FrameDecoder(_REQUEST_DECODER_TYPE)
+            (request,) = decoder.feed(header + payload)
             await self._dispatch(request, reader, writer, decoder)
+        except asyncio.IncompleteReadError:
+            return
         except FrameError as exc:
             _log.warning("bad request on the agent socket: {}", exc)
         except (ConnectionError, OSError) as exc:
