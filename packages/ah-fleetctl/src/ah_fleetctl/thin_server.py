@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import os
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -271,6 +272,7 @@ async def _thin_run(
     from .dataplane import FleetLinks
     from .options import selector_from_options
 
+    marks: list[tuple[str, float]] = [("received", time.perf_counter())]
     if request.version != INDEX_VERSION:
         raise _Fallback(f"thin protocol version {request.version}, agent speaks {INDEX_VERSION}")
     try:
@@ -305,7 +307,9 @@ async def _thin_run(
     except (CliError, DomainValidationError) as exc:
         return finish_with(exc)
     try:
+        marks.append(("parsed", time.perf_counter()))
         fleet = await agent._followers_named([])
+        marks.append(("followers", time.perf_counter()))
     except Exception as exc:  # the full CLI asks the access point itself and reports it
         raise _Fallback(f"follower list: {exc}") from None
     try:
@@ -340,6 +344,7 @@ async def _thin_run(
     except Exception as exc:  # the run matters more than its event stream
         send(ThinOutReply(fd=2, text=f"warning: session events are off for this run: {exc}\n"))
         events = None
+    marks.append(("events", time.perf_counter()))
     send(ThinStartedReply())
     names = [t.name for t in targets]
     printer = None if json_mode else LinePrinter(_OutStream(send, 1), names, colour=request.colour)  # type: ignore[arg-type]
@@ -372,6 +377,7 @@ async def _thin_run(
     watcher = loop.create_task(watch_client())
     try:
         envelope = await engine.run()
+        marks.append(("engine", time.perf_counter()))
     finally:
         watcher.cancel()
         if events is not None:
@@ -391,4 +397,10 @@ async def _thin_run(
         send(ThinOutReply(fd=1, text=format_summary(envelope.hosts) + "\n"))
         if envelope.run_dir:
             send(ThinOutReply(fd=2, text=f"logs: {envelope.run_dir}\n"))
+    marks.append(("output", time.perf_counter()))
+    _log.debug(
+        "thin run on {} host(s): {}",
+        len(targets),
+        ", ".join(f"{name} +{(t - marks[0][1]) * 1000:.1f}ms" for name, t in marks[1:]),
+    )
     return _INTERRUPTED_EXIT_CODE if interrupted else int(envelope.exit_code)
