@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import marshal
 import os
 import re
 import shutil
@@ -416,9 +417,9 @@ def test_the_thin_index_is_private_and_names_the_agent(thin_fleet: ThinFleet) ->
     _warm(thin)
     index = thin.runtime / "agent-harbor" / "thin"
     assert (index.stat().st_mode & 0o777) == 0o700
-    (entry_path,) = list(index.glob("*.json"))
+    (entry_path,) = list(index.glob("*.marshal"))
     assert (entry_path.stat().st_mode & 0o077) == 0
-    entry = json.loads(entry_path.read_text())
+    entry = marshal.loads(entry_path.read_bytes())
     assert entry["cwd"] == str(thin.work)
     assert Path(entry["socket"]).parent == thin.agents
     # Made readable by others, it is no longer trusted: the full CLI runs (and rewrites it).

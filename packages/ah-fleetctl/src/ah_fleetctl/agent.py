@@ -458,8 +458,8 @@ class LeaderAgent:
             if not 0 < length <= DEFAULT_MAX_FRAME_SIZE:
                 raise FrameError(f"request frame of {length} bytes")
             payload = await reader.readexactly(length)
-            if payload[:1] == b"{":
-                # The thin run path speaks JSON (see ah_fleetctl.thin).
+            if payload[:1] in (b"{", b"\xfb"):
+                # The thin run path speaks marshal (see ah_fleetctl.thin).
                 from .thin_server import serve_thin_run
 
                 await serve_thin_run(self, payload, reader, writer)

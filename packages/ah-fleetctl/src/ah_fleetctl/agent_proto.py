@@ -7,8 +7,9 @@ one request from the client, then the agent's replies: ``paths`` → one :class:
 connection cancels too). ``ping`` → :class:`PongReply`; ``shutdown`` → :class:`PongReply`,
 then the agent exits.
 
-The thin ``run`` path (:mod:`ah_fleetctl.thin`) speaks JSON instead of msgpack on the same
-socket and framing (the agent tells them apart by the payload's first byte, ``{``):
+The thin ``run`` path (:mod:`ah_fleetctl.thin`) speaks :mod:`marshal` (these Structs as
+plain dicts) instead of msgpack on the same socket and framing (the agent tells them apart
+by the payload's first byte: a marshalled dict starts with ``{``, or ``0xfb``):
 :class:`ThinRunRequest`, then the agent's :class:`ThinOutReply` frames, one
 :class:`ThinStartedReply` just before the first remote command could start, and a final
 :class:`ThinDoneReply` — or one :class:`ThinFallbackReply` (before anything started) when
@@ -17,7 +18,7 @@ the full CLI must handle the invocation. The client may send :class:`ThinCancelR
 
 from __future__ import annotations
 
-from typing import Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import msgspec
 
@@ -160,8 +161,10 @@ class ThinIndexEntry(msgspec.Struct, frozen=True, rename="camel"):
 
     version: int
     cwd: str
+    env: dict[str, str]
+    """The variables :func:`ah_fleetctl.thin.relevant_env` picks, as they were."""
     socket: str
-    files: list[tuple[str, list[int] | None]]
+    files: list[list[Any]]
     """Every configuration file the full CLI consulted, with its signature (or None: absent)."""
     repo_root: str | None
     defaults: ThinDefaults

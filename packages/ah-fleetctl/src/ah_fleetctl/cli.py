@@ -9,7 +9,10 @@ is still importable from here, loaded on first access.
 from __future__ import annotations
 
 import sys
-from typing import Any
+
+TYPE_CHECKING = False  # not typing's: importing typing would cost the thin path ~10 modules
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["main"]  # and ``cli``, loaded on first access (module __getattr__)
 

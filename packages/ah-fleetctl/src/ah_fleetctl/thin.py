@@ -16,8 +16,8 @@ imported — does only this, with the standard library alone:
    session, workspace overrides, log directory, ``AH_JSON``). Any change to those files,
    the directory or the environment misses the index, and the full CLI runs (and rewrites
    the entry).
-3. Send the raw arguments to the agent (4-byte length + JSON frames; the agent speaks
-   msgpack to everyone else and tells JSON apart by its first byte). The agent parses them
+3. Send the raw arguments to the agent (4-byte length + :mod:`marshal` frames; the agent
+   speaks msgpack to everyone else and tells the two apart by the payload's first byte). The agent parses them
    with the real click command, so the options mean exactly what they mean in the full
    CLI; anything it does not serve itself (``--help``, a usage error, a configuration flag
    such as ``--access-point``, a fenced run) comes back as ``fallback`` *before anything
@@ -33,22 +33,28 @@ socket of a dead agent) or the agent closing the connection before it *started* 
 retried, since the commands may have run.
 
 The wire format is :class:`ah_fleetctl.agent_proto.ThinRunRequest` and the ``Thin*Reply``
-Structs; this module deliberately decodes it with :mod:`json` (importing msgspec alone costs
-more than the rest of this path).
+Structs as plain dicts in :mod:`marshal` (the agent validates with msgspec). Why marshal and
+not JSON: it is built into the interpreter and already loaded, while ``json`` pulls in ``re``,
+and this module imports nothing that is not (``_socket``, ``_signal`` and ``zlib`` are small
+C modules; no ``typing``, ``collections``, ``socket``, ``signal``, ``hashlib``). Both ends run
+the same interpreter (the agent is started with the CLI's own), and the socket and the index
+are private to the user, so marshal's lack of hardening against hostile input does not
+matter here. ``python -X importtime`` shows what this path costs.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
+import _signal  # type: ignore[import-not-found]  # (no stub; signal would load enum)
+import _socket
+import marshal
 import os
-import signal
-import socket
-import struct
 import sys
-from collections.abc import Mapping, Sequence
-from typing import Any
+import zlib
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+    from typing import Any
 
 __all__ = [
     "INDEX_VERSION",
@@ -56,6 +62,7 @@ __all__ = [
     "file_signature",
     "index_dir",
     "index_path",
+    "relevant_env",
     "thin_key",
     "try_thin_run",
 ]
@@ -66,18 +73,25 @@ THIN_ENV_NAMES = frozenset(
 )
 """Besides every ``AH_*`` and ``XDG_*`` variable: what configuration and log paths read."""
 
-_HEADER = struct.Struct(">I")
 _MAX_FRAME = 1 << 20
 _INTERRUPTED = 130
 _FAILED = 1
 
 
+def relevant_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables that can change how the configuration resolves."""
+    return {
+        k: v
+        for k, v in sorted(environ.items())
+        if k.startswith(("AH_", "XDG_")) or k in THIN_ENV_NAMES
+    }
+
+
 def thin_key(cwd: str, environ: Mapping[str, str]) -> str:
-    """The index key of an invocation: the directory and every variable that can change
-    how the configuration resolves."""
-    env = {k: v for k, v in environ.items() if k.startswith(("AH_", "XDG_")) or k in THIN_ENV_NAMES}
-    blob = json.dumps({"cwd": cwd, "env": env}, sort_keys=True).encode("utf-8", "surrogatepass")
-    return hashlib.sha256(blob).hexdigest()[:32]
+    """The index file name of an invocation (the entry itself holds the exact cwd and
+    variables, compared on use, so this only needs to spread well)."""
+    blob = repr((cwd, relevant_env(environ))).encode("utf-8", "surrogatepass")
+    return f"{zlib.crc32(blob):08x}{zlib.adler32(blob):08x}{len(blob):x}"
 
 
 def index_dir(environ: Mapping[str, str] | None = None) -> str:
@@ -95,7 +109,7 @@ def index_dir(environ: Mapping[str, str] | None = None) -> str:
 
 def index_path(cwd: str, environ: Mapping[str, str] | None = None) -> str:
     env = os.environ if environ is None else environ
-    return os.path.join(index_dir(env), f"{thin_key(cwd, env)}.json")
+    return os.path.join(index_dir(env), f"{thin_key(cwd, env)}.marshal")
 
 
 def file_signature(path: str) -> list[int] | None:
@@ -127,11 +141,9 @@ def _private(path: str, *, directory: bool) -> bool:
         info = os.lstat(path)
     except OSError:
         return False
-    import stat
-
-    kind_ok = stat.S_ISDIR(info.st_mode) if directory else stat.S_ISREG(info.st_mode)
+    kind = 0o040000 if directory else 0o100000  # S_IFDIR / S_IFREG
     uid = os.getuid() if hasattr(os, "getuid") else info.st_uid
-    return kind_ok and info.st_uid == uid and not info.st_mode & 0o077
+    return (info.st_mode & 0o170000) == kind and info.st_uid == uid and not info.st_mode & 0o077
 
 
 def _load_entry(cwd: str) -> dict[str, Any] | None:
@@ -140,12 +152,14 @@ def _load_entry(cwd: str) -> dict[str, Any] | None:
         return None
     try:
         with open(path, "rb") as handle:
-            entry = json.loads(handle.read())
-    except (OSError, ValueError):
+            entry = marshal.loads(handle.read())
+    except (OSError, ValueError, EOFError, TypeError):
         return None
     if not isinstance(entry, dict) or entry.get("version") != INDEX_VERSION:
         return None
-    if entry.get("cwd") != cwd or not isinstance(entry.get("socket"), str):
+    if entry.get("cwd") != cwd or entry.get("env") != relevant_env(os.environ):
+        return None
+    if not isinstance(entry.get("socket"), str) or not isinstance(entry.get("defaults"), dict):
         return None
     files = entry.get("files")
     if not isinstance(files, list):
@@ -170,27 +184,27 @@ def _colour() -> bool:
 
 
 class _Connection:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: _socket.socket) -> None:
         self.sock = sock
         self.buffer = bytearray()
 
-    def send(self, message: Mapping[str, Any]) -> None:
-        payload = json.dumps(message, ensure_ascii=False).encode("utf-8", "surrogatepass")
-        self.sock.sendall(_HEADER.pack(len(payload)) + payload)
+    def send(self, message: dict[str, Any]) -> None:
+        payload = marshal.dumps(message)
+        self.sock.sendall(len(payload).to_bytes(4, "big") + payload)
 
     def receive(self) -> dict[str, Any] | None:
         """The next reply, or None at end of stream."""
         while True:
             if len(self.buffer) >= 4:
-                (length,) = _HEADER.unpack_from(self.buffer)
+                length = int.from_bytes(self.buffer[:4], "big")
                 if length > _MAX_FRAME:
                     raise ValueError(f"reply frame of {length} bytes is over the limit")
                 if len(self.buffer) >= 4 + length:
                     payload = bytes(self.buffer[4 : 4 + length])
                     del self.buffer[: 4 + length]
-                    reply = json.loads(payload)
+                    reply = marshal.loads(payload)
                     if not isinstance(reply, dict):
-                        raise ValueError(f"reply is not an object: {reply!r}")
+                        raise ValueError(f"reply is not a dict: {reply!r}")
                     return reply
             try:
                 data = self.sock.recv(1 << 16)
@@ -224,14 +238,13 @@ def try_thin_run(args: Sequence[str]) -> int | None:
     socket_path: str = entry["socket"]
     if not _private(os.path.dirname(socket_path), directory=True):
         return None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         try:
             sock.connect(socket_path)
         except OSError:
             return None  # no agent there any more (a stale socket): the full CLI starts one
-        connection = _Connection(sock)
-        return _converse(connection, socket_path, entry, list(args[1:]), cwd)
+        return _converse(_Connection(sock), socket_path, entry, list(args[1:]), cwd)
     finally:
         sock.close()
 
@@ -239,7 +252,7 @@ def try_thin_run(args: Sequence[str]) -> int | None:
 def _converse(
     connection: _Connection,
     socket_path: str,
-    entry: Mapping[str, Any],
+    entry: dict[str, Any],
     args: list[str],
     cwd: str,
 ) -> int | None:
@@ -249,7 +262,7 @@ def _converse(
         "args": args,
         "cwd": cwd,
         "colour": _colour(),
-        "defaults": entry.get("defaults") or {},
+        "defaults": entry["defaults"],
     }
     started = False
     cancelled = False
@@ -259,10 +272,12 @@ def _converse(
         if cancelled:
             raise KeyboardInterrupt  # a second Ctrl-C: leave now (the agent cancels on EOF)
         cancelled = True
-        with contextlib.suppress(OSError):
+        try:  # noqa: SIM105 - contextlib is not loaded on this path
             connection.send({"op": "cancel"})
+        except OSError:
+            pass
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    previous = _signal.signal(_signal.SIGINT, on_sigint)
     try:
         try:
             connection.send(request)
@@ -271,7 +286,7 @@ def _converse(
         while True:
             try:
                 reply = connection.receive()
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, EOFError, TypeError) as exc:
                 if not started:
                     return None
                 return _agent_lost(socket_path, f"{type(exc).__name__}: {exc}")
@@ -300,7 +315,7 @@ def _converse(
         _write(2, "Interrupted.\n")
         return _INTERRUPTED
     finally:
-        signal.signal(signal.SIGINT, previous)
+        _signal.signal(_signal.SIGINT, previous)
 
 
 def _agent_lost(socket_path: str, how: str) -> int:
@@ -314,5 +329,7 @@ def _agent_lost(socket_path: str, how: str) -> int:
 
 
 def _silence_stdout() -> None:
-    with contextlib.suppress(OSError, ValueError):
+    try:  # noqa: SIM105 - contextlib is not loaded on this path
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass

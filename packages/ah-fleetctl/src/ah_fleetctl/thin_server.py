@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import marshal
 import os
 import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import msgspec
@@ -51,7 +52,7 @@ from .agent_proto import (
     ThinStartedReply,
 )
 from .dataplane import FollowerUnreachable
-from .thin import INDEX_VERSION, file_signature, index_path, repo_root_of
+from .thin import INDEX_VERSION, file_signature, index_path, relevant_env, repo_root_of
 
 if TYPE_CHECKING:
     from ah_ssh_bridge import ExecOutcome
@@ -79,10 +80,22 @@ SERVED_PARAMS = frozenset(
 ``--config``, the log flags...) changes the configuration, so the full CLI handles it."""
 
 _INTERRUPTED_EXIT_CODE = 130
+_T = TypeVar("_T")
 _log = logger.bind(component="ah-fleetctl.agent")
 _json_encoder = msgspec.json.Encoder()
-_request_decoder = msgspec.json.Decoder(ThinRunRequest)
-_cancel_decoder = msgspec.json.Decoder(ThinCancelRequest)
+
+
+def _encode(reply: ThinReply) -> bytes:
+    return marshal.dumps(msgspec.to_builtins(reply))
+
+
+def _decode(payload: bytes, type_: type[_T]) -> _T:
+    """A thin-client frame (marshal; see ``ah_fleetctl.thin``), validated as ``type_``."""
+    try:
+        value = marshal.loads(payload)
+    except (ValueError, EOFError, TypeError) as exc:
+        raise msgspec.ValidationError(f"not a marshal frame: {exc}") from None
+    return msgspec.convert(value, type_)
 
 
 def _given(value: object) -> bool:
@@ -113,13 +126,14 @@ def write_thin_index(app: FleetContext, socket_path: Path, defaults: ThinDefault
     try:
         cwd = os.getcwd()
         files = [
-            (source.source, file_signature(source.source))
+            [source.source, file_signature(source.source)]
             for source in app.config.layers
             if source.layer in file_layers
         ]
         entry = ThinIndexEntry(
             version=INDEX_VERSION,
             cwd=cwd,
+            env=relevant_env(os.environ),
             socket=str(socket_path),
             files=files,
             repo_root=repo_root_of(cwd),
@@ -135,7 +149,7 @@ def write_thin_index(app: FleetContext, socket_path: Path, defaults: ThinDefault
                 return None
         fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".entry-")
         with os.fdopen(fd, "wb") as handle:
-            handle.write(_json_encoder.encode(entry))
+            handle.write(marshal.dumps(msgspec.to_builtins(entry)))
         os.replace(temporary, path)
     except OSError as exc:
         _log.debug("could not write the thin index: {}", exc)
@@ -228,12 +242,12 @@ async def serve_thin_run(
 
     def send(reply: ThinReply) -> None:
         if not writer.is_closing():
-            frame = _json_encoder.encode(reply)
+            frame = _encode(reply)
             writer.write(len(frame).to_bytes(4, "big") + frame)
 
     try:
-        request = _request_decoder.decode(payload)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        request = _decode(payload, ThinRunRequest)
+    except msgspec.ValidationError as exc:
         send(ThinFallbackReply(reason=f"unreadable thin request: {exc}"))
         return
     started: list[bool] = []
@@ -368,8 +382,8 @@ async def _thin_run(
             while True:
                 header = await reader.readexactly(4)
                 frame = await reader.readexactly(int.from_bytes(header, "big"))
-                with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                    _cancel_decoder.decode(frame)
+                with contextlib.suppress(msgspec.ValidationError):
+                    _decode(frame, ThinCancelRequest)
                     break
         interrupted = True
         engine.cancel("interrupted (SIGINT)")
