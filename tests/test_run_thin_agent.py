@@ -429,3 +429,31 @@ def test_the_thin_index_is_private_and_names_the_agent(thin_fleet: ThinFleet) ->
     assert result.returncode == 0, result
     assert "click" in modules
     assert (entry_path.stat().st_mode & 0o077) == 0
+
+
+def test_the_session_events_of_thin_runs_reach_the_access_point(thin_fleet: ThinFleet) -> None:
+    thin = thin_fleet
+    _warm(thin)
+    # Two runs: the second reuses the push endpoint the agent's first sink discovered.
+    for word in ("one", "two"):
+        result, modules = thin.cli("run", "--no-fence", "--json", *_hosts(GOOD), "--",
+                                   "echo", word, importtime=True)  # fmt: skip
+        assert result.returncode == 0 and not HEAVY & modules, result
+        session = result.json()["sessionId"]
+
+        def events(session_id: str = session) -> list[dict[str, Any]]:
+            listed, _ = thin.cli("--json", "session", "events", session_id)
+            if listed.returncode != 0:
+                return []
+            return [json.loads(line) for line in listed.stdout.splitlines()]
+
+        got = wait_for(
+            lambda: (e := events()) and e[-1]["type"] == "summary" and e,
+            30.0,
+            interval=0.2,
+            what=f"the events of session {session} at the access point",
+        )
+        types = sorted(e["type"] for e in got)
+        assert types == sorted(["hostStarted"] * 3 + ["hostLog"] * 3 + ["hostExited"] * 3
+                               + ["summary"]), got  # fmt: skip
+        assert {e["line"] for e in got if e["type"] == "hostLog"} == {word}

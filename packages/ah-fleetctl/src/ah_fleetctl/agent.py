@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -63,6 +64,7 @@ from .dataplane import FollowerUnreachable
 
 if TYPE_CHECKING:
     from .context import FleetContext
+    from .events import SessionEventSink
     from .paths import PathConnector
 
 __all__ = [
@@ -377,6 +379,8 @@ class LeaderAgent:
         self._stop = asyncio.Event()
         self._client: Any = None
         self._background: set[asyncio.Task[None]] = set()
+        self._event_tls: ssl.SSLContext | None = None
+        self._push_target: tuple[str, int, str, str] | None = None
 
     async def serve(self) -> int:
         from .paths import make_path_connector
@@ -435,6 +439,34 @@ class LeaderAgent:
                 kind="validation",
             )
         return [self._followers[n] for n in names]
+
+    def event_sink(self, local_copy_dir: Path, warn: Callable[[str], None]) -> SessionEventSink:
+        """A session event sink for one run, reusing this agent's TLS context and the push
+        endpoint the last sink reached (no HTTPS discovery per run)."""
+        from . import __version__
+        from .client import tls_context
+        from .events import SessionEventSink
+
+        ca_file = self.app.ca_file()
+        if self._event_tls is None:
+            self._event_tls = tls_context(ca_file)
+        return SessionEventSink(
+            api_url=self.app.access_point(),
+            token=self.app.token(),
+            verify=self._event_tls,
+            ca_pem=ca_file.read_text() if ca_file is not None else None,
+            local_copy_dir=local_copy_dir,
+            connect_timeout_s=self.app.connect_timeout_s(),
+            warn=warn,
+            client_version=f"ah-fleetctl {__version__}",
+            push_target=self._push_target,
+        )
+
+    async def close_event_sink(self, sink: SessionEventSink) -> None:
+        """Close ``sink`` (it waits for the access point's acks); keep its push endpoint for
+        the next run when every event got through, forget it otherwise."""
+        report = await asyncio.to_thread(sink.close)
+        self._push_target = sink.push_target if report.complete else None
 
     def in_background(self, awaitable: Awaitable[object]) -> None:
         """Finish ``awaitable`` after the reply went out (awaited before the agent exits)."""

@@ -97,6 +97,7 @@ class SessionEventSink:
         max_buffered: int = DEFAULT_MAX_BUFFERED,
         warn: Callable[[str], None] = _stderr_warning,
         client_version: str = "",
+        push_target: tuple[str, int, str, str] | None = None,
     ) -> None:
         """``verify`` checks the API's TLS (the pinned fleet CA); ``ca_pem`` is the fleet CA
         that the QUIC handshake is checked against (fetched from the API when None)."""
@@ -110,6 +111,10 @@ class SessionEventSink:
         self.max_buffered = max_buffered
         self._warn = warn
         self.client_version = client_version
+        self.push_target = push_target
+        """(host, QUIC port, trust domain, fleet CA PEM) of the push endpoint: given, it
+        spares the HTTPS discovery (the leader agent reuses the last one that worked); set
+        once discovered."""
         self.session_id: str | None = None
         self.local_copy: Path | None = None
         self._file: Any = None
@@ -435,6 +440,12 @@ class SessionEventSink:
 
     async def _discover(self) -> tuple[str, int, str, str]:
         """(host, QUIC port, trust domain, fleet CA PEM) of the push endpoint."""
+        if self.push_target is not None:
+            return self.push_target
+        self.push_target = await self._discover_over_https()
+        return self.push_target
+
+    async def _discover_over_https(self) -> tuple[str, int, str, str]:
         import httpx
 
         from ah_api import PushEndpoint

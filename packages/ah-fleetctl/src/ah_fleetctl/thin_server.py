@@ -349,11 +349,7 @@ async def _thin_run(
 
     events = None
     try:
-        from .events import SessionEventSink
-
-        events = SessionEventSink.from_context(
-            agent.app, local_copy_dir=Path(defaults.runs_base) / "sessions", warn=warn
-        )
+        events = agent.event_sink(Path(defaults.runs_base) / "sessions", warn)
         session_id = events.start(session_id)
     except Exception as exc:  # the run matters more than its event stream
         send(ThinOutReply(fd=2, text=f"warning: session events are off for this run: {exc}\n"))
@@ -395,7 +391,7 @@ async def _thin_run(
     finally:
         watcher.cancel()
         if events is not None:
-            agent.in_background(asyncio.to_thread(events.close))
+            agent.in_background(agent.close_event_sink(events))
     # As the full CLI: a selected host that got no job (sharding) is reported, never dropped.
     hosts = _supplement(list(envelope.hosts), links, {})
     envelope = RunEnvelope(
