@@ -81,6 +81,7 @@ __all__ = [
 DEFAULT_IDLE_S = 600.0
 _START_TIMEOUT_S = 20.0
 _FOLLOWERS_TTL_S = 2.0
+_EVENT_CONNECT_DELAY_S = 0.25
 _log = logger.bind(component="ah-fleetctl.agent")
 
 _REQUEST_DECODER_TYPE: Any = AgentRequest
@@ -460,6 +461,9 @@ class LeaderAgent:
             warn=warn,
             client_version=f"ah-fleetctl {__version__}",
             push_target=self._push_target,
+            # Runs shorter than this answer before the QUIC handshake starts competing for
+            # the CPU; longer ones stream their events live from then on.
+            connect_delay_s=_EVENT_CONNECT_DELAY_S,
         )
 
     async def close_event_sink(self, sink: SessionEventSink) -> None:

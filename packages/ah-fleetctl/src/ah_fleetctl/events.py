@@ -98,6 +98,7 @@ class SessionEventSink:
         warn: Callable[[str], None] = _stderr_warning,
         client_version: str = "",
         push_target: tuple[str, int, str, str] | None = None,
+        connect_delay_s: float = 0.0,
     ) -> None:
         """``verify`` checks the API's TLS (the pinned fleet CA); ``ca_pem`` is the fleet CA
         that the QUIC handshake is checked against (fetched from the API when None)."""
@@ -112,6 +113,10 @@ class SessionEventSink:
         self._warn = warn
         self.client_version = client_version
         self.push_target = push_target
+        self.connect_delay_s = connect_delay_s
+        """Wait this long (or until :meth:`close`) before connecting: a run that ends sooner
+        is not slowed by the handshake (the leader agent's short runs); events are queued
+        meanwhile and nothing is lost."""
         """(host, QUIC port, trust domain, fleet CA PEM) of the push endpoint: given, it
         spares the HTTPS discovery (the leader agent reuses the last one that worked); set
         once discovered."""
@@ -374,6 +379,10 @@ class SessionEventSink:
 
         assert self.session_id is not None
         backoff = Backoff(base_s=0.5, cap_s=10.0)
+        if self.connect_delay_s > 0 and self._closing is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.connect_delay_s):
+                    await self._closing.wait()
         while True:
             try:
                 host, port, trust_domain, ca_pem = await self._discover()
