@@ -457,3 +457,29 @@ def test_the_session_events_of_thin_runs_reach_the_access_point(thin_fleet: Thin
         assert types == sorted(["hostStarted"] * 3 + ["hostLog"] * 3 + ["hostExited"] * 3
                                + ["summary"]), got  # fmt: skip
         assert {e["line"] for e in got if e["type"] == "hostLog"} == {word}
+
+
+def test_concurrent_thin_runs_over_the_same_transports_lose_no_output_lines(
+    thin_fleet: ThinFleet,
+) -> None:
+    thin = thin_fleet
+    _warm(thin)
+    count = 1500
+    runs = [
+        thin.popen("run", "--no-fence", *_hosts(GOOD), "--", "seq", f"{i}000001", f"{i}{count:06d}")
+        for i in (1, 2, 3)
+    ]
+    try:
+        results = [run.wait(timeout=90) for run in runs]
+    finally:
+        for run in runs:
+            run.stop()
+    for i, (code, lines, stderr) in zip((1, 2, 3), results, strict=True):
+        assert code == 0, stderr
+        for name in GOOD:
+            got = [line.split(" | ", 1)[1] for line in lines if line.startswith(f"{name} ")]
+            first = i * 1_000_000 + 1
+            assert got == [str(n) for n in range(first, first + count)], (
+                f"run {i} on {name}: {len(got)} lines"
+            )
+        assert lines[-1] == "3 succeeded, 0 failed, 0 unreachable"
