@@ -186,7 +186,8 @@ class SessionEventSink:
             target=self._thread_main, name=f"ah-events-{session_id}", daemon=True
         )
         self._thread.start()
-        self._ready.wait(5.0)
+        # Not waiting for the thread's loop here: events emitted meanwhile queue in the inbox
+        # (the loop drains it once up), and close() waits for it — the run starts sooner.
         return session_id
 
     def make(self, cls: type[E], **fields: Any) -> E:
@@ -256,6 +257,8 @@ class SessionEventSink:
             return self._report()
         self._closed = True
         budget = self.close_timeout_s if timeout is None else timeout
+        if self._thread is not None:
+            self._ready.wait(5.0)  # the thread's loop is up (or the thread ended)
         loop, thread = self._loop, self._thread
         if loop is not None and thread is not None and thread.is_alive():
             closing = self._closing
