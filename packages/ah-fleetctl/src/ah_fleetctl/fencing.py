@@ -101,6 +101,15 @@ from ah_mutagen_project import (
     user_ignores,
     write_mutagen_project,
 )
+from ah_mutagen_project.incremental import (
+    ChangeSet,
+    ChangeSetError,
+    SyncMode,
+    change_list,
+    choose_sync,
+    encode_change_set,
+    plan_changes,
+)
 from ah_mutagen_project.rsync_engine import RemoteCommandError
 
 if TYPE_CHECKING:
@@ -263,11 +272,9 @@ class VerifiedHosts:
         ):
             return None
         if record.snapshot_id not in self._manifests:
-            try:
-                data = (self.manifest_dir / f"{record.snapshot_id}.msgpack").read_bytes()
-                self._manifests[record.snapshot_id] = msgspec.msgpack.decode(data, type=Manifest)
-            except (OSError, msgspec.DecodeError, msgspec.ValidationError):
-                self._manifests[record.snapshot_id] = None
+            self._manifests[record.snapshot_id] = _read_manifest(
+                self.manifest_dir / f"{record.snapshot_id}.msgpack"
+            )
         return self._manifests[record.snapshot_id]
 
     def update(
@@ -294,12 +301,48 @@ class VerifiedHosts:
                 path = self.manifest_dir / f"{snapshot.id}.msgpack"
                 if not path.exists():
                     _write_atomically(path, msgspec.msgpack.encode(snapshot.manifest))
+                    _remember_manifest(path, snapshot.manifest)
             for stale in self.manifest_dir.glob("*.msgpack"):
                 if stale.stem not in wanted:
                     stale.unlink(missing_ok=True)
             _write_atomically(self.path, msgspec.json.encode(self.records))
         except OSError as exc:
             logger.debug("fence: cannot record the verified hosts in {}: {}", self.path, exc)
+
+
+_known_manifests: dict[Path, tuple[tuple[int, int, int], Manifest]] = {}
+"""Manifest file → (its size, mtime and inode, the manifest) as this process last wrote or
+read it: a leader process that fences again (an agent, a benchmark) skips decoding it."""
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _remember_manifest(path: Path, manifest: Manifest) -> None:
+    signature = _signature(path)
+    if signature is not None:
+        if len(_known_manifests) > 64:
+            _known_manifests.clear()
+        _known_manifests[path] = (signature, manifest)
+
+
+def _read_manifest(path: Path) -> Manifest | None:
+    """The manifest stored at ``path``; None when missing or unreadable."""
+    signature = _signature(path)
+    known = _known_manifests.get(path)
+    if known is not None and signature is not None and known[0] == signature:
+        return known[1]
+    try:
+        manifest = msgspec.msgpack.decode(path.read_bytes(), type=Manifest)
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    _remember_manifest(path, manifest)
+    return manifest
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -314,26 +357,25 @@ def _write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-def changed_paths(proven: Manifest, wanted: Manifest) -> list[str]:
-    """What to list for ``rsync --files-from`` to turn a tree holding ``proven`` into one
-    holding ``wanted``: every path added or changed (kind, content, size, executable bit or
-    link target), and every path removed whose parent is neither removed nor changed itself
-    (a removed directory goes with its contents; a directory that became a file is replaced
-    as a whole). On the fence's critical path, so one dict and one pass each way."""
-    before = {entry.path: entry for entry in proven.entries}
-    present = {entry.path for entry in wanted.entries}
-    differing = [entry.path for entry in wanted.entries if before.get(entry.path) != entry]
-    removed = [path for path in before if path not in present]
-    replaced = {*removed, *(path for path in differing if path in before)}
-    top_removed = [
-        path for path in removed if not any(parent in replaced for parent in _parents(path))
-    ]
-    return sorted({*differing, *top_removed})
+changed_paths = change_list
+"""What ``rsync --files-from`` is given (:func:`ah_mutagen_project.incremental.change_list`)."""
+
+_APPLY_FAILED = 3
+"""The digest command's exit status when it could not apply a change set."""
 
 
-def _parents(path: str) -> list[str]:
-    parts = path.split("/")
-    return ["/".join(parts[:index]) for index in range(1, len(parts))]
+def _encode_change_set(leader_root: Path, change_set: ChangeSet, path: Path) -> Path | None:
+    """Write the change set's stream to ``path``; None when the leader's tree no longer
+    matches the snapshot there (then ``rsync --files-from`` sends what is there now)."""
+    try:
+        data = encode_change_set(leader_root, change_set)
+    except (ChangeSetError, OSError) as exc:
+        logger.debug("fence: change set not sent ({}); using rsync --files-from", exc)
+        return None
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    return path
 
 
 # --------------------------------------------------------------------------- engines
@@ -349,23 +391,39 @@ class _Digester:
         self.targets = targets
         self.ignores = tuple(ignores)
 
-    async def digest(self, host: str, *, with_manifest: bool, timeout: float) -> RemoteDigest:
+    async def digest(
+        self,
+        host: str,
+        *,
+        with_manifest: bool,
+        timeout: float,
+        change_set: Path | None = None,
+    ) -> RemoteDigest:
+        """``change_set``: a file holding a change set (``encode_change_set``) for the
+        command to apply before it digests (POSIX followers only)."""
         target = self.targets[host]
         windows = target.os is OsKind.WINDOWS
+        if change_set is not None and windows:
+            raise ValueError(f"{host}: change sets go to POSIX followers only")
         command = remote_digest_command(
             target.workspace,
             self.ignores,
             manifest=with_manifest,
             exec_bits=target.exec_bits,
             python="python" if windows else "python3",
-            style="inline-powershell" if windows else "heredoc",
+            style=("inline-powershell" if windows else "inline-posix" if change_set else "heredoc"),
             cache=True,
             isolated=True,
+            apply=change_set is not None,
         )
         try:
-            stdout = await self.engine.run_remote(target.alias, command, _step_timeout(timeout))
+            stdout = await self.engine.run_remote(
+                target.alias, command, _step_timeout(timeout), stdin=change_set
+            )
         except RemoteCommandError as exc:
-            raise RemoteCommandError(f"digest of {target.workspace!r}: {exc}") from None
+            raise RemoteCommandError(
+                f"digest of {target.workspace!r}: {exc}", exc.returncode
+            ) from None
         except TimeoutError:
             raise TimeoutError(
                 f"digest of {target.workspace!r} on {host} did not finish in time; ssh was killed"
@@ -652,13 +710,32 @@ async def _fence(
         snapshot.took_s * 1000,
     )
     expected_ids = {True: snapshot.id}
-    # Hosts proven at the same snapshot share one manifest object: diff each one once.
-    diffs: dict[int, list[str]] = {}
-    listed: dict[str, list[str]] = {}
-    for host, manifest in proven.items():
-        if id(manifest) not in diffs:
-            diffs[id(manifest)] = changed_paths(manifest, snapshot.manifest)
-        listed[host] = diffs[id(manifest)]
+    # Hosts proven at the same snapshot share one manifest object: diff each one once, and
+    # encode its change set (into a file each host's digest command reads) at most once.
+    change_sets: dict[int, ChangeSet] = {}
+    encoded: dict[int, Path | None] = {}
+    plans: dict[str, tuple[SyncMode, ChangeSet | None]] = {}
+    for host, target in targets.items():
+        manifest = proven.get(host)
+        if manifest is None:
+            plans[host] = ("full", None)
+            continue
+        if id(manifest) not in change_sets:
+            change_sets[id(manifest)] = plan_changes(manifest, snapshot.manifest)
+        change_set = change_sets[id(manifest)]
+        mode = choose_sync(change_set, can_apply=target.os is not OsKind.WINDOWS)
+        if mode == "apply":
+            if id(manifest) not in encoded:
+                encoded[id(manifest)] = _encode_change_set(
+                    leader_root, change_set, session_dir / f"change-set-{len(encoded)}"
+                )
+            if encoded[id(manifest)] is None:
+                mode = "listed"  # the leader's tree moved under the change set
+        plans[host] = (mode, change_set)
+        logger.debug(
+            "fence: {}: {} ({} paths since its proven snapshot)", host, mode, len(change_set.paths)
+        )
+    pending_apply: dict[str, Path] = {}
     fell_back: set[str] = set()
 
     def expected_id(exec_bits: bool) -> str:
@@ -681,11 +758,17 @@ async def _fence(
         task = early_sync.pop(host, None)
         if task is not None:
             return await task
-        paths = listed.get(host)
-        if paths is None:
+        mode, change_set = plans[host]
+        if mode == "full" or change_set is None:
             return await full_sync(host, timeout)
-        if not paths:
+        if mode == "nothing":
             return None  # nothing differs from what was proven there; the digest checks
+        if mode == "apply":
+            # The digest command applies the change set first: one SSH exec does both.
+            found = encoded[id(proven[host])]
+            assert found is not None
+            pending_apply[host] = found
+            return None
         target = targets[host]
         try:
             return await rsync.sync_listed(
@@ -693,7 +776,7 @@ async def _fence(
                 leader_root,
                 target.workspace,
                 ignores,
-                paths,
+                change_set.paths,
                 _step_timeout(timeout),
                 list_dir=session_dir,
             )
@@ -702,9 +785,21 @@ async def _fence(
             return await full_sync(host, remaining())
 
     async def digest(host: str, *, with_manifest: bool, timeout: float) -> RemoteDigest:
-        found = await digester.digest(host, with_manifest=with_manifest, timeout=timeout)
+        change_set_file = pending_apply.pop(host, None)
+        try:
+            found = await digester.digest(
+                host, with_manifest=with_manifest, timeout=timeout, change_set=change_set_file
+            )
+        except RemoteCommandError as exc:
+            if change_set_file is None or exc.returncode != _APPLY_FAILED:
+                raise
+            # The follower's tree is not the one proven there (a parent became a symlink,
+            # a file is not writable...): sync it in full and digest again.
+            logger.debug("fence: {} could not apply its change set ({}); full sync", host, exc)
+            await full_sync(host, remaining())
+            return await digester.digest(host, with_manifest=with_manifest, timeout=remaining())
         if (
-            host in listed
+            plans.get(host, ("full", None))[0] != "full"
             and host not in fell_back
             and not with_manifest
             and found.id != expected_id(found.exec_bits)

@@ -57,8 +57,10 @@ async def run_command(
     what: str,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
+    stdin: Path | None = None,
 ) -> CommandResult:
-    """Run ``argv`` in a new session with stdin from /dev/null and capture its output.
+    """Run ``argv`` in a new session with stdin from /dev/null (or the file ``stdin``) and
+    capture its output.
 
     Output goes to anonymous temporary files, not pipes: an ``ssh`` that joins an OpenSSH
     ControlMaster hands its stdio descriptors to the master, which keeps them until the
@@ -71,10 +73,13 @@ async def run_command(
         FileNotFoundError: ``argv[0]`` does not exist.
     """
     started = time.monotonic()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    with contextlib.ExitStack() as files:
+        out = files.enter_context(tempfile.TemporaryFile())
+        err = files.enter_context(tempfile.TemporaryFile())
+        source = files.enter_context(open(stdin, "rb")) if stdin is not None else None
         proc = await asyncio.create_subprocess_exec(
             *argv,
-            stdin=asyncio.subprocess.DEVNULL,
+            stdin=source if source is not None else asyncio.subprocess.DEVNULL,
             stdout=out,
             stderr=err,
             start_new_session=True,

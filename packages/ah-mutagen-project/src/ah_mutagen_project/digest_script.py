@@ -70,20 +70,20 @@ everything, and failing to write it never fails the digest.
 
 # ruff: noqa: UP037  (quoted annotations keep this file importable on Python 3.6)
 
-import argparse
-import contextlib
-import fnmatch
+# Start-up matters: every fence runs this once per follower in a fresh interpreter. So only
+# cheap modules at the top; argparse (with re, enum, gettext), json and fnmatch are imported
+# where needed, and TYPE_CHECKING is a constant rather than an import of typing.
 import hashlib
-import json
 import marshal
 import os
 import stat
 import sys
 import time
 from operator import itemgetter
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Callable, Iterable, Sequence
     from typing import BinaryIO
 
@@ -223,7 +223,7 @@ class IgnoreRules:
         if name in self._leaf_names or (is_dir and name in self._leaf_dir_names):
             return True
         for glob, dir_only in self._leaf_globs:
-            if (is_dir or not dir_only) and fnmatch.fnmatchcase(name, glob):
+            if (is_dir or not dir_only) and _fnmatchcase(name, glob):
                 return True
         if self._anchored:
             parts = rel_path.split("/")
@@ -231,12 +231,18 @@ class IgnoreRules:
                 if dir_only and not is_dir:
                     continue
                 if all(
-                    fnmatch.fnmatchcase(part, comp) if _has_glob(comp) else part == comp
+                    _fnmatchcase(part, comp) if _has_glob(comp) else part == comp
                     # Equal lengths by construction; no strict= (this file must run on Python 3.6).
                     for part, comp in zip(parts, components)  # noqa: B905
                 ):
                     return True
         return False
+
+
+def _fnmatchcase(name: str, pattern: str) -> bool:
+    import fnmatch  # only for glob patterns (the default ignores are plain names)
+
+    return fnmatch.fnmatchcase(name, pattern)
 
 
 def sha256_file(path: str) -> str:
@@ -465,8 +471,10 @@ class StatCache:
                 handle.write(marshal.dumps((CACHE_FORMAT, self.root, self.new)))
             os.replace(tmp, self.path)
         except OSError:
-            with contextlib.suppress(OSError):
+            try:  # noqa: SIM105  (contextlib costs start-up)
                 os.unlink(tmp)
+            except OSError:
+                pass
             return False
         return True
 
@@ -519,8 +527,10 @@ def _remove(path: str) -> None:
         if child.is_dir(follow_symlinks=False):
             _remove(child.path)
         else:
-            with contextlib.suppress(FileNotFoundError):
+            try:  # noqa: SIM105  (contextlib costs start-up)
                 os.unlink(child.path)
+            except FileNotFoundError:
+                pass
     os.rmdir(path)
 
 
@@ -554,6 +564,8 @@ def apply_changes(root: str, stream: "BinaryIO") -> int:
         raise ApplyError(f"tree root {root!r} is not a directory")
     if stream.readline() != APPLY_FORMAT.encode("ascii") + b"\n":
         raise ApplyError(f"change set does not start with {APPLY_FORMAT}")
+    import json
+
     try:
         changes = json.loads(stream.readline().decode("utf-8"))
     except ValueError as exc:
@@ -612,8 +624,10 @@ def apply_changes(root: str, stream: "BinaryIO") -> int:
             os.replace(tmp, path)
         elif kind == "l" and len(change) == 3 and isinstance(change[2], str):
             tmp = os.path.join(directory, f".ah-apply-{os.getpid()}.tmp")
-            with contextlib.suppress(FileNotFoundError):
+            try:  # noqa: SIM105  (contextlib costs start-up)
                 os.unlink(tmp)
+            except FileNotFoundError:
+                pass
             os.symlink(change[2], tmp)
             if os.path.isdir(path) and not os.path.islink(path):
                 _remove(path)
@@ -661,7 +675,9 @@ def content_id(entries: "Iterable[Entry]", exec_bits: bool = True, presorted: bo
     return ID_PREFIX + digest.hexdigest()[:ID_HEX_DIGITS]
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> "argparse.ArgumentParser":
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="ah-tree-digest",
         description="Print the content id of a directory tree minus ignored paths "
@@ -700,15 +716,61 @@ def _parser() -> argparse.ArgumentParser:
 
 def _fail(as_json: bool, kind: str, message: str, code: int) -> int:
     if as_json:
+        import json
+
         sys.stdout.write(json.dumps({"error": {"kind": kind, "message": message}}) + "\n")
     sys.stderr.write("ah-tree-digest: " + message + "\n")
     return code
 
 
+class _Args:
+    root = ""
+    ignore: "list[str]"
+    json = False
+    no_exec_bit = False
+    cache: "str | None" = None
+    apply: "str | None" = None
+
+
+def _parse_fast(argv: "Sequence[str]") -> "_Args | None":
+    """The arguments a fence passes, parsed without argparse (which would double the
+    start-up); None for anything else (help, version, mistakes), which argparse handles."""
+    args = _Args()
+    args.ignore = []
+    valued = {"--root", "--ignore", "--cache", "--apply"}
+    index = 0
+    while index < len(argv):
+        word = argv[index]
+        if word in valued:
+            following = argv[index + 1] if index + 1 < len(argv) else None
+            if following is None or (following.startswith("-") and following != "-"):
+                return None
+            value = argv[index + 1]
+            index += 2
+            if word == "--ignore":
+                args.ignore.append(value)
+            elif word == "--root":
+                args.root = value
+            elif word == "--cache":
+                args.cache = value
+            else:
+                args.apply = value
+        elif word == "--json":
+            args.json = True
+            index += 1
+        elif word == "--no-exec-bit":
+            args.no_exec_bit = True
+            index += 1
+        else:
+            return None
+    return args if args.root else None
+
+
 def main(argv: "Sequence[str] | None" = None) -> int:
     """Run the digest command; returns the exit status (0 ok, 1 unreadable tree, 2 usage,
     3 the change set could not be applied)."""
-    args = _parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    args = _parse_fast(words) or _parser().parse_args(words)
     exec_bits = not args.no_exec_bit
     try:
         rules = IgnoreRules(args.ignore)
@@ -735,6 +797,8 @@ def main(argv: "Sequence[str] | None" = None) -> int:
         cache.save()
     tree_id = content_id(entries, exec_bits, presorted=True)
     if args.json:
+        import json
+
         document = {
             "format": FORMAT,
             "id": tree_id,

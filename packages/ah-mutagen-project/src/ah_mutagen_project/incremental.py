@@ -86,28 +86,47 @@ def _parents(path: str) -> Iterable[str]:
         index = path.find("/", index + 1)
 
 
+def _columns(manifest: Manifest) -> tuple[list[str], list[list[object]]]:
+    """Paths, and the columns that must match per path: kind, executable, size, data.
+    Lists compared in C (the kinds are the enum's singletons, equal by identity); hashing
+    or comparing the entry structs one by one costs several times more."""
+    entries = manifest.entries
+    return [entry.path for entry in entries], [
+        [entry.kind for entry in entries],
+        [entry.executable for entry in entries],
+        [entry.size for entry in entries],
+        [entry.data for entry in entries],
+    ]
+
+
 def change_list(proven: Manifest, wanted: Manifest) -> list[str]:
     """What to send or delete to turn a tree holding ``proven`` into one holding ``wanted``:
     every path added or changed (kind, content, size, executable bit or link target), and
     every path removed whose parent is neither removed nor changed itself (a removed
     directory goes with its contents; a directory that became a file is replaced as a
     whole). Sorted, so a directory comes before what goes into it. On the fence's critical
-    path: set differences of the (hashable) entries, so unchanged entries cost no Python
-    code."""
-    before = set(proven.entries)
-    after = set(wanted.entries)
-    if before == after:
-        return []
-    gone = before - after  # removed or changed
-    arrived = after - before  # added or changed
-    present = {entry.path for entry in wanted.entries}
-    replaced = {entry.path for entry in gone}
-    differing = {entry.path for entry in arrived}
-    removed = [path for path in replaced if path not in present]
-    top_removed = {
+    path, so built from whole-column operations: a few milliseconds for 10,000 entries."""
+    before_paths, before_columns = _columns(proven)
+    after_paths, after_columns = _columns(wanted)
+    if before_paths == after_paths:  # the same paths (the usual case): compare in step
+        differ: set[int] = set()
+        for old, new in zip(before_columns, after_columns, strict=True):
+            if old != new:
+                differ.update([i for i, (x, y) in enumerate(zip(old, new, strict=True)) if x != y])
+        return sorted([after_paths[i] for i in differ])
+    before = {path: row for path, *row in zip(before_paths, *before_columns, strict=True)}
+    present = set(after_paths)
+    differing = [
+        path
+        for path, *row in zip(after_paths, *after_columns, strict=True)
+        if before.get(path) != row
+    ]
+    removed = [path for path in before_paths if path not in present]
+    replaced = {*removed, *(path for path in differing if path in before)}
+    top_removed = [
         path for path in removed if not any(parent in replaced for parent in _parents(path))
-    }
-    return sorted(differing | top_removed)
+    ]
+    return sorted([*differing, *top_removed])
 
 
 def plan_changes(proven: Manifest, wanted: Manifest) -> ChangeSet:

@@ -63,8 +63,10 @@ class EntryKind(enum.StrEnum):
     SYMLINK = digest_script.KIND_LINK
 
 
-class ManifestEntry(msgspec.Struct, frozen=True, array_like=True):
-    """One entry; encoded as ``[path, kind, executable, size, data]`` like the digest JSON."""
+class ManifestEntry(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """One entry; encoded as ``[path, kind, executable, size, data]`` like the digest JSON.
+    (``gc=False``: only strings and numbers inside, so never in a cycle, and the garbage
+    collector need not walk a workspace's worth of them.)"""
 
     path: str
     """Relative, ``/``-separated."""
