@@ -616,8 +616,11 @@ def apply_changes(root: str, stream: "BinaryIO") -> int:
                     _write_all(fd, chunk)
                     left -= len(chunk)
                 os.fchmod(fd, mode & 0o7777)
-            finally:
+            except BaseException:
                 os.close(fd)
+                os.unlink(tmp)
+                raise
+            os.close(fd)
             os.utime(tmp, ns=(mtime_ns, mtime_ns))
             if os.path.isdir(path) and not os.path.islink(path):
                 _remove(path)
