@@ -31,16 +31,24 @@ Speed (see ``benchmarks/fence.py``). The proof is always the follower's digest o
 tree; everything before it only has to make that digest likely to match:
 
 * :class:`VerifiedHosts` remembers, per leader workspace, which snapshot each host was last
-  *proven* to hold (and that snapshot's manifest). Such a host gets ``rsync --files-from``
-  of exactly the paths that differ between that manifest and the new snapshot (nothing at
-  all when none differ), instead of rsync walking both trees. When the follower changed
-  meanwhile (a build wrote into the tree, another workspace was fenced there), its digest
-  disagrees and it gets a full rsync and a second digest before the plan's forced resync.
-* A host with nothing proven gets a full rsync started *while* the snapshot is taken.
+  *proven* to hold (and that snapshot's manifest). For such a host the fence plans just
+  the changes from that manifest to the new snapshot
+  (:mod:`ah_mutagen_project.incremental`) and :func:`~ah_mutagen_project.incremental.
+  choose_sync` picks how to send them: ``nothing``; ``apply`` — the change set (the
+  changed files' contents, deletions, links, modes and mtimes) goes on the standard input
+  of the digest command, which applies it and then digests: one SSH exec per follower
+  for sync and proof; ``listed`` — ``rsync --files-from`` for large change sets and
+  Windows followers. A host with nothing proven gets a full rsync, started *while* the
+  snapshot is taken. When the follower changed meanwhile (a build wrote into the tree,
+  another workspace was fenced there), its digest disagrees, or the change set cannot be
+  applied (a parent is not a directory there: nothing is ever written through a
+  symlink), and it gets a full rsync and a second digest before the plan's forced resync.
 * Both sides keep stat caches (the leader's snapshot cache; the follower's ``--cache auto``
   of the digest script, keyed on inode and ctime, which a follower-side edit always
   changes, so tampering cannot hide behind a restored mtime): only changed files are read.
-* The digest runs ``python3 -I -S`` (no site import) and reuses each ControlMaster.
+  A leader process that fences again keeps the cache rows and proven manifests in memory.
+* The digest runs ``python3 -I -S`` (no site import; the script imports only cheap modules
+  on this path) and reuses each ControlMaster.
 
 Selected followers the links could not reach are part of the result, never dropped: a
 connect timeout is ``timeout``, any other failure ``error``, with the reason.
@@ -719,6 +727,7 @@ async def _fence(
         manifest = proven.get(host)
         if manifest is None:
             plans[host] = ("full", None)
+            logger.debug("fence: {}: full (no snapshot proven there)", host)
             continue
         if id(manifest) not in change_sets:
             change_sets[id(manifest)] = plan_changes(manifest, snapshot.manifest)
