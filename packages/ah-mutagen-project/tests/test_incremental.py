@@ -9,15 +9,18 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ah_mutagen_project import Manifest, take_snapshot
+from ah_harness_local import wait_for
+from ah_mutagen_project import FedCommand, Manifest, take_snapshot
 from ah_mutagen_project import digest_script as ds
+from ah_mutagen_project._process import CommandTimeout
 from ah_mutagen_project.incremental import (
     ChangeSet,
     ChangeSetError,
@@ -310,3 +313,44 @@ def test_encoding_fails_when_the_leader_moved_on(tmp_path: Path) -> None:
     (leader / "a.txt").mkdir()
     with pytest.raises(ChangeSetError, match="no longer a regular file"):
         encode_change_set(leader, change_set)
+
+
+# --------------------------------------------------------------------------- FedCommand
+
+
+def _gone(pid: int) -> bool:
+    """Exited (a zombie nobody reaped yet counts as exited)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return True
+    return fields[0] == "Z"
+
+
+def test_a_fed_command_gets_its_input_late_and_is_killed_on_time(
+    run: Callable[..., Any], tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        echo = await FedCommand.start(["sh", "-c", "cat; echo fed >&2"], what="cat")
+        result = await echo.feed(b"change set", timeout=30)
+        assert (result.returncode, result.stdout, result.stderr) == (0, b"change set", b"fed\n")
+        await echo.cancel()  # safe after feed
+        with pytest.raises(RuntimeError, match="written already"):
+            await echo.feed(b"again", timeout=1)
+
+        # A command that never finishes: killed with its process group at the deadline.
+        marker = tmp_path / "child.pid"
+        stuck = await FedCommand.start(
+            ["sh", "-c", f"sleep 300 & echo $! > {marker}; cat >/dev/null; wait"], what="stuck"
+        )
+        with pytest.raises(CommandTimeout, match=r"stuck did not finish within 0\.5s"):
+            await stuck.feed(b"x", timeout=0.5)
+        assert stuck.returncode is not None
+        child = int(marker.read_text())
+        wait_for(lambda: _gone(child), timeout=10, what="the group's sleep to die")
+
+        unused = await FedCommand.start(["sleep", "300"], what="unused")
+        await unused.cancel()
+        assert unused.returncode is not None and _gone(unused.pid)
+
+    run(scenario())

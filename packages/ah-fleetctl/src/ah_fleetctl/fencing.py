@@ -91,6 +91,7 @@ from ah_domain_types import (
     OsKind,
 )
 from ah_mutagen_project import (
+    FedCommand,
     IgnorePatternError,
     Manifest,
     MutagenFollower,
@@ -370,20 +371,17 @@ changed_paths = change_list
 
 _APPLY_FAILED = 3
 """The digest command's exit status when it could not apply a change set."""
+_EMPTY_CHANGE_SET = encode_change_set(".", ChangeSet((), (), 0))
 
 
-def _encode_change_set(leader_root: Path, change_set: ChangeSet, path: Path) -> Path | None:
-    """Write the change set's stream to ``path``; None when the leader's tree no longer
-    matches the snapshot there (then ``rsync --files-from`` sends what is there now)."""
+def _encode_change_set(leader_root: Path, change_set: ChangeSet) -> bytes | None:
+    """The change set's stream; None when the leader's tree no longer matches the snapshot
+    there (then ``rsync --files-from`` sends what is there now)."""
     try:
-        data = encode_change_set(leader_root, change_set)
+        return encode_change_set(leader_root, change_set)
     except (ChangeSetError, OSError) as exc:
         logger.debug("fence: change set not sent ({}); using rsync --files-from", exc)
         return None
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    return path
 
 
 # --------------------------------------------------------------------------- engines
@@ -399,19 +397,10 @@ class _Digester:
         self.targets = targets
         self.ignores = tuple(ignores)
 
-    async def digest(
-        self,
-        host: str,
-        *,
-        with_manifest: bool,
-        timeout: float,
-        change_set: Path | None = None,
-    ) -> RemoteDigest:
-        """``change_set``: a file holding a change set (``encode_change_set``) for the
-        command to apply before it digests (POSIX followers only)."""
+    def _command(self, host: str, *, with_manifest: bool, apply: bool) -> tuple[FenceTarget, str]:
         target = self.targets[host]
         windows = target.os is OsKind.WINDOWS
-        if change_set is not None and windows:
+        if apply and windows:
             raise ValueError(f"{host}: change sets go to POSIX followers only")
         command = remote_digest_command(
             target.workspace,
@@ -419,22 +408,61 @@ class _Digester:
             manifest=with_manifest,
             exec_bits=target.exec_bits,
             python="python" if windows else "python3",
-            style=("inline-powershell" if windows else "inline-posix" if change_set else "heredoc"),
+            style="inline-powershell" if windows else "inline-posix" if apply else "heredoc",
             cache=True,
             isolated=True,
-            apply=change_set is not None,
+            apply=apply,
         )
+        return target, command
+
+    async def prestart(self, host: str) -> FedCommand:
+        """Start ``host``'s digest command that first applies a change set from its standard
+        input (POSIX followers): SSH, the remote shell and the interpreter start while the
+        leader is still taking its snapshot; the command reads nothing of the tree before
+        it has the change set, so what it digests is the tree after the change set."""
+        target, command = self._command(host, with_manifest=False, apply=True)
+        return await FedCommand.start(
+            self.engine.transport.ssh_argv(target.alias, command), what=f"ssh to {host}"
+        )
+
+    async def digest(
+        self,
+        host: str,
+        *,
+        with_manifest: bool,
+        timeout: float,
+        change_set: bytes | None = None,
+        started: FedCommand | None = None,
+    ) -> RemoteDigest:
+        """``change_set``: a stream (``encode_change_set``) for the command to apply before
+        it digests (POSIX followers only), through ``started`` (from :meth:`prestart`) when
+        given."""
+        target, command = self._command(
+            host, with_manifest=with_manifest and change_set is None, apply=change_set is not None
+        )
+        where = f"digest of {target.workspace!r}"
         try:
-            stdout = await self.engine.run_remote(
-                target.alias, command, _step_timeout(timeout), stdin=change_set
-            )
+            if change_set is None:
+                stdout = await self.engine.run_remote(target.alias, command, _step_timeout(timeout))
+            else:
+                fed = started if started is not None else await self.prestart(host)
+                try:
+                    result = await fed.feed(change_set, _step_timeout(timeout))
+                finally:
+                    await fed.cancel()
+                if result.returncode != 0:
+                    raise RemoteCommandError(
+                        f"command on {host} exited with status {result.returncode}"
+                        + (" (ssh failed)" if result.returncode == 255 else "")
+                        + f": {result.output_tail()}",
+                        result.returncode,
+                    )
+                stdout = result.stdout
         except RemoteCommandError as exc:
-            raise RemoteCommandError(
-                f"digest of {target.workspace!r}: {exc}", exc.returncode
-            ) from None
+            raise RemoteCommandError(f"{where}: {exc}", exc.returncode) from None
         except TimeoutError:
             raise TimeoutError(
-                f"digest of {target.workspace!r} on {host} did not finish in time; ssh was killed"
+                f"{where} on {host} did not finish in time; ssh was killed"
             ) from None
         found = parse_digest_output(stdout, manifest=with_manifest, where=host)
         return found if target.exec_bits else msgspec.structs.replace(found, exec_bits=False)
@@ -689,10 +717,24 @@ async def _fence(
             if host not in proven
         }
 
+    # Proven POSIX hosts get their digest command started now too: it waits for the change
+    # set (empty when nothing changed) and reads the tree only after applying it.
+    prestarted: dict[str, asyncio.Task[FedCommand]] = {
+        host: asyncio.ensure_future(digester.prestart(host))
+        for host in proven
+        if targets[host].os is not OsKind.WINDOWS
+    }
+
     async def cancel_early() -> None:
         for task in early_sync.values():
             task.cancel()
         await asyncio.gather(*early_sync.values(), return_exceptions=True)
+        for task in prestarted.values():
+            task.cancel()
+        for result in await asyncio.gather(*prestarted.values(), return_exceptions=True):
+            if isinstance(result, FedCommand):
+                await result.cancel()
+        prestarted.clear()
 
     try:
         snapshot: Snapshot = await asyncio.to_thread(
@@ -721,7 +763,7 @@ async def _fence(
     # Hosts proven at the same snapshot share one manifest object: diff each one once, and
     # encode its change set (into a file each host's digest command reads) at most once.
     change_sets: dict[int, ChangeSet] = {}
-    encoded: dict[int, Path | None] = {}
+    encoded: dict[int, bytes | None] = {}
     plans: dict[str, tuple[SyncMode, ChangeSet | None]] = {}
     for host, target in targets.items():
         manifest = proven.get(host)
@@ -735,16 +777,20 @@ async def _fence(
         mode = choose_sync(change_set, can_apply=target.os is not OsKind.WINDOWS)
         if mode == "apply":
             if id(manifest) not in encoded:
-                encoded[id(manifest)] = _encode_change_set(
-                    leader_root, change_set, session_dir / f"change-set-{len(encoded)}"
-                )
+                encoded[id(manifest)] = _encode_change_set(leader_root, change_set)
             if encoded[id(manifest)] is None:
                 mode = "listed"  # the leader's tree moved under the change set
         plans[host] = (mode, change_set)
         logger.debug(
             "fence: {}: {} ({} paths since its proven snapshot)", host, mode, len(change_set.paths)
         )
-    pending_apply: dict[str, Path] = {}
+    # A prestarted digest command the plan has no use for is ended now.
+    for host in [h for h in prestarted if plans[h][0] not in ("apply", "nothing")]:
+        task = prestarted.pop(host)
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await (await task).cancel()
+    pending_apply: dict[str, bytes] = {}
     fell_back: set[str] = set()
 
     def expected_id(exec_bits: bool) -> str:
@@ -771,6 +817,8 @@ async def _fence(
         if mode == "full" or change_set is None:
             return await full_sync(host, timeout)
         if mode == "nothing":
+            if host in prestarted:
+                pending_apply[host] = _EMPTY_CHANGE_SET  # what the waiting command needs
             return None  # nothing differs from what was proven there; the digest checks
         if mode == "apply":
             # The digest command applies the change set first: one SSH exec does both.
@@ -794,13 +842,27 @@ async def _fence(
             return await full_sync(host, remaining())
 
     async def digest(host: str, *, with_manifest: bool, timeout: float) -> RemoteDigest:
-        change_set_file = pending_apply.pop(host, None)
+        change_set = pending_apply.pop(host, None)
+        started: FedCommand | None = None
+        task = prestarted.pop(host, None) if change_set is not None else None
+        if task is not None:
+            try:
+                started = await task
+            except BaseException:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await (await task).cancel()
+                raise
         try:
             found = await digester.digest(
-                host, with_manifest=with_manifest, timeout=timeout, change_set=change_set_file
+                host,
+                with_manifest=with_manifest,
+                timeout=timeout,
+                change_set=change_set,
+                started=started,
             )
         except RemoteCommandError as exc:
-            if change_set_file is None or exc.returncode != _APPLY_FAILED:
+            if change_set is None or exc.returncode != _APPLY_FAILED:
                 raise
             # The follower's tree is not the one proven there (a parent became a symlink,
             # a file is not writable...): sync it in full and digest again.

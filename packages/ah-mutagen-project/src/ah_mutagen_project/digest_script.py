@@ -73,6 +73,7 @@ everything, and failing to write it never fails the digest.
 # Start-up matters: every fence runs this once per follower in a fresh interpreter. So only
 # cheap modules at the top; argparse (with re, enum, gettext), json and fnmatch are imported
 # where needed, and TYPE_CHECKING is a constant rather than an import of typing.
+import gc
 import hashlib
 import marshal
 import os
@@ -772,6 +773,9 @@ def _parse_fast(argv: "Sequence[str]") -> "_Args | None":
 def main(argv: "Sequence[str] | None" = None) -> int:
     """Run the digest command; returns the exit status (0 ok, 1 unreadable tree, 2 usage,
     3 the change set could not be applied)."""
+    # A short-lived process whose objects form no cycles: the collector would only walk the
+    # tens of thousands of entries it creates, again and again.
+    gc.disable()
     words = sys.argv[1:] if argv is None else list(argv)
     args = _parse_fast(words) or _parser().parse_args(words)
     exec_bits = not args.no_exec_bit

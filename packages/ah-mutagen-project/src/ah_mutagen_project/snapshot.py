@@ -27,6 +27,7 @@ read (its stat differs before and after) is not cached either.
 from __future__ import annotations
 
 import enum
+import gc
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -242,10 +243,17 @@ def take_snapshot(
     cache = digest_script.StatCache(
         cache_file, root_text, racy_window_s=racy_window_s, now=clock(), preloaded=preloaded
     )
+    # The scan allocates an entry tuple and a manifest struct per file and no cycles: keep
+    # the collector from walking them (and the rest of a big process) again and again.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         rows = digest_script.scan_tree(root_text, rules, cache=cache)
     except digest_script.TreeError as exc:
         raise SnapshotError(str(exc)) from exc
+    finally:
+        if collecting:
+            gc.enable()
     if cache_path is not None:
         cache.save()
         signature = _file_signature(cache_path)
