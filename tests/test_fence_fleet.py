@@ -33,6 +33,7 @@ from ah_domain_types import (
     FenceStartedEvent,
     FollowerStatus,
 )
+from ah_fleetctl import fencing
 from ah_fleetctl.dataplane import DirectConnector, FleetLinks
 from ah_fleetctl.fencing import fence_selected
 from ah_harness_local.fleet import FollowerSpec, LocalFleet
@@ -332,7 +333,7 @@ def _fence_incrementally(
 
 
 def test_incremental_fences_send_only_the_changes_and_still_prove_them(
-    fence_fleet: FenceFleet, tmp_path: Path
+    fence_fleet: FenceFleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ws = make_workspace(
         tmp_path / "ws",
@@ -374,6 +375,14 @@ def test_incremental_fences_send_only_the_changes_and_still_prove_them(
     third, modes, _ = _fence_incrementally(fence_fleet, ws, cache)
     assert modes == dict.fromkeys(NAMES, "nothing") and not third.lagging_hosts(), third
     assert third.snapshot_id == second.snapshot_id
+    # A change set over the size limit goes by rsync --files-from instead.
+    (ws / "src" / "app.py").write_text("print('v3')\n")
+    monkeypatch.setattr(fencing, "MAX_APPLY_BYTES", 0)
+    fourth, modes, _ = _fence_incrementally(fence_fleet, ws, cache)
+    monkeypatch.undo()
+    assert modes == dict.fromkeys(NAMES, "listed") and not fourth.lagging_hosts(), fourth
+    for name in NAMES:
+        assert (fence_fleet.workspace(name) / "src" / "app.py").read_text() == "print('v3')\n"
     # Another leader cache: nothing proven there, so full syncs again.
     _, modes, _ = _fence_incrementally(fence_fleet, ws, tmp_path / "other-cache")
     assert modes == dict.fromkeys(NAMES, "full"), modes

@@ -111,6 +111,7 @@ from ah_mutagen_project import (
     write_mutagen_project,
 )
 from ah_mutagen_project.incremental import (
+    DEFAULT_MAX_APPLY_BYTES,
     ChangeSet,
     ChangeSetError,
     SyncMode,
@@ -126,6 +127,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_FENCE_TIMEOUT_S",
+    "MAX_APPLY_BYTES",
     "EngineName",
     "FenceEmit",
     "FenceTarget",
@@ -369,6 +371,8 @@ def _write_atomically(path: Path, data: bytes) -> None:
 changed_paths = change_list
 """What ``rsync --files-from`` is given (:func:`ah_mutagen_project.incremental.change_list`)."""
 
+MAX_APPLY_BYTES = DEFAULT_MAX_APPLY_BYTES
+"""Change sets with more file content than this go by ``rsync --files-from``."""
 _APPLY_FAILED = 3
 """The digest command's exit status when it could not apply a change set."""
 _EMPTY_CHANGE_SET = encode_change_set(".", ChangeSet((), (), 0))
@@ -415,12 +419,12 @@ class _Digester:
         )
         return target, command
 
-    async def prestart(self, host: str) -> FedCommand:
+    async def prestart(self, host: str, *, with_manifest: bool = False) -> FedCommand:
         """Start ``host``'s digest command that first applies a change set from its standard
         input (POSIX followers): SSH, the remote shell and the interpreter start while the
         leader is still taking its snapshot; the command reads nothing of the tree before
         it has the change set, so what it digests is the tree after the change set."""
-        target, command = self._command(host, with_manifest=False, apply=True)
+        target, command = self._command(host, with_manifest=with_manifest, apply=True)
         return await FedCommand.start(
             self.engine.transport.ssh_argv(target.alias, command), what=f"ssh to {host}"
         )
@@ -438,14 +442,17 @@ class _Digester:
         it digests (POSIX followers only), through ``started`` (from :meth:`prestart`) when
         given."""
         target, command = self._command(
-            host, with_manifest=with_manifest and change_set is None, apply=change_set is not None
+            host, with_manifest=with_manifest, apply=change_set is not None
         )
         where = f"digest of {target.workspace!r}"
         try:
             if change_set is None:
                 stdout = await self.engine.run_remote(target.alias, command, _step_timeout(timeout))
             else:
-                fed = started if started is not None else await self.prestart(host)
+                if started is not None and with_manifest:  # prestarted without --json
+                    await started.cancel()
+                    started = None
+                fed = started or await self.prestart(host, with_manifest=with_manifest)
                 try:
                     result = await fed.feed(change_set, _step_timeout(timeout))
                 finally:
@@ -774,7 +781,11 @@ async def _fence(
         if id(manifest) not in change_sets:
             change_sets[id(manifest)] = plan_changes(manifest, snapshot.manifest)
         change_set = change_sets[id(manifest)]
-        mode = choose_sync(change_set, can_apply=target.os is not OsKind.WINDOWS)
+        mode = choose_sync(
+            change_set,
+            can_apply=target.os is not OsKind.WINDOWS,
+            max_apply_bytes=MAX_APPLY_BYTES,
+        )
         if mode == "apply":
             if id(manifest) not in encoded:
                 encoded[id(manifest)] = _encode_change_set(leader_root, change_set)
