@@ -304,6 +304,23 @@ def test_a_change_set_never_writes_through_a_symlink(tmp_path: Path) -> None:
     assert list(outside.iterdir()) == []
 
 
+def test_a_change_set_cannot_turn_a_checked_directory_into_a_way_out(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    follower = tmp_path / "follower"
+    follower.mkdir()
+    # A directory made (so known to be one), removed, replaced by a symlink leading out,
+    # then written below: the parent is checked again, and refused.
+    stream = (
+        b"ah-tree-apply/1\n"
+        + f'[["d","a",493],["rm","a"],["l","a","{outside}"],["f","a/x",420,2,0]]'.encode()
+        + b"\nhi"
+    )
+    with pytest.raises(ds.ApplyError, match="cannot apply below 'a': not a directory"):
+        ds.apply_changes(str(follower), io.BytesIO(stream))
+    assert list(outside.iterdir()) == []
+
+
 def test_encoding_fails_when_the_leader_moved_on(tmp_path: Path) -> None:
     leader = build(tmp_path / "leader", {"a.txt": ("f", "a", False)})
     change_set = plan_changes(Manifest(()), take_snapshot(leader, []).manifest)

@@ -592,6 +592,13 @@ def apply_changes(root: str, stream: "BinaryIO") -> int:
         kind, rel = change[0], _checked_relative(change[1] if len(change) > 1 else None)
         directory = parent_of(rel)
         path = os.path.join(directory, rel.rpartition("/")[2])
+        if kind != "d" and (
+            rel in directories or any(d.startswith(rel + "/") for d in directories)
+        ):
+            # No longer known to be a directory (whatever replaces it is checked again).
+            directories.difference_update(
+                [d for d in directories if d == rel or d.startswith(rel + "/")]
+            )
         if kind == "rm" and len(change) == 2:
             _remove(path)
         elif kind == "d" and len(change) == 3:
