@@ -116,7 +116,6 @@ async def run_command(
     )
 
 
-
 class FedCommand:
     """A command started now whose standard input is written later, once: its start-up
     (for ``ssh``: the session, the remote shell, the interpreter) overlaps whatever the
