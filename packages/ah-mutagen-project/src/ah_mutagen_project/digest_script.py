@@ -790,7 +790,17 @@ def main(argv: "Sequence[str] | None" = None) -> int:
         rules = IgnoreRules(args.ignore)
     except IgnorePatternError as exc:
         return _fail(args.json, "usage", str(exc), 2)
+    # The cache is loaded before a change set is read: a fence starts this command early
+    # and sends the change set later, so the load overlaps the leader's snapshot. (Its rows
+    # are only ever used when a file's stat still matches, and the racy window is measured
+    # from now, earlier than the scan: stricter, never looser.)
+    cache = None
+    if args.cache:
+        path = default_cache_path(args.root) if args.cache == "auto" else args.cache
+        cache = StatCache(os.path.expanduser(path), args.root)
     if args.apply:
+        import json  # apply_changes needs it: imported before waiting for the input
+
         try:
             if args.apply == "-":
                 apply_changes(args.root, sys.stdin.buffer)
@@ -799,10 +809,6 @@ def main(argv: "Sequence[str] | None" = None) -> int:
                     apply_changes(args.root, stream)
         except OSError as exc:
             return _fail(args.json, "apply", f"cannot apply the change set: {exc}", 3)
-    cache = None
-    if args.cache:
-        path = default_cache_path(args.root) if args.cache == "auto" else args.cache
-        cache = StatCache(os.path.expanduser(path), args.root)
     try:
         entries = scan_tree(args.root, rules, cache=cache)
     except TreeError as exc:
