@@ -288,6 +288,20 @@ class VerifiedHosts:
             )
         return self._manifests[record.snapshot_id]
 
+    def store_manifest(self, snapshot: Snapshot) -> None:
+        """Write ``snapshot``'s manifest unless it is there (a fence may do this while its
+        hosts are still being verified; :meth:`update` removes it again if no host ends up
+        proven at it).
+
+        Raises:
+            OSError: it could not be written.
+        """
+        self.manifest_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.manifest_dir / f"{snapshot.id}.msgpack"
+        if not path.exists():
+            _write_atomically(path, msgspec.msgpack.encode(snapshot.manifest))
+            _remember_manifest(path, snapshot.manifest)
+
     def update(
         self,
         snapshot: Snapshot,
@@ -307,12 +321,8 @@ class VerifiedHosts:
                 self.records.hosts.pop(host, None)
         wanted = {r.snapshot_id for r in self.records.hosts.values()}
         try:
-            self.manifest_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             if snapshot.id in wanted:
-                path = self.manifest_dir / f"{snapshot.id}.msgpack"
-                if not path.exists():
-                    _write_atomically(path, msgspec.msgpack.encode(snapshot.manifest))
-                    _remember_manifest(path, snapshot.manifest)
+                self.store_manifest(snapshot)
             for stale in self.manifest_dir.glob("*.msgpack"):
                 if stale.stem not in wanted:
                     stale.unlink(missing_ok=True)
@@ -795,6 +805,8 @@ async def _fence(
         logger.debug(
             "fence: {}: {} ({} paths since its proven snapshot)", host, mode, len(change_set.paths)
         )
+    # The manifest the next fence will diff against, written while the hosts are verified.
+    storing = asyncio.ensure_future(asyncio.to_thread(verified.store_manifest, snapshot))
     # A prestarted digest command the plan has no use for is ended now.
     for host in [h for h in prestarted if plans[h][0] not in ("apply", "nothing")]:
         task = prestarted.pop(host)
@@ -923,6 +935,8 @@ async def _fence(
     metadata = msgspec.structs.replace(
         metadata, hosts=fix_up(metadata.hosts), took_ms=int((loop.time() - started) * 1000)
     )
+    with contextlib.suppress(OSError):
+        await storing  # update() writes it if this could not
     verified.update(snapshot, metadata.hosts, targets, ignores)
     return metadata
 
