@@ -37,7 +37,9 @@ tree; everything before it only has to make that digest likely to match:
   choose_sync` picks how to send them: ``nothing``; ``apply`` — the change set (the
   changed files' contents, deletions, links, modes and mtimes) goes on the standard input
   of the digest command, which applies it and then digests: one SSH exec per follower
-  for sync and proof; ``listed`` — ``rsync --files-from`` for large change sets and
+  for sync and proof, started before the snapshot (SSH, shell and interpreter start-up
+  overlap it; the command reads the tree only after it has the change set, which is
+  empty for ``nothing``); ``listed`` — ``rsync --files-from`` for large change sets and
   Windows followers. A host with nothing proven gets a full rsync, started *while* the
   snapshot is taken. When the follower changed meanwhile (a build wrote into the tree,
   another workspace was fenced there), its digest disagrees, or the change set cannot be
