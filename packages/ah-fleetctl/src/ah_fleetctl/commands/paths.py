@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import ssl
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -160,9 +160,7 @@ def _follower_named(followers: Sequence[FollowerStatus], host: str) -> FollowerS
     )
 
 
-def _open_path_socket(
-    app: FleetContext, path: HostPath, name: str, port: int
-) -> ssl.SSLSocket | object:
+def _open_path_socket(app: FleetContext, path: HostPath, name: str, port: int) -> socket.socket:
     """A socket to the follower's sshd over ``path`` (blocking)."""
     from ah_connectivity.connect_client import ConnectRefused, open_connect_tunnel
     from ah_ssh_bridge import SshError, tcp_connect
