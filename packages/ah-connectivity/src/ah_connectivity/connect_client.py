@@ -35,7 +35,7 @@ from ah_connectivity.connect_proto import (
     parse_target,
 )
 from ah_connectivity.pki import FleetCA, PeerVerificationError, verify_peer
-from ah_connectivity.splice import Splice, SpliceEnd
+from ah_connectivity.splice import Splice, SpliceEnd, SpliceStats
 from ah_connectivity.tls import client_context, serve_spiffe_for_ca, tune_tcp, verify_tls_peer
 from ah_connectivity.tls_socket import TlsSocket, wrap_tls
 from ah_domain_types import ExitCode
@@ -198,11 +198,12 @@ async def open_connect_tunnel_async(
     return reader, writer
 
 
-def pump_stdio(sock: socket.socket, stdin_fd: int = 0, stdout_fd: int = 1) -> None:
+def pump_stdio(sock: socket.socket, stdin_fd: int = 0, stdout_fd: int = 1) -> SpliceStats:
     """Copy `stdin_fd` → `sock` and `sock` → `stdout_fd` until the socket's side ends.
 
     Stdin EOF half-closes the socket; the function returns once the socket reached EOF and
-    everything was written out, or either side failed. One thread, non-blocking
+    everything was written out, or either side failed (``outcome`` of the returned stats is
+    then ``"reset"``, with the reason). One thread, non-blocking
     (`ah_connectivity.splice`); a `TlsSocket` is pumped through its memory BIOs.
     """
     for fd in (stdin_fd, stdout_fd):
@@ -211,7 +212,7 @@ def pump_stdio(sock: socket.socket, stdin_fd: int = 0, stdout_fd: int = 1) -> No
             import fcntl
 
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
-    Splice(
+    return Splice(
         SpliceEnd(sock, "tunnel", eof_ends_splice=True),
         SpliceEnd(None, "stdio", fds=(stdin_fd, stdout_fd), close_fds=False),
     ).run()
@@ -257,7 +258,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ssl.SSLError, PeerVerificationError) as exc:
         print(f"error: {args.access_point}: {exc}", file=sys.stderr)
         return int(ExitCode.NETWORK)
-    pump_stdio(sock)
+    stats = pump_stdio(sock)
+    if stats.outcome != "eof":
+        print(f"error: tunnel to {args.target} broke: {stats.reason}", file=sys.stderr)
+        return int(ExitCode.NETWORK)
     return 0
 
 

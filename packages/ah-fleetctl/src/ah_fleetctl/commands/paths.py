@@ -232,7 +232,11 @@ def proxy_command(
         raise CliError(ExitCode.NETWORK, path.error or f"proxy: no path to {name}", kind="network")
     sock = _open_path_socket(app, path, name, port)
     assert isinstance(sock, socket.socket)
-    pump_stdio(sock)
+    stats = pump_stdio(sock)
+    if stats.outcome != "eof":
+        raise CliError(
+            ExitCode.NETWORK, f"proxy {name}: the tunnel broke: {stats.reason}", kind="network"
+        )
 
 
 # --------------------------------------------------------------------------- ssh-config
