@@ -28,10 +28,11 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
-if TYPE_CHECKING:
-    from _typeshed import ReadableBuffer, WriteableBuffer
+# Buffers (bytes-like objects): typeshed's ReadableBuffer/WriteableBuffer are not importable.
+ReadableBuffer = Any
+WriteableBuffer = Any
 
 __all__ = ["RAW_READ_SIZE", "TlsParts", "TlsSocket", "wrap_tls"]
 
