@@ -194,9 +194,14 @@ class _SocketIo(_Io):
 
     def pull(self, view: memoryview, size: int) -> int:
         try:
-            return self._recv_into(view, size)
+            n = self._recv_into(view, size)
         except (BlockingIOError, InterruptedError):
             return _WOULD_BLOCK
+        if n < size:
+            # Drained (most likely): wait for readiness rather than spend a system call —
+            # each one also gives the interpreter lock away.
+            self.readable = False
+        return n
 
     def _send(self, view: memoryview) -> int:
         return self._send_raw(view)
@@ -244,11 +249,13 @@ class _TlsIo(_SocketIo):
             self.more = False
             return 0
         incoming = self.incoming
-        if not self.raw_eof and incoming.pending < RAW_READ_SIZE:
+        if self.readable and not self.raw_eof and incoming.pending < RAW_READ_SIZE:
             try:
                 k = self._recv_into(self.raw_view, RAW_READ_SIZE)
             except (BlockingIOError, InterruptedError):
                 k = _WOULD_BLOCK
+            if k < RAW_READ_SIZE:
+                self.readable = False
             if k > 0:
                 incoming.write(self.raw_view[:k])
             elif k == 0:
@@ -304,9 +311,12 @@ class _PipeIo(_Io):
 
     def pull(self, view: memoryview, size: int) -> int:
         try:
-            return os.readv(self.read_fd, [view[:size]])
+            n = os.readv(self.read_fd, [view[:size]])
         except (BlockingIOError, InterruptedError):
             return _WOULD_BLOCK
+        if n < size:
+            self.readable = False
+        return n
 
     def _send(self, view: memoryview) -> int:
         return os.write(self.write_fd, view)
