@@ -272,6 +272,11 @@ class _TlsIo(_SocketIo):
                 self.tls_eof = True
                 break
             total += n
+            if not incoming.pending and not self.raw_eof:
+                # All ciphertext consumed (the record may have been read only in part: the
+                # caller's buffer is full then, and `more` brings us back). Another read
+                # would only say "want read" — and hand the interpreter lock away.
+                break
         self.more = total == size
         if self.outgoing.pending:  # alerts, key-update answers
             self._queue_outgoing()
