@@ -104,6 +104,18 @@ class TlsSocket(socket.socket):
                 self._raw_eof = True
                 self._parts.incoming.write_eof()
 
+    def _send_ciphertext(self, data: bytes) -> None:
+        """Send all of `data` (caller holds _send_lock). Records already made must all leave,
+        or the stream is broken: a socket timeout here (paramiko sets 0.1 s on its socket)
+        only means "not yet", so keep going; real errors propagate."""
+        view = memoryview(data)
+        while view:
+            try:
+                sent = socket.socket.send(self, view)
+            except TimeoutError:
+                continue
+            view = view[sent:]
+
     def _take_outgoing(self) -> bytes:
         # (caller holds _ssl_lock)
         outgoing = self._parts.outgoing
@@ -117,7 +129,7 @@ class TlsSocket(socket.socket):
                 with self._ssl_lock:
                     data = self._take_outgoing()
                 if data:
-                    socket.socket.sendall(self, data)
+                    self._send_ciphertext(data)
             finally:
                 self._send_lock.release()
 
@@ -150,15 +162,27 @@ class TlsSocket(socket.socket):
         if size == 0:
             return 0
         while True:
+            total = 0
+            eof = False
             with self._ssl_lock:
-                try:
-                    n = cast(int, self._parts.sslobj.read(size, view))
-                except ssl.SSLWantReadError:
-                    n = -1
+                read = self._parts.sslobj.read
+                incoming = self._parts.incoming
+                # As many records as fit: one call per record, each a GIL hand-off.
+                while total < size:
+                    try:
+                        n = cast(int, read(size - total, view[total:]))
+                    except ssl.SSLWantReadError:
+                        break
+                    if n == 0:
+                        eof = True
+                        break
+                    total += n
+                    if not incoming.pending and not self._raw_eof:
+                        break
             if self._parts.outgoing.pending:
                 self._flush_pending()
-            if n >= 0:
-                return n
+            if total or eof:
+                return total
             self._fill()
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
@@ -176,7 +200,7 @@ class TlsSocket(socket.socket):
                 while written < len(view):
                     written += self._parts.sslobj.write(view[written:])
                 out = self._take_outgoing()
-            socket.socket.sendall(self, out)
+            self._send_ciphertext(out)
         if self._parts.outgoing.pending:
             self._flush_pending()
 

@@ -62,7 +62,6 @@ from ah_connectivity.path_selection import (
     TryMethod,
 )
 from ah_connectivity.pki import PeerVerificationError
-from ah_connectivity.splice import Splice, SpliceEnd
 from ah_domain_types import (
     EVENT_CLASSES,
     EVENT_TYPES,
@@ -246,7 +245,10 @@ class PathDialer:
         )
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return bridge_tls(sock, name)
+        # A TlsSocket may be read by paramiko's transport thread while others write to it
+        # (one thread inside OpenSSL at a time, records sent whole even across paramiko's
+        # 0.1 s socket timeouts): no bridge thread, no extra hop.
+        return sock
 
     def options_for(self, follower: FollowerStatus) -> SshOptions:
         if follower.info.os is OsKind.WINDOWS and self.options.process_control:
@@ -940,21 +942,3 @@ async def establish_paths(
         return host_path(connector, follower.info.name)
 
     return list(await asyncio.gather(*(one(f) for f in followers)))
-
-
-# --------------------------------------------------------------------------- TLS bridge
-
-
-def bridge_tls(tls: socket.socket, name: str) -> socket.socket:
-    """A plain socket whose bytes travel over ``tls``, pumped by ONE splice thread.
-
-    paramiko reads its socket in one thread while others write to it; the splice alone
-    touches ``tls`` (a `TlsSocket` is driven through its memory BIOs)."""
-    ours, theirs = socket.socketpair()
-    for sock in (ours, theirs):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-    splice = Splice(SpliceEnd(tls, f"tunnel to {name}"), SpliceEnd(theirs, "paramiko"))
-    splice.start(lambda stats: _log.debug("TLS bridge to {} ended: {}", name, stats.outcome))
-    return ours
