@@ -242,3 +242,25 @@ def test_splice_refuses_an_ssl_socket(fleet: Any) -> None:
     )
     with sock, pytest.raises(TypeError, match="TlsSocket"):
         SpliceEnd(sock, "tls")
+
+
+def test_a_truncated_tls_record_before_eof_reads_as_eof(fleet: Any) -> None:
+    """The peer sends a record, then half a record and a FIN: the splice delivers the first,
+    then EOF (no spinning on "want read" forever), and ends once the other side closes."""
+    client, server = tls_pair(fleet)
+    mine, theirs = socket.socketpair()
+    splice = Splice(SpliceEnd(server, "tls"), SpliceEnd(theirs, "pair"))
+    splice.start()
+    client.sendall(b"hi")
+    socket.socket.sendall(client, b"\x17\x03\x03\x00\x40abc")  # a record header and 3 of 64
+    client.shutdown(socket.SHUT_WR)
+    mine.settimeout(10)
+    got = b""
+    while chunk := mine.recv(1024):
+        got += chunk
+    assert got == b"hi"
+    mine.shutdown(socket.SHUT_WR)
+    assert splice.wait(10)
+    assert splice.stats.outcome == "eof"
+    client.close()
+    mine.close()

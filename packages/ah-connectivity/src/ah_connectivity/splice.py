@@ -267,6 +267,8 @@ class _TlsIo(_SocketIo):
             try:
                 n = read(size - total, view[total:])
             except ssl.SSLWantReadError:
+                if self.raw_eof:  # nothing more will come (a truncated record): EOF
+                    self.tls_eof = True
                 break
             if n == 0:
                 self.tls_eof = True

@@ -172,6 +172,7 @@ class TlsSocket(socket.socket):
                     try:
                         n = cast(int, read(size - total, view[total:]))
                     except ssl.SSLWantReadError:
+                        eof = self._raw_eof  # a truncated record: nothing more will come
                         break
                     if n == 0:
                         eof = True
