@@ -4,21 +4,34 @@ A real fleet (``LocalFleet``: an access point and 16 followers, each with its ow
 OpenSSH sshd on 127.0.0.1) and these ways of running ``true`` on all 16 at once, each
 repeated ``--rounds`` times (median reported):
 
-* **ah run, cold** — ``ah-fleetctl run --no-fence -- true`` as a fresh process: Python
-  start-up (bytecode cached, as installed), the follower list over HTTPS, path selection and
-  16 new SSH transports (handshake, host-key check, public-key login), one exec channel each,
-  the session's events pushed to the access point, summary.
+* **ah run (CLI), cold** — ``ah-fleetctl run --no-fence --json -- true`` as a fresh
+  process with the leader agent off (the fleet's config): Python start-up and imports, the
+  follower list over HTTPS, path selection and 16 new SSH transports (handshake, host-key
+  check, public-key login), one exec channel each, the session's events pushed to the access
+  point, summary.
+* **ah run (CLI), warm via agent** — the same command typed again while the leader agent
+  (``ah-fleetctl agent``, started by the first run) holds the transports: the process
+  takes the thin path (:mod:`ah_fleetctl.thin`, standard library only), hands the run to
+  the agent over its unix socket and prints what the agent streams. Process start to exit;
+  this is what a user or a coding agent pays per invocation.
 * **ah library, cold** — the same inside one process, without interpreter start-up or the
   REST call: ``FleetLinks.open`` (16 new transports) + ``RunEngine`` + close.
-* **ah library, warm** — ``RunEngine`` over transports already open (``FleetLinks`` kept
-  across rounds). This is what "warm" means until the leader agent of issue 4 keeps
-  transports between CLI invocations: it is the library in one process, not the CLI.
+* **ah library, warm transports** — ``RunEngine`` over transports already open
+  (``FleetLinks`` kept across rounds), in-process: no interpreter, no socket hop.
+
+Every CLI row runs the venv's console script (``.venv/bin/ah-fleetctl``) directly, not
+through ``uv run`` (which adds its own start-up), with bytecode cached as an installed tool
+has it (``PYTHONDONTWRITEBYTECODE`` is removed for those processes; a first, uncounted round
+writes the cache). ``--no-fence`` everywhere: the peers do not sync or verify a tree first.
+
 * **OpenSSH, cold** — 16 ``ssh ... true`` in parallel (asyncio subprocesses), each a new
   connection (``ControlMaster no``).
 * **OpenSSH ControlMaster, warm** — the same through masters already established
   (``ControlMaster auto``/``ControlPersist``, the config ``FleetLinks.ssh_config`` writes).
-* **parallel-ssh, cold / warm** — ``ParallelSSHClient`` (a fresh client per round, or one
-  client reused), ``run_command("true")`` + ``join``.
+* **parallel-ssh, cold / warm** — ``ParallelSSHClient`` inside one Python process that
+  is already running (interpreter start-up and imports not counted): a fresh client per
+  round (new connections), or one client reused (warm: connections kept),
+  ``run_command("true")`` + ``join``.
 * **ansible, -m raw** — ``ansible all -m raw -a true -f 16`` as a fresh process (ansible's
   own OpenSSH ControlPersist is on, so after the first round its connections are warm).
 
@@ -27,6 +40,9 @@ creates with ``uv venv`` under ``--venv-dir`` (default: the user cache), never i
 workspace. Host keys: ah and OpenSSH pin them; parallel-ssh does not check them (its
 default); ansible uses a known_hosts file written from the verified keys.
 
+Also printed, not compared: the floor of any CLI row (``python -c pass`` with the same
+interpreter and site) and how many modules the thin path imported (``-X importtime``).
+
     uv run python benchmarks/fanout.py [--followers 16] [--rounds 5] [--json]
 """
 
@@ -34,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -46,6 +63,7 @@ import time
 from pathlib import Path
 
 import msgspec
+from loguru import logger
 
 from ah_domain_types import FollowerStatus, OsKind
 from ah_fleetctl.dataplane import DirectConnector, FleetLinks, ssh_alias, stop_control_masters
@@ -89,10 +107,14 @@ def fleetctl_argv() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "ah_fleetctl"]
 
 
-def ah_cli_round(fleet: LocalFleet, work: Path, hosts: int) -> float:
-    env = {**fleet.env(), "NO_COLOR": "1"}
+def cli_env(fleet: LocalFleet, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {**fleet.env(), "NO_COLOR": "1", **(extra or {})}
     # As installed: bytecode cached (a first, uncounted round writes it).
     env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
+def ah_cli_round(env: dict[str, str], work: Path, hosts: int) -> float:
     started = time.perf_counter()
     done = subprocess.run(
         [*fleetctl_argv(), "run", "--no-fence", "--json", "--", "true"],
@@ -108,6 +130,80 @@ def ah_cli_round(fleet: LocalFleet, work: Path, hosts: int) -> float:
     if done.returncode != 0 or summary.get("succeeded") != hosts:
         raise RuntimeError(f"ah-fleetctl run failed ({done.returncode}): {done.stderr[-2000:]}")
     return took
+
+
+def _imported(argv: list[str], env: dict[str, str] | None, cwd: Path | None) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", *argv],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{argv} failed ({done.returncode}): {done.stderr[-2000:]}")
+    return [
+        line.rsplit("|", 1)[-1].strip()
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    ]
+
+
+def thin_path_imports(env: dict[str, str], work: Path) -> list[str]:
+    """Modules a warm ``run`` (the console script) imported beyond interpreter start-up;
+    fails if it was not the thin path."""
+    script = fleetctl_argv()
+    if len(script) != 1:
+        script = ["-m", "ah_fleetctl"]
+    modules = _imported([*script, "run", "--no-fence", "--", "true"], env, work)
+    baseline = set(_imported(["-c", "pass"], env, work))
+    heavy = {"click", "msgspec", "paramiko", "httpx", "litestar", "aioquic", "cryptography"}
+    if heavy & set(modules):
+        raise RuntimeError(
+            f"the warm run did not take the thin path: it imported {heavy & set(modules)}"
+        )
+    return [m for m in modules if m not in baseline]
+
+
+def agent_path_methods(env: dict[str, str], work: Path) -> dict[str, int]:
+    """How the agent reaches the followers (``paths --json``): method -> followers."""
+    done = subprocess.run(
+        [*fleetctl_argv(), "paths", "--json"],
+        env=env,
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"ah-fleetctl paths failed ({done.returncode}): {done.stderr[-2000:]}")
+    methods: dict[str, int] = {}
+    for path in json.loads(done.stdout)["paths"]:
+        methods[str(path["method"])] = methods.get(str(path["method"]), 0) + 1
+    return methods
+
+
+def stop_agents(runtime: Path) -> None:
+    from ah_fleetctl.agent import AgentClient
+
+    async def stop(path: Path) -> None:
+        with contextlib.suppress(OSError):
+            await AgentClient(path).shutdown()
+
+    for sock in (runtime / "agent-harbor" / "agents").glob("*.sock"):
+        asyncio.run(stop(sock))
+
+
+def python_floor(rounds: int) -> list[float]:
+    samples = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        samples.append(time.perf_counter() - started)
+    return samples
 
 
 async def ah_library(
@@ -286,10 +382,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--venv-dir", type=Path, default=default_venv_dir())
     parser.add_argument("--skip-peers", action="store_true", help="only ah and OpenSSH")
+    parser.add_argument(
+        "--path",
+        choices=("direct", "connect"),
+        default="direct",
+        help="how the ah CLI rows reach the followers: direct TCP (as the peers do; the "
+        "path policy's first choice for 127.0.0.1) or only through the access point's "
+        "CONNECT tunnel (direct disallowed). The library rows always link directly.",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
     python = None if args.skip_peers else ensure_peer_venv(args.venv_dir)
+    logger.remove()  # the library's debug lines would drown the table
+    logger.add(sys.stderr, level="WARNING")
+    load_before = os.getloadavg()
     rows: dict[str, list[float]] = {}
     specs = [FollowerSpec(f"f{i:02d}") for i in range(args.followers)]
     with tempfile.TemporaryDirectory(prefix="ah-fanout-") as tmp:
@@ -305,10 +412,37 @@ def main() -> None:
             connector = DirectConnector(fleet.ssh_user, fleet.leader_key)
             names = [f.info.name for f in followers]
 
-            ah_cli_round(fleet, work, args.followers)  # warm-up: bytecode, page cache
-            rows["ah run (CLI), cold"] = [
-                ah_cli_round(fleet, work, args.followers) for _ in range(args.rounds)
+            policy = {"AH_PATH_POLICY_ALLOW_DIRECT": "false"} if args.path == "connect" else {}
+            via = " via CONNECT" if args.path == "connect" else ""
+            env = cli_env(fleet, policy)
+            ah_cli_round(env, work, args.followers)  # warm-up: bytecode, page cache
+            rows[f"ah run (CLI){via}, cold"] = [
+                ah_cli_round(env, work, args.followers) for _ in range(args.rounds)
             ]
+            # The leader agent: private runtime dir (its socket, the thin index), short path
+            # for sockaddr_un; the first run starts it and records the thin index.
+            runtime = Path(tempfile.mkdtemp(prefix="ahf-", dir="/tmp"))
+            agent_env = cli_env(
+                fleet,
+                {
+                    "AH_AGENT_ENABLED": "true",
+                    "AH_AGENT_IDLE": "300s",
+                    "XDG_RUNTIME_DIR": str(runtime),
+                    **policy,
+                },
+            )
+            try:
+                ah_cli_round(agent_env, work, args.followers)  # starts the agent (not counted)
+                thin_modules = thin_path_imports(agent_env, work)
+                ah_cli_round(agent_env, work, args.followers)  # not counted
+                rows[f"ah run (CLI){via}, warm via agent"] = [
+                    ah_cli_round(agent_env, work, args.followers) for _ in range(args.rounds)
+                ]
+                methods = agent_path_methods(agent_env, work)
+            finally:
+                stop_agents(runtime)
+                shutil.rmtree(runtime, ignore_errors=True)
+            floor = python_floor(args.rounds)
             cold, warm = asyncio.run(ah_library(followers, connector, args.rounds))
             rows["ah library, cold (in-process)"] = cold
             rows["ah library, warm transports (in-process)"] = warm
@@ -334,17 +468,45 @@ def main() -> None:
     medians = {name: median_ms(samples) for name, samples in rows.items()}
     peers = {n: m for n, m in medians.items() if not n.startswith("ah ")}
     fastest_peer = min(peers, key=peers.__getitem__)
+    load_after = os.getloadavg()
+    bytecode = (
+        f"PYTHONDONTWRITEBYTECODE={os.environ['PYTHONDONTWRITEBYTECODE']!r} in this "
+        "environment, removed for the CLI rows (bytecode cached)"
+        if "PYTHONDONTWRITEBYTECODE" in os.environ
+        else "PYTHONDONTWRITEBYTECODE unset (bytecode cached)"
+    )
     if args.json:
         print(json.dumps({"followers": args.followers, "rounds": args.rounds,
-                          "medianMs": medians, "fastestPeer": fastest_peer}, indent=2))  # fmt: skip
+                          "medianMs": medians, "fastestPeer": fastest_peer,
+                          "pythonFloorMs": median_ms(floor), "thinModules": thin_modules,
+                          "agentPaths": methods,
+                          "loadBefore": load_before, "loadAfter": load_after,
+                          "bytecode": bytecode}, indent=2))  # fmt: skip
         return
     print(f"`true` on {args.followers} local followers, median of {args.rounds} rounds "
-          f"({os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}):")  # fmt: skip
+          f"({os.cpu_count()} CPUs; load average before {load_before[0]:.2f} "
+          f"{load_before[1]:.2f} {load_before[2]:.2f}, after {load_after[0]:.2f} "
+          f"{load_after[1]:.2f} {load_after[2]:.2f}):")  # fmt: skip
     width = max(map(len, medians))
     for name, value in medians.items():
         ratio = value / peers[fastest_peer]
         print(f"  {name.ljust(width)}  {value:8.0f} ms  {ratio:5.2f}x fastest peer")
     print(f"  (fastest peer: {fastest_peer})")
+    target = next((v for n, v in medians.items() if n.endswith("warm via agent")), None)
+    if target is not None:
+        verdict = "MET" if target <= 0.5 * peers[fastest_peer] else "MISSED"
+        print(f"target warm ah run <= 0.5x fastest peer: {target / peers[fastest_peer]:.2f}x "
+              f"({verdict})")  # fmt: skip
+    print(
+        "what the rows measure: 'ah run (CLI)' rows and 'ansible' are whole processes "
+        "(start to exit; the venv's console script, not uv run); 'ah library' and "
+        "'parallel-ssh' rows run inside an already-started Python process (no interpreter "
+        "start-up or imports); OpenSSH rows are 16 ssh processes in parallel."
+    )
+    print(f"the agent's paths to the followers: {methods}")
+    print(f"floor of every CLI row: `python -c pass` {median_ms(floor):.0f} ms; beyond it the "
+          f"warm run imported {len(thin_modules)} modules ({', '.join(thin_modules)}); "
+          f"{bytecode}")  # fmt: skip
 
 
 if __name__ == "__main__":

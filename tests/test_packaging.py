@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import json
+import os
+import re
+import ssl
 import subprocess
 import sys
 import tomllib
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from ah_connectivity import CA_CERT_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ROOT / "packages"
@@ -114,28 +122,173 @@ def test_versions_are_consistent_with_pinned_internal_dependencies() -> None:
                 )
 
 
-def test_wheels_build_and_import_in_a_fresh_venv(tmp_path: Path) -> None:
-    dist = tmp_path / "dist"
+BINARIES = ("ah-access-pointd", "ah-fleetctl", "ah-followerd")
+
+
+def test_bin_holds_a_thin_launcher_for_each_binary_and_each_is_a_console_script() -> None:
+    assert sorted(p.name for p in (ROOT / "bin").iterdir()) == sorted(BINARIES)
+    for name in BINARIES:
+        module = name.replace("-", "_")
+        project = _pyproject(PACKAGES / name)["project"]
+        assert isinstance(project, dict)
+        assert project["scripts"][name] == f"{module}.cli:main", project["scripts"]
+        launcher = ROOT / "bin" / name
+        tree = ast.parse(launcher.read_text())
+        imports = [n for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)]
+        # Thin: it imports the package's main() and nothing else.
+        assert [(getattr(i, "module", None), [a.name for a in i.names]) for i in imports] == [
+            (f"{module}.cli", ["main"])
+        ], launcher
+        shown = subprocess.run(
+            [sys.executable, str(launcher), "--help"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert shown.returncode == 0, shown
+        assert shown.stdout.startswith(f"Usage: {name} "), shown.stdout
+
+
+@dataclass(frozen=True)
+class Wheelhouse:
+    dist: Path
+    wheels: tuple[Path, ...]
+
+
+@pytest.fixture(scope="module")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Wheelhouse:
+    """Every package's wheel, built once for the module's tests."""
+    dist = tmp_path_factory.mktemp("dist")
     subprocess.run(
         ["uv", "build", "--all-packages", "--wheel", "-q", "-o", str(dist)],
         cwd=ROOT, check=True, timeout=300,
-    )
-    wheels = sorted(dist.glob("*.whl"))
-    built = {w.name.split("-")[0].replace("_", "-") for w in wheels}
-    assert built == {p.name for p in _packages()}, f"one wheel per package, got {built}"
-    venv = tmp_path / "venv"
-    subprocess.run(["uv", "venv", "-q", "--python", sys.executable, str(venv)], check=True, timeout=120)
-    python = venv / "bin" / "python"
+    )  # fmt: skip
+    return Wheelhouse(dist, tuple(sorted(dist.glob("*.whl"))))
+
+
+def _fresh_venv(path: Path) -> Path:
+    """A new venv (no workspace, no checkout on its path); its python."""
     subprocess.run(
-        ["uv", "pip", "install", "-q", "--python", str(python), "--find-links", str(dist), *map(str, wheels)],
-        check=True, timeout=300,
+        ["uv", "venv", "-q", "--python", sys.executable, str(path)], check=True, timeout=120
     )
+    return path / "bin" / "python"
+
+
+def _install(python: Path, wheelhouse: Wheelhouse, *requirements: str) -> None:
+    """pip semantics: our packages from the wheelhouse (--find-links), third-party ones from
+    the index (in practice uv's cache), bytecode compiled at install as pip does."""
+    subprocess.run(
+        ["uv", "pip", "install", "-q", "--compile-bytecode", "--python", str(python),
+         "--find-links", str(wheelhouse.dist), *requirements],
+        check=True, timeout=300,
+    )  # fmt: skip
+
+
+def _outside_env() -> dict[str, str]:
+    """The caller's environment minus what could make a venv see the checkout or config."""
+    drop = ("PYTHONPATH", "VIRTUAL_ENV", "RUST_LOG")
+    return {k: v for k, v in os.environ.items() if not k.startswith("AH_") and k not in drop}
+
+
+def test_wheels_build_and_import_in_a_fresh_venv(tmp_path: Path, wheelhouse: Wheelhouse) -> None:
+    built = {w.name.split("-")[0].replace("_", "-") for w in wheelhouse.wheels}
+    assert built == {p.name for p in _packages()}, f"one wheel per package, got {built}"
+    python = _fresh_venv(tmp_path / "venv")
+    _install(python, wheelhouse, *map(str, wheelhouse.wheels))
     modules = [p.name.replace("-", "_") for p in _packages()]
     # Run from tmp_path so the checkout's sources cannot be imported by accident.
     result = subprocess.run(
         [str(python), "-c", "import importlib,sys\nfor m in sys.argv[1:]:\n    print(importlib.import_module(m).__file__)", *modules],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-    )
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, env=_outside_env(),
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
     for line in result.stdout.splitlines():
-        assert str(venv) in line, f"imported from outside the venv: {line}"
+        assert str(tmp_path / "venv") in line, f"imported from outside the venv: {line}"
+
+
+def test_installing_ah_fleetctl_alone_gives_a_working_demo(
+    tmp_path: Path, wheelhouse: Wheelhouse
+) -> None:
+    python = _fresh_venv(tmp_path / "venv")
+    _install(python, wheelhouse, "ah-fleetctl")
+    installed = subprocess.run(
+        [str(python), "-c", "import importlib.metadata as m\nprint(' '.join(sorted(d.metadata['Name'] for d in m.distributions())))"],
+        capture_output=True, text=True, check=True, cwd=tmp_path, env=_outside_env(),
+    ).stdout.split()  # fmt: skip
+    ours = {n.lower().replace("_", "-") for n in installed if n.lower().startswith("ah")}
+    # What the demo runs comes along; the test harness (and pytest) does not.
+    assert {"ah-fleetctl", "ah-access-pointd", "ah-followerd"} <= ours, installed
+    assert "ah-harness-local" not in ours and "pytest" not in installed, installed
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "hello.txt").write_text("from the leader\n")
+    fleetctl = str(tmp_path / "venv" / "bin" / "ah-fleetctl")
+    env_file = tmp_path / "demo.env"
+    demo = subprocess.run(
+        [fleetctl, "demo", "--followers", "2", "--keep", "--env-file", str(env_file),
+         "--", "cat", "hello.txt"],
+        cwd=work, env=_outside_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        timeout=240, check=False,
+    )  # fmt: skip
+    try:
+        assert demo.returncode == 0, demo
+        results = sorted(line for line in demo.stdout.splitlines() if "from the leader" in line)
+        assert results == ["demo-1 | from the leader", "demo-2 | from the leader"], demo
+        assert demo.stdout.splitlines()[-1] == "2 succeeded, 0 failed, 0 unreachable", demo
+        # The daemons it started are the venv's, not the checkout's.
+        directory = re.search(r"^demo: starting .* in (\S+)$", demo.stderr, re.MULTILINE)
+        assert directory, demo.stderr
+        kept = json.loads((Path(directory.group(1)) / "demo.json").read_text())
+        daemons = [p for p in kept["processes"] if p["name"].startswith("ah-")]
+        assert len(daemons) == 3, kept  # the access point and two followers
+        for process in daemons:
+            argv = Path(f"/proc/{process['pgid']}/cmdline").read_bytes().split(b"\0")
+            assert argv[0].decode() == str(python), (process, argv)
+    finally:
+        down = subprocess.run(
+            [fleetctl, "demo", "--down", "--env-file", str(env_file)],
+            env=_outside_env(), capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert down.returncode == 0, down
+
+
+def test_installing_ah_access_pointd_alone_gives_a_standalone_access_point(
+    tmp_path: Path, wheelhouse: Wheelhouse
+) -> None:
+    from ah_harness_local import ManagedProcess, wait_for
+
+    python = _fresh_venv(tmp_path / "venv")
+    _install(python, wheelhouse, "ah-access-pointd")
+    env = _outside_env()
+    absent = subprocess.run(
+        [str(python), "-c", "import ah_fleetctl"], capture_output=True, cwd=tmp_path, env=env
+    )
+    assert absent.returncode != 0, "ah-access-pointd must not pull in the leader CLI"
+    binary = str(tmp_path / "venv" / "bin" / "ah-access-pointd")
+    state = tmp_path / "ap"
+    init = subprocess.run(
+        [binary, "init", "--state-dir", str(state)],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    assert init.returncode == 0, init
+    ready_file = tmp_path / "ready.json"
+    server = ManagedProcess(
+        [binary, "serve", "--state-dir", str(state), "--quic-port", "0", "--api-port", "0",
+         "--connect-port", "0", "--ready-file", str(ready_file)],
+        log_dir=tmp_path / "logs", name="ah-access-pointd", env=env, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        ready = wait_for(
+            lambda: ready_file.is_file() and json.loads(ready_file.read_text() or "null"),
+            90,
+            what=f"the ready file {ready_file}",
+        )
+        assert ready["pid"] == server.pid, ready
+        context = ssl.create_default_context(cafile=str(state / CA_CERT_FILE))
+        url = f"https://127.0.0.1:{ready['apiPort']}/api/v1/healthz"
+        with urllib.request.urlopen(url, context=context, timeout=30) as response:
+            status, body = response.status, json.loads(response.read())
+        assert status == 200, body
+        assert body["status"] == "ok", body
+    finally:
+        code = server.terminate(10)
+    assert code == 0, server.log_text()

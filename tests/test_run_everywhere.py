@@ -96,6 +96,7 @@ def test_a_failing_host_fails_the_run_and_every_result_is_kept(dataplane_fleet: 
         "unreachable": 0,
         "timedOut": 0,
         "cancelled": 0,
+        "idle": 0,
     }
 
 
@@ -173,6 +174,23 @@ def test_several_commands_run_once_per_os_and_one_at_a_time_per_host(
         for earlier, later in itertools.pairwise(ordered):
             assert earlier["end"] <= later["start"], f"two jobs at once on {host}: {ordered}"
         assert shells == ({"zsh"} if host == "mac-d" else {"bash"}), (host, shells)
+
+
+def test_a_host_sharding_had_no_command_for_is_idle_not_failed(dataplane_fleet: FleetCli) -> None:
+    # Two commands, three linux hosts and one macOS host: one linux host gets no job.
+    cli = dataplane_fleet
+    result = cli("run", "--no-fence", "--json", "--command", "echo one", "--command", "echo two")
+    assert result.returncode == 0, result
+    document = result.json()
+    states = Counter(h["state"] for h in document["hosts"])
+    assert states == {"ok": 4, "idle": 1}, document["hosts"]
+    idle = next(h for h in document["hosts"] if h["state"] == "idle")
+    assert idle["host"] in LINUX and idle["exitCode"] is None and idle["error"]
+    assert document["summary"]["idle"] == 1 and document["summary"]["succeeded"] == 4
+
+    failing = cli("run", "--no-fence", "--command", "echo one", "--command", "exit 3")
+    assert failing.returncode == 1, failing  # idle never hides a failure
+    assert "2 succeeded, 2 failed, 0 unreachable, 1 idle" in failing.stdout + failing.stderr
 
 
 def test_a_follower_dying_mid_command_is_unreachable_and_the_others_finish(

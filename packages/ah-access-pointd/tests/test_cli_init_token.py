@@ -12,6 +12,7 @@ from typing import Any
 
 from cryptography import x509
 
+from ah_access_pointd.events_store import EVENTS_DB_FILE
 from ah_access_pointd.state import load_state
 from ah_connectivity import (
     SERVE_SPIFFE,
@@ -58,12 +59,14 @@ def test_init_creates_the_state_and_a_second_init_is_refused(tmp_path: Path, cli
     # The refused init left everything as it was.
     assert ca_fingerprint((state_dir / "fleet-ca.pem").read_bytes()) == fingerprint
 
+    (state_dir / EVENTS_DB_FILE).write_bytes(b"old fleet history")
     forced = cli("init", "--state-dir", str(state_dir), "--force", "--json")
     assert forced.returncode == 0, forced.stderr
     document = json.loads(forced.stdout)
     assert document["trustDomain"] == "ah.local"
     assert document["caFingerprint"] != fingerprint
     assert document["caFingerprint"] == ca_fingerprint((state_dir / "fleet-ca.pem").read_bytes())
+    assert not (state_dir / EVENTS_DB_FILE).exists()  # the new fleet starts a new history
 
 
 def test_init_rejects_a_bad_trust_domain(tmp_path: Path, cli: Any) -> None:
@@ -114,3 +117,9 @@ def test_tokens_carry_what_was_asked(tmp_path: Path, cli: Any, cli_many: Any) ->
     assert bad_tag.returncode == 2 and "missing '='" in bad_tag.stderr
     assert missing.returncode == 8
     assert "does not exist" in missing.stderr and "init" in missing.stderr
+
+
+def test_init_knows_the_event_store_file() -> None:
+    from ah_access_pointd import state
+
+    assert EVENTS_DB_FILE in state.STATE_FILES

@@ -127,6 +127,7 @@ def test_exec_mock_json_golden_three_distinct_results_and_a_failure(
         "unreachable": 0,
         "timedOut": 0,
         "cancelled": 0,
+        "idle": 0,
     }
     check_golden("exec-mock.json", normalize(document, real_fleet.fleet.base_dir))
 

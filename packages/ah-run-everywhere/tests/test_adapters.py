@@ -71,6 +71,29 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("outer", OUTER_SHELLS)
 @SHELL_SETTINGS
+@given(args=ARGS, snippet=st.booleans())
+def test_rendered_posix_commands_are_execed_by_the_bridge_wrapper(
+    outer: str, args: list[str], snippet: bool, home: Path
+) -> None:
+    """The SSH bridge execs (rather than evals) one literal simple command; every POSIX
+    rendering must be one, and must still round-trip through the wrapper."""
+    from ah_ssh_bridge import wrap_command
+    from ah_ssh_bridge.remote import parse_marker
+
+    command: list[str] | str = ["printf", "%s\\0", "START", *args]
+    if snippet:
+        command = "printf '%s\\0' START " + " ".join(posix_quote(a) for a in args)
+    rendered = adapter_for(OsKind.LINUX).render(command, cwd=str(home))
+    wrapped = wrap_command(rendered)
+    assert wrapped.text.endswith(f"\nexec {rendered}")
+    output = run_as_sshd(outer, wrapped.text, home)
+    marker, _, rest = output.partition(b"\n")
+    assert parse_marker(marker.decode(), wrapped.nonce) is not None
+    assert nul_fields(rest) == ["START", *args]
+
+
+@pytest.mark.parametrize("outer", OUTER_SHELLS)
+@SHELL_SETTINGS
 @given(args=ARGS)
 def test_bash_argv_round_trips_exactly(outer: str, args: list[str], home: Path) -> None:
     rendered = adapter_for(OsKind.LINUX).render(["printf", "%s\\0", "START", *args])

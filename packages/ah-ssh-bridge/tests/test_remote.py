@@ -68,3 +68,26 @@ def test_kill_script_refuses_init_and_bad_names() -> None:
         kill_group_script(1, grace_s=1)
     with pytest.raises(ValueError, match="not a valid environment variable name"):
         wrap_command("true", env={"1X": "y"})
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_one_literal_simple_command_is_execed_keeping_the_marked_process_group(
+    shell: str,
+) -> None:
+    # What the run-everywhere adapters send: `bash -lc '<script>'` (quotes as '\'').
+    wrapped = wrap_command("sh -c 'echo \"$$\"; echo \"it'\\''s\"; exit 5'")
+    assert wrapped.text.splitlines()[-1].startswith("exec sh -c ")
+    result = subprocess.run([shell, "-c", wrapped.text], capture_output=True, text=True)
+    first, pid, text = result.stdout.splitlines()
+    # The command became the login shell (no fork): it is the process the marker names.
+    assert parse_marker(first, wrapped.nonce) == int(pid)
+    assert text == "it's"
+    assert result.returncode == 5
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["echo a; echo b", "sh -c 'x' && echo b", "sh -c 'x' 'y'", "sh -c $HOME", "a'b' -c 'x'"],
+)
+def test_anything_else_is_evaluated_not_execed(command: str) -> None:
+    assert wrap_command(command).text.splitlines()[-1].startswith("eval ")

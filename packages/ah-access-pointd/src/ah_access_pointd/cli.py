@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import click
 import msgspec
 
-from ah_config import AhGroup, CliError, echo_json, is_json
+from ah_config import AhGroup, CliError, duration_callback, echo_json, is_json, tags_callback
 from ah_domain_types import (
     DomainValidationError,
     ExitCode,
-    TagSelector,
-    parse_duration,
     validate_host_name,
 )
-from ah_logging import LogSettings, configure_logging, log_options, log_settings_from_click
+from ah_logging import LogSettings, configure_logging_from_click, log_options
 
 from . import __version__
 from .state import ApState, StateError, check_trust_domain, init_state, load_state
@@ -30,39 +27,6 @@ _SCOPES = ("exec", "ssh", "read-logs")
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-def _setup_logging(ctx: click.Context, configured: LogSettings | None = None) -> None:
-    """Flags, then the state directory's ``[log]`` table (only what it sets), then defaults."""
-    try:
-        settings = LogSettings.merged(log_settings_from_click(ctx), configured, "daemon")
-        handle = configure_logging(BINARY, "daemon", settings)
-    except ValueError as exc:  # bad --log-level, [log] level or RUST_LOG
-        raise click.UsageError(str(exc), ctx=ctx) from None
-    ctx.call_on_close(handle.close)
-
-
-def _parse_tags(ctx: click.Context, param: click.Parameter, values: Sequence[str]) -> dict[str, str]:
-    tags: dict[str, str] = {}
-    for text in values:
-        try:
-            selector = TagSelector.parse(text)
-        except DomainValidationError as exc:
-            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
-        tags[selector.key] = selector.value
-    return tags
-
-
-def _parse_duration_s(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        seconds = parse_duration(value)
-    except DomainValidationError as exc:
-        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
-    if seconds <= 0:
-        raise click.BadParameter(f"must be longer than 0, got {value!r}", ctx=ctx, param=param)
-    return seconds
 
 
 def _state(state_dir: Path) -> ApState:
@@ -122,9 +86,7 @@ class InitResult(msgspec.Struct, frozen=True, rename="camel"):
     metavar="NAME_OR_IP",
     help="Extra DNS name or IP address for the server certificate (repeatable).",
 )
-@click.option(
-    "--force", is_flag=True, default=False, help="Replace an existing state directory."
-)
+@click.option("--force", is_flag=True, default=False, help="Replace an existing state directory.")
 @_json_option
 @log_options("daemon")
 @click.pass_context
@@ -140,7 +102,7 @@ def init(
 ) -> None:
     """Create the fleet CA, the server identity and the token-signing key; print the CA
     fingerprint (give it to followers and leaders out of band)."""
-    _setup_logging(ctx)
+    configure_logging_from_click(ctx, BINARY, "daemon")
     try:
         check_trust_domain(trust_domain)
     except ValueError as exc:
@@ -169,7 +131,9 @@ def init(
 
 @main.command()
 @_state_dir_option
-@click.option("--bind", default="127.0.0.1", show_default=True, metavar="ADDR", help="Listen address.")
+@click.option(
+    "--bind", default="127.0.0.1", show_default=True, metavar="ADDR", help="Listen address."
+)
 @click.option(
     "--quic-port",
     type=click.IntRange(0, 65535),
@@ -202,7 +166,7 @@ def init(
     "--heartbeat-interval",
     default="5s",
     show_default=True,
-    callback=_parse_duration_s,
+    callback=duration_callback,
     metavar="DURATION",
     help="Heartbeat interval followers are told to use; unhealthy after 3 missed, "
     "disconnected (offline) after 6.",
@@ -217,7 +181,7 @@ def init(
     "--sse-keepalive",
     default="15s",
     show_default=True,
-    callback=_parse_duration_s,
+    callback=duration_callback,
     metavar="DURATION",
     help="Send a keep-alive comment on an idle session event stream this often.",
 )
@@ -250,7 +214,7 @@ def serve(
     """Serve the QUIC control plane and the REST API until SIGTERM/SIGINT."""
     state = _state(state_dir)
     configured = LogSettings.from_config(state.settings.log)
-    _setup_logging(ctx, configured)
+    configure_logging_from_click(ctx, BINARY, "daemon", configured)
     from .serve import ServeOptions, run_serve
 
     options = ServeOptions(
@@ -286,7 +250,7 @@ class TokenResult(msgspec.Struct, frozen=True, rename="camel"):
     "--tag",
     "tags",
     multiple=True,
-    callback=_parse_tags,
+    callback=tags_callback,
     metavar="K=V",
     help="Tag granted to the follower (repeatable).",
 )
@@ -294,7 +258,7 @@ class TokenResult(msgspec.Struct, frozen=True, rename="camel"):
     "--ttl",
     default="1h",
     show_default=True,
-    callback=_parse_duration_s,
+    callback=duration_callback,
     metavar="DURATION",
     help="How long the token stays valid.",
 )
@@ -319,7 +283,7 @@ def token_enroll(
     **_: object,
 ) -> None:
     """Print a one-time enrollment token for follower NAME (it pins the CA fingerprint)."""
-    _setup_logging(ctx)
+    configure_logging_from_click(ctx, BINARY, "daemon")
     try:
         validate_host_name(name)
     except DomainValidationError as exc:
@@ -358,7 +322,7 @@ def token_enroll(
     "--ttl",
     default="12h",
     show_default=True,
-    callback=_parse_duration_s,
+    callback=duration_callback,
     metavar="DURATION",
     help="How long the token stays valid.",
 )
@@ -377,14 +341,12 @@ def token_user(
     **_: object,
 ) -> None:
     """Print a user token (JWT) for the leader."""
-    _setup_logging(ctx)
+    configure_logging_from_click(ctx, BINARY, "daemon")
     if not subject.strip():
         raise click.BadParameter("must not be empty", ctx=ctx, param_hint="--subject")
     state = _state(state_dir)
     now = int(time.time())
-    jwt = state.signer.issue_user(
-        subject, scopes=scopes or _SCOPES, hosts=hosts, ttl=ttl, now=now
-    )
+    jwt = state.signer.issue_user(subject, scopes=scopes or _SCOPES, hosts=hosts, ttl=ttl, now=now)
     _print_token(ctx, jwt, "user", subject, now + int(ttl))
 
 

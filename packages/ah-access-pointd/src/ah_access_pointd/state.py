@@ -54,6 +54,10 @@ SERVER_KEY_FILE = "server.key"
 TOKEN_KEY_FILE = "token-signing.key"
 SETTINGS_FILE = "ap.toml"
 DB_FILE = "fleet.db"
+# The session event store's file (``events_store.EVENTS_DB_FILE``; not imported, so that
+# `init` does not load the API types). A new fleet identity starts a new history: events of
+# the old fleet name followers and sessions that no longer exist.
+_EVENTS_DB_FILE = "events.db"
 STATE_FILES = (
     CA_CERT_FILE,
     CA_KEY_FILE,
@@ -64,6 +68,9 @@ STATE_FILES = (
     DB_FILE,
     f"{DB_FILE}-wal",
     f"{DB_FILE}-shm",
+    _EVENTS_DB_FILE,
+    f"{_EVENTS_DB_FILE}-wal",
+    f"{_EVENTS_DB_FILE}-shm",
 )
 DEFAULT_TRUST_DOMAIN = "ah.local"
 
@@ -164,7 +171,7 @@ def init_state(
 
     Refuses (StateError, exit 8) when `state_dir` already holds any of them, unless `force`:
     then they are replaced, and with them the fleet registry (every follower certificate was
-    issued by the old CA, so every follower must enroll again).
+    issued by the old CA, so every follower must enroll again) and the event history.
     """
     check_trust_domain(trust_domain)
     state_dir = Path(state_dir)
@@ -172,7 +179,7 @@ def init_state(
     if existing and not force:
         raise StateError(
             f"{state_dir} already holds an access point ({', '.join(existing)}); refusing to "
-            "overwrite it. Pass --force to replace the fleet CA, keys and registry (every "
+            "overwrite it. Pass --force to replace the fleet CA, keys, registry and event history (every "
             "enrolled follower will have to enroll again)."
         )
     if state_dir.exists() and not state_dir.is_dir():

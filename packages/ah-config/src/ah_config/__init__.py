@@ -29,8 +29,10 @@ from .click import (
     collect_flag_values,
     config_file_option,
     config_option,
+    duration_callback,
     find_config_file,
     resolve_from_click,
+    tags_callback,
 )
 from .errors import ConfigError
 from .keys import KeyPath, format_key, parse_key
@@ -93,6 +95,7 @@ __all__ = [
     "config_file_option",
     "config_option",
     "confirm",
+    "duration_callback",
     "echo_json",
     "env_leaves",
     "env_var_name",
@@ -117,5 +120,6 @@ __all__ = [
     "repo_config_paths",
     "require_interaction",
     "resolve_from_click",
+    "tags_callback",
     "write_user_config",
 ]

@@ -15,6 +15,12 @@ import click
 import msgspec
 from click.core import ParameterSource
 
+from ah_domain_types import (
+    ACCEPTED_DURATION_FORMS,
+    DomainValidationError,
+    TagSelector,
+    parse_duration,
+)
 from ah_domain_types.config_schema import ConfigFile
 
 from .errors import ConfigError
@@ -29,8 +35,10 @@ __all__ = [
     "collect_flag_values",
     "config_file_option",
     "config_option",
+    "duration_callback",
     "find_config_file",
     "resolve_from_click",
+    "tags_callback",
     "write_user_config",
 ]
 
@@ -209,3 +217,38 @@ def resolve_from_click(
         raise click.BadParameter(
             exc.message.split(": ", 1)[-1], ctx=ctx, param_hint=exc.source
         ) from None
+
+
+def duration_callback(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> float | None:
+    """Option callback: ``500ms``, ``30s``, ``1m30s``, ``2h`` or a number of seconds →
+    seconds (> 0); anything else is a usage error (exit 2) naming the option."""
+    if value is None:
+        return None
+    try:
+        seconds = parse_duration(value)
+    except DomainValidationError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+    if seconds <= 0:
+        raise click.BadParameter(
+            f"{value!r} must be longer than 0; expected {ACCEPTED_DURATION_FORMS}",
+            ctx=ctx,
+            param=param,
+        )
+    return seconds
+
+
+def tags_callback(
+    ctx: click.Context, param: click.Parameter, values: Sequence[str]
+) -> dict[str, str]:
+    """Option callback for a repeatable ``--tag K=V``: the tags as a dict (the last value of
+    a key wins); a malformed one is a usage error (exit 2) naming the option."""
+    tags: dict[str, str] = {}
+    for text in values:
+        try:
+            selector = TagSelector.parse(text)
+        except DomainValidationError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+        tags[selector.key] = selector.value
+    return tags

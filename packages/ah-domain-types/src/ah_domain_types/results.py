@@ -17,13 +17,17 @@ NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 
 
 class HostState(enum.StrEnum):
-    """How a command ended on one host; anything but OK fails the run."""
+    """How a command ended on one host; anything but OK and IDLE fails the run."""
 
     OK = "ok"
     FAILED = "failed"
     UNREACHABLE = "unreachable"
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
+    IDLE = "idle"
+    """Sharded runs only: every command already ran on another host of this host's OS (more
+    hosts than commands), so none was meant for it. Not a failure; never used for a host
+    that was lost, cancelled or failed its fence."""
 
 
 class HostResult(msgspec.Struct, frozen=True, rename="camel"):
@@ -48,6 +52,7 @@ class RunSummary(msgspec.Struct, frozen=True, rename="camel"):
     unreachable: NonNegativeInt
     timed_out: NonNegativeInt
     cancelled: NonNegativeInt
+    idle: NonNegativeInt = 0
 
     @classmethod
     def from_results(cls, results: Iterable[HostResult]) -> RunSummary:
@@ -61,22 +66,25 @@ class RunSummary(msgspec.Struct, frozen=True, rename="camel"):
             unreachable=counts[HostState.UNREACHABLE],
             timed_out=counts[HostState.TIMEOUT],
             cancelled=counts[HostState.CANCELLED],
+            idle=counts[HostState.IDLE],
         )
 
     @property
     def exit_code(self) -> ExitCode:
-        """OK only if something ran and every host succeeded."""
-        if self.total > 0 and self.succeeded == self.total:
+        """OK only if something ran and every host succeeded (or, sharding, had no job)."""
+        if self.succeeded > 0 and self.succeeded + self.idle == self.total:
             return ExitCode.OK
         return ExitCode.HOSTS_FAILED
 
     def line(self) -> str:
-        """``3 succeeded, 1 failed, 1 unreachable[, N timed out][, N cancelled]``."""
+        """``3 succeeded, 1 failed, 1 unreachable[, N timed out][, N cancelled][, N idle]``."""
         text = f"{self.succeeded} succeeded, {self.failed} failed, {self.unreachable} unreachable"
         if self.timed_out:
             text += f", {self.timed_out} timed out"
         if self.cancelled:
             text += f", {self.cancelled} cancelled"
+        if self.idle:
+            text += f", {self.idle} idle"
         return text
 
 

@@ -22,10 +22,11 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +34,13 @@ import msgspec
 from loguru import logger
 
 from ah_config import CliError, find_config_file
-from ah_connectivity.framing import FrameDecoder, FrameError, encode_frame
+from ah_connectivity.framing import (
+    DEFAULT_MAX_FRAME_SIZE,
+    HEADER_SIZE,
+    FrameDecoder,
+    FrameError,
+    encode_frame,
+)
 from ah_domain_types import Event, ExitCode, FollowerStatus, parse_duration
 from ah_run_everywhere import HostConnectionLost, HostUnreachable, OutputCallback
 from ah_ssh_bridge import SshChannelError, SshConnectionLost, SshError
@@ -57,6 +64,7 @@ from .dataplane import FollowerUnreachable
 
 if TYPE_CHECKING:
     from .context import FleetContext
+    from .events import SessionEventSink
     from .paths import PathConnector
 
 __all__ = [
@@ -73,6 +81,7 @@ __all__ = [
 DEFAULT_IDLE_S = 600.0
 _START_TIMEOUT_S = 20.0
 _FOLLOWERS_TTL_S = 2.0
+_EVENT_CONNECT_DELAY_S = 0.25
 _log = logger.bind(component="ah-fleetctl.agent")
 
 _REQUEST_DECODER_TYPE: Any = AgentRequest
@@ -370,6 +379,9 @@ class LeaderAgent:
         self._last_activity = time.monotonic()
         self._stop = asyncio.Event()
         self._client: Any = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._event_tls: ssl.SSLContext | None = None
+        self._push_target: tuple[str, int, str, str] | None = None
 
     async def serve(self) -> int:
         from .paths import make_path_connector
@@ -405,6 +417,8 @@ class LeaderAgent:
             server.close()
             with contextlib.suppress(FileNotFoundError):
                 self.socket_path.unlink()
+            if self._background:
+                await asyncio.wait(set(self._background), timeout=30.0)
             await self.connector.close()
             self._client.close()
         return int(ExitCode.OK)
@@ -427,19 +441,71 @@ class LeaderAgent:
             )
         return [self._followers[n] for n in names]
 
+    def event_sink(self, local_copy_dir: Path, warn: Callable[[str], None]) -> SessionEventSink:
+        """A session event sink for one run, reusing this agent's TLS context and the push
+        endpoint the last sink reached (no HTTPS discovery per run)."""
+        from . import __version__
+        from .client import tls_context
+        from .events import SessionEventSink
+
+        ca_file = self.app.ca_file()
+        if self._event_tls is None:
+            self._event_tls = tls_context(ca_file)
+        return SessionEventSink(
+            api_url=self.app.access_point(),
+            token=self.app.token(),
+            verify=self._event_tls,
+            ca_pem=ca_file.read_text() if ca_file is not None else None,
+            local_copy_dir=local_copy_dir,
+            connect_timeout_s=self.app.connect_timeout_s(),
+            warn=warn,
+            client_version=f"ah-fleetctl {__version__}",
+            push_target=self._push_target,
+            # Runs shorter than this answer before the QUIC handshake starts competing for
+            # the CPU; longer ones stream their events live from then on.
+            connect_delay_s=_EVENT_CONNECT_DELAY_S,
+        )
+
+    async def close_event_sink(self, sink: SessionEventSink) -> None:
+        """Close ``sink`` (it waits for the access point's acks); keep its push endpoint for
+        the next run when every event got through, forget it otherwise."""
+        report = await asyncio.to_thread(sink.close)
+        self._push_target = sink.push_target if report.complete else None
+
+    def in_background(self, awaitable: Awaitable[object]) -> None:
+        """Finish ``awaitable`` after the reply went out (awaited before the agent exits)."""
+
+        async def run() -> None:
+            try:
+                await awaitable
+            except Exception as exc:
+                _log.warning("agent background work failed: {}", exc)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._active += 1
         self._last_activity = time.monotonic()
-        decoder: FrameDecoder[AgentRequest] = FrameDecoder(_REQUEST_DECODER_TYPE)
-        pending: list[AgentRequest] = []
         try:
-            while not pending:
-                data = await reader.read(1 << 16)
-                if not data:
-                    return
-                pending.extend(decoder.feed(data))
-            request = pending.pop(0)
+            header = await reader.readexactly(HEADER_SIZE)
+            length = int.from_bytes(header, "big")
+            if not 0 < length <= DEFAULT_MAX_FRAME_SIZE:
+                raise FrameError(f"request frame of {length} bytes")
+            payload = await reader.readexactly(length)
+            if payload[:1] in (b"{", b"\xfb"):
+                # The thin run path speaks marshal (see ah_fleetctl.thin).
+                from .thin_server import serve_thin_run
+
+                await serve_thin_run(self, payload, reader, writer)
+                await writer.drain()
+                return
+            decoder: FrameDecoder[AgentRequest] = FrameDecoder(_REQUEST_DECODER_TYPE)
+            (request,) = decoder.feed(header + payload)
             await self._dispatch(request, reader, writer, decoder)
+        except asyncio.IncompleteReadError:
+            return
         except FrameError as exc:
             _log.warning("bad request on the agent socket: {}", exc)
         except (ConnectionError, OSError) as exc:

@@ -6,11 +6,19 @@ one request from the client, then the agent's replies: ``paths`` → one :class:
 :class:`ErrorReply`); the client may send :class:`CancelRequest` meanwhile (closing the
 connection cancels too). ``ping`` → :class:`PongReply`; ``shutdown`` → :class:`PongReply`,
 then the agent exits.
+
+The thin ``run`` path (:mod:`ah_fleetctl.thin`) speaks :mod:`marshal` (these Structs as
+plain dicts) instead of msgpack on the same socket and framing (the agent tells them apart
+by the payload's first byte: a marshalled dict starts with ``{``, or ``0xfb``):
+:class:`ThinRunRequest`, then the agent's :class:`ThinOutReply` frames, one
+:class:`ThinStartedReply` just before the first remote command could start, and a final
+:class:`ThinDoneReply` — or one :class:`ThinFallbackReply` (before anything started) when
+the full CLI must handle the invocation. The client may send :class:`ThinCancelRequest`.
 """
 
 from __future__ import annotations
 
-from typing import Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import msgspec
 
@@ -31,6 +39,15 @@ __all__ = [
     "PingRequest",
     "PongReply",
     "ShutdownRequest",
+    "ThinCancelRequest",
+    "ThinDefaults",
+    "ThinDoneReply",
+    "ThinFallbackReply",
+    "ThinIndexEntry",
+    "ThinOutReply",
+    "ThinReply",
+    "ThinRunRequest",
+    "ThinStartedReply",
 ]
 
 AGENT_PROTOCOL_VERSION = 1
@@ -117,3 +134,74 @@ class ErrorReply(_Reply, frozen=True, tag="error"):
 
 
 AgentReply: TypeAlias = PongReply | PathsReply | LineReply | ExitReply | ErrorReply
+
+
+# --------------------------------------------------------------------------- thin run (JSON)
+
+
+class ThinDefaults(msgspec.Struct, frozen=True, rename="camel"):
+    """The run settings that come from the invoking CLI's configuration (the agent's own
+    configuration was resolved elsewhere, from ``/``)."""
+
+    runs_base: str
+    """The log directory: run directories go to ``<runs_base>/runs``, the session events'
+    local copy to ``<runs_base>/sessions``."""
+    timeout_s: float | None = None
+    """Config ``timeouts.run`` (a ``--timeout`` flag wins)."""
+    session: str | None = None
+    """Config ``session`` (a ``--session`` flag wins)."""
+    json: bool = False
+    """``AH_JSON`` was set."""
+    workspaces: dict[str, str] = {}
+    """Config ``hosts.<name>.workspace`` overrides."""
+
+
+class ThinIndexEntry(msgspec.Struct, frozen=True, rename="camel"):
+    """One thin-index file (see :mod:`ah_fleetctl.thin`)."""
+
+    version: int
+    cwd: str
+    env: dict[str, str]
+    """The variables :func:`ah_fleetctl.thin.relevant_env` picks, as they were."""
+    socket: str
+    files: list[list[Any]]
+    """Every configuration file the full CLI consulted, with its signature (or None: absent)."""
+    repo_root: str | None
+    defaults: ThinDefaults
+
+
+class ThinRunRequest(msgspec.Struct, frozen=True, rename="camel", tag_field="op", tag="thinRun"):
+    version: int
+    args: list[str]
+    """The arguments after ``run``, exactly as typed."""
+    cwd: str
+    colour: bool
+    defaults: ThinDefaults
+
+
+class ThinCancelRequest(msgspec.Struct, frozen=True, tag_field="op", tag="cancel"):
+    pass
+
+
+class _ThinReply(msgspec.Struct, frozen=True, rename="camel", tag_field="op"):
+    pass
+
+
+class ThinOutReply(_ThinReply, frozen=True, tag="out"):
+    fd: Literal[1, 2]
+    text: str
+
+
+class ThinStartedReply(_ThinReply, frozen=True, tag="started"):
+    pass
+
+
+class ThinFallbackReply(_ThinReply, frozen=True, tag="fallback"):
+    reason: str
+
+
+class ThinDoneReply(_ThinReply, frozen=True, tag="done"):
+    code: int
+
+
+ThinReply: TypeAlias = ThinOutReply | ThinStartedReply | ThinFallbackReply | ThinDoneReply

@@ -1,38 +1,37 @@
-"""The ``ah-fleetctl`` entry point: the root group, its global options, and ``main()``."""
+"""The ``ah-fleetctl`` entry point.
+
+``main()`` first offers the invocation to the thin ``run`` path (:mod:`ah_fleetctl.thin`:
+the standard library only, talking to the running leader agent); only when that declines is
+the full click application (:mod:`ah_fleetctl.app`) imported. ``cli`` (the root click group)
+is still importable from here, loaded on first access.
+"""
 
 from __future__ import annotations
 
-import click
+import sys
 
-from ah_config import AhGroup
+TYPE_CHECKING = False  # not typing's: importing typing would cost the thin path ~10 modules
+if TYPE_CHECKING:
+    from typing import Any
 
-from . import __version__
-from .commands import COMMANDS
-from .options import common_options
-
-__all__ = ["cli", "main"]
-
-
-@click.group("ah-fleetctl", cls=AhGroup)
-@common_options
-@click.version_option(__version__, prog_name="ah-fleetctl")
-def cli(**_: object) -> None:
-    """Agent Harbor fleet: the leader's CLI.
-
-    The global options may be given before or after the command name and each also comes
-    from configuration (--access-point: remote-server / AH_REMOTE_SERVER; --token: token /
-    AH_TOKEN; see `ah-fleetctl config show --show-origin`).
-
-    Exit codes: 0 ok, 1 a host failed, 2 usage, 4 auth, 5 network, 7 validation (bad or empty
-    selection), 8 configuration, 10 interaction needed under --non-interactive. With --json,
-    stdout holds exactly one JSON document (errors as {"error": {...}}).
-    """
-
-
-for _command in COMMANDS:
-    cli.add_command(_command)
+__all__ = ["main"]  # and ``cli``, loaded on first access (module __getattr__)
 
 
 def main() -> None:
     """Console-script entry point (exits with the documented exit code)."""
-    cli.main(prog_name="ah-fleetctl")
+    from .thin import try_thin_run
+
+    code = try_thin_run(sys.argv[1:])
+    if code is not None:
+        sys.exit(code)
+    from .app import main as full_main
+
+    full_main()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "cli":
+        from .app import cli
+
+        return cli
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

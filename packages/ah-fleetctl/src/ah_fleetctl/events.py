@@ -97,6 +97,8 @@ class SessionEventSink:
         max_buffered: int = DEFAULT_MAX_BUFFERED,
         warn: Callable[[str], None] = _stderr_warning,
         client_version: str = "",
+        push_target: tuple[str, int, str, str] | None = None,
+        connect_delay_s: float = 0.0,
     ) -> None:
         """``verify`` checks the API's TLS (the pinned fleet CA); ``ca_pem`` is the fleet CA
         that the QUIC handshake is checked against (fetched from the API when None)."""
@@ -110,6 +112,14 @@ class SessionEventSink:
         self.max_buffered = max_buffered
         self._warn = warn
         self.client_version = client_version
+        self.push_target = push_target
+        self.connect_delay_s = connect_delay_s
+        """Wait this long (or until :meth:`close`) before connecting: a run that ends sooner
+        is not slowed by the handshake (the leader agent's short runs); events are queued
+        meanwhile and nothing is lost."""
+        """(host, QUIC port, trust domain, fleet CA PEM) of the push endpoint: given, it
+        spares the HTTPS discovery (the leader agent reuses the last one that worked); set
+        once discovered."""
         self.session_id: str | None = None
         self.local_copy: Path | None = None
         self._file: Any = None
@@ -176,7 +186,8 @@ class SessionEventSink:
             target=self._thread_main, name=f"ah-events-{session_id}", daemon=True
         )
         self._thread.start()
-        self._ready.wait(5.0)
+        # Not waiting for the thread's loop here: events emitted meanwhile queue in the inbox
+        # (the loop drains it once up), and close() waits for it — the run starts sooner.
         return session_id
 
     def make(self, cls: type[E], **fields: Any) -> E:
@@ -246,6 +257,8 @@ class SessionEventSink:
             return self._report()
         self._closed = True
         budget = self.close_timeout_s if timeout is None else timeout
+        if self._thread is not None:
+            self._ready.wait(5.0)  # the thread's loop is up (or the thread ended)
         loop, thread = self._loop, self._thread
         if loop is not None and thread is not None and thread.is_alive():
             closing = self._closing
@@ -369,6 +382,10 @@ class SessionEventSink:
 
         assert self.session_id is not None
         backoff = Backoff(base_s=0.5, cap_s=10.0)
+        if self.connect_delay_s > 0 and self._closing is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.connect_delay_s):
+                    await self._closing.wait()
         while True:
             try:
                 host, port, trust_domain, ca_pem = await self._discover()
@@ -435,6 +452,12 @@ class SessionEventSink:
 
     async def _discover(self) -> tuple[str, int, str, str]:
         """(host, QUIC port, trust domain, fleet CA PEM) of the push endpoint."""
+        if self.push_target is not None:
+            return self.push_target
+        self.push_target = await self._discover_over_https()
+        return self.push_target
+
+    async def _discover_over_https(self) -> tuple[str, int, str, str]:
         import httpx
 
         from ah_api import PushEndpoint

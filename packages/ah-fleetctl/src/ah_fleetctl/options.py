@@ -7,8 +7,8 @@ from typing import Any, TypeVar
 
 import click
 
-from ah_config import global_options
-from ah_domain_types import ACCEPTED_DURATION_FORMS, DurationError, Selector, parse_duration
+from ah_config import duration_callback, global_options
+from ah_domain_types import Selector
 from ah_logging import log_options
 
 __all__ = [
@@ -66,21 +66,6 @@ def selector_from_options(hosts: tuple[str, ...], tags: tuple[str, ...], all_: b
     return Selector.from_cli(hosts, tags, all_)
 
 
-def parse_duration_option(
-    ctx: click.Context, param: click.Parameter, value: str | None
-) -> float | None:
-    """Option callback: ``500ms``, ``30s``, ``1m30s``, ``2h`` or a number of seconds →
-    seconds (> 0); anything else is a usage error (exit 2) naming the option."""
-    if value is None:
-        return None
-    try:
-        seconds = parse_duration(value)
-    except DurationError as exc:
-        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
-    if seconds <= 0:
-        raise click.BadParameter(
-            f"{value!r} must be longer than 0; expected {ACCEPTED_DURATION_FORMS}",
-            ctx=ctx,
-            param=param,
-        )
-    return seconds
+parse_duration_option = duration_callback
+"""Option callback: ``500ms``, ``30s``, ``1m30s``, ``2h`` or a number of seconds →
+seconds (> 0); anything else is a usage error (exit 2) naming the option."""

@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from pathlib import Path
 
 import click
 import msgspec
 
-from ah_config import AhGroup, CliError, echo_json, is_json
+from ah_config import AhGroup, CliError, duration_callback, echo_json, is_json, tags_callback
 from ah_domain_types import (
     DomainValidationError,
     ExitCode,
     OsKind,
-    TagSelector,
-    parse_duration,
     parse_host_port,
     validate_host_name,
 )
-from ah_logging import LogSettings, configure_logging, log_options, log_settings_from_click
+from ah_logging import LogSettings, configure_logging_from_click, log_options
 
 from . import __version__
 from .agent import (
@@ -38,27 +35,6 @@ __all__ = ["main"]
 BINARY = "ah-followerd"
 
 
-def _setup_logging(ctx: click.Context, configured: LogSettings | None = None) -> None:
-    """Flags, then the state directory's ``[log]`` table (only what it sets), then defaults."""
-    try:
-        settings = LogSettings.merged(log_settings_from_click(ctx), configured, "daemon")
-        handle = configure_logging(BINARY, "daemon", settings)
-    except ValueError as exc:  # bad --log-level, [log] level or RUST_LOG
-        raise click.UsageError(str(exc), ctx=ctx) from None
-    ctx.call_on_close(handle.close)
-
-
-def _parse_tags(ctx: click.Context, param: click.Parameter, values: Sequence[str]) -> dict[str, str]:
-    tags: dict[str, str] = {}
-    for text in values:
-        try:
-            selector = TagSelector.parse(text)
-        except DomainValidationError as exc:
-            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
-        tags[selector.key] = selector.value
-    return tags
-
-
 def _host_port(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     if value is None:
         return None
@@ -67,16 +43,6 @@ def _host_port(ctx: click.Context, param: click.Parameter, value: str | None) ->
     except DomainValidationError as exc:
         raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
     return value
-
-
-def _duration_s(ctx: click.Context, param: click.Parameter, value: str) -> float:
-    try:
-        seconds = parse_duration(value)
-    except DomainValidationError as exc:
-        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
-    if seconds <= 0:
-        raise click.BadParameter(f"must be longer than 0, got {value!r}", ctx=ctx, param=param)
-    return seconds
 
 
 _state_dir_option = click.option(
@@ -121,14 +87,12 @@ class EnrollResult(msgspec.Struct, frozen=True, rename="camel"):
     "--tag",
     "tags",
     multiple=True,
-    callback=_parse_tags,
+    callback=tags_callback,
     metavar="K=V",
     help="Extra tag to ask for (repeatable); the token's tags win on a conflict.",
 )
 @click.option("--force", is_flag=True, default=False, help="Replace an existing enrollment.")
-@click.option(
-    "--json", "json_output", is_flag=True, default=False, help="Print one JSON document."
-)
+@click.option("--json", "json_output", is_flag=True, default=False, help="Print one JSON document.")
 @log_options("daemon")
 @click.pass_context
 def enroll_command(
@@ -144,7 +108,7 @@ def enroll_command(
     **_: object,
 ) -> None:
     """Join the fleet with a one-time TOKEN: pin the CA, get a certificate, store it."""
-    _setup_logging(ctx)
+    configure_logging_from_click(ctx, BINARY, "daemon")
     if name is not None:
         try:
             validate_host_name(name)
@@ -228,7 +192,7 @@ def enroll_command(
     "--tag",
     "tags",
     multiple=True,
-    callback=_parse_tags,
+    callback=tags_callback,
     metavar="K=V",
     help="Extra tag reported in Hello (repeatable); enrolled tags win at the access point.",
 )
@@ -259,7 +223,7 @@ def enroll_command(
     "--backoff-cap",
     default="10s",
     show_default=True,
-    callback=_duration_s,
+    callback=duration_callback,
     metavar="DURATION",
     help="Longest wait between reconnection attempts (exponential backoff, full jitter).",
 )
@@ -286,9 +250,9 @@ def run_command(
     try:
         state = load_follower_state(state_dir)
     except FollowerStateError as exc:
-        _setup_logging(ctx)
+        configure_logging_from_click(ctx, BINARY, "daemon")
         raise CliError(exc.exit_code, exc.message, details={"stateDir": str(state_dir)}) from None
-    _setup_logging(ctx, LogSettings.from_config(state.settings.log))
+    configure_logging_from_click(ctx, BINARY, "daemon", LogSettings.from_config(state.settings.log))
     try:
         fingerprint = host_key_fingerprint(ssh_host_key_file)
     except HostKeyError as exc:

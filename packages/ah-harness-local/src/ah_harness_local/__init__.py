@@ -1,4 +1,9 @@
-"""Agent Harbor fleet local test harness: managed processes, real sshd instances, fixtures."""
+"""Agent Harbor fleet local test harness: managed processes, real sshd instances, fixtures.
+
+The processes, sshd and fleet machinery live in `ah_fleetctl.localfleet` (so that
+`ah-fleetctl demo` works from a plain `pip install ah-fleetctl`); this package re-exports them
+and adds the pytest fixtures (`pytest_plugin`).
+"""
 
 from ah_harness_local.ports import (
     free_tcp_port,
@@ -7,7 +12,13 @@ from ah_harness_local.ports import (
     wait_for,
     wait_for_tcp,
 )
-from ah_harness_local.processes import ManagedProcess, ProcessGroup, terminate_all
+from ah_harness_local.processes import (
+    DetachedProcess,
+    ManagedProcess,
+    ProcessGroup,
+    stop_detached,
+    terminate_all,
+)
 from ah_harness_local.sshd import (
     RunningSshd,
     SshdInstance,
@@ -19,6 +30,7 @@ from ah_harness_local.sshd import (
 )
 
 __all__ = [
+    "DetachedProcess",
     "ManagedProcess",
     "ProcessGroup",
     "RunningSshd",
@@ -30,6 +42,7 @@ __all__ = [
     "prepare_sshd",
     "start_many_sshd",
     "start_sshd",
+    "stop_detached",
     "tcp_accepts",
     "terminate_all",
     "wait_for",

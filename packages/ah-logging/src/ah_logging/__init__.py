@@ -7,12 +7,9 @@ kind ``"daemon"``.  Typical use in a click entry point::
     @log_options("daemon")
     @click.pass_context
     def main(ctx: click.Context, **_: object) -> None:
-        flags = log_settings_from_click(ctx)
-        settings = LogSettings.merged(flags, configured_log_settings, "daemon")
-        try:
-            configure_logging("ah-followerd", "daemon", settings)
-        except ValueError as error:          # bad --log-level / RUST_LOG: usage error
-            raise click.UsageError(str(error)) from None
+        # flags, then what the binary's own configuration sets, then the defaults;
+        # a bad --log-level / RUST_LOG is a usage error; sinks close with the context
+        configure_logging_from_click(ctx, "ah-followerd", "daemon", configured_log_settings)
 
 Flags (every binary): ``--log-level LEVEL|DIRECTIVES``, ``--log-file PATH``, ``--log-dir
 DIR``, ``--log-format text|json``.  None has a click default; precedence is flag, then
@@ -51,6 +48,7 @@ from ah_logging.configure import (
     LogFileError,
     LoggingHandle,
     configure_logging,
+    configure_logging_from_click,
     effective_directives,
     render_json,
     render_text,
@@ -93,6 +91,7 @@ __all__ = [
     "LoggingHandle",
     "ModuleDirective",
     "configure_logging",
+    "configure_logging_from_click",
     "default_log_dir",
     "default_log_file",
     "default_settings",

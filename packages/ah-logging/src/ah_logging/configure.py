@@ -16,11 +16,19 @@ from functools import partial
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+import click
 from loguru import logger
 
 from ah_logging.directives import LEVELS, Directives, parse_directives
 from ah_logging.redaction import redact, redact_text
-from ah_logging.settings import LogFormat, LogKind, LogSettings, check_binary, check_kind
+from ah_logging.settings import (
+    LogFormat,
+    LogKind,
+    LogSettings,
+    check_binary,
+    check_kind,
+    log_settings_from_click,
+)
 
 if TYPE_CHECKING:
     from loguru import Message, Record
@@ -32,6 +40,7 @@ __all__ = [
     "LogFileError",
     "LoggingHandle",
     "configure_logging",
+    "configure_logging_from_click",
     "effective_directives",
     "render_json",
     "render_text",
@@ -90,6 +99,11 @@ _RESET = "\x1b[0m"
 
 class LogFileError(OSError):
     """The log file could not be created or opened (the message names the path)."""
+
+
+class _LogDestinationError(click.ClickException):
+    # 8 is the spec's "configuration" exit code (ah-logging sits below the ExitCode users).
+    exit_code = 8
 
 
 # -- rendering -------------------------------------------------------------------------
@@ -418,4 +432,25 @@ def configure_logging(
             intercept=intercept,
         )
         _current = handle
+    return handle
+
+
+def configure_logging_from_click(
+    ctx: click.Context,
+    binary: str,
+    kind: LogKind,
+    configured: LogSettings | None = None,
+) -> LoggingHandle:
+    """The usual set-up of a command: its log flags, then ``configured`` (what the binary's
+    own configuration sets), then the defaults for ``kind``. A bad level or ``RUST_LOG`` is a
+    usage error (exit 2); a log file that cannot be opened is a configuration error (exit
+    8); the sinks are closed when the click context closes."""
+    try:
+        settings = LogSettings.merged(log_settings_from_click(ctx), configured, kind)
+        handle = configure_logging(binary, kind, settings)
+    except ValueError as exc:  # bad --log-level, configured level or RUST_LOG
+        raise click.UsageError(str(exc), ctx=ctx) from None
+    except LogFileError as exc:
+        raise _LogDestinationError(f"{exc} (--log-file/--log-dir or configured [log])") from None
+    ctx.call_on_close(handle.close)
     return handle

@@ -27,6 +27,10 @@ __all__ = [
 
 MARKER_PREFIX = "__ah_ssh_bridge_pgid__"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_EXEC_SAFE = re.compile(r"[A-Za-z0-9_./-]+(?: -[A-Za-z]+)* '[^']*'(?:\\''[^']*')*")
+"""A program, short flags and one single-quoted word (``'`` written ``'\\''``), as the
+run-everywhere adapters render ``bash -lc '<script>'``: exactly one simple command whose
+words are all literal."""
 
 
 class RemoteCommand:
@@ -51,6 +55,9 @@ def wrap_command(
     The command runs through ``eval`` of its quoted text, so the script the shell parses is
     always valid: zsh parses a whole ``-c`` script before running any of it, and a syntax
     error in the command must not stop the marker (it becomes the command's own error).
+    A command that is one simple command with literal words (``bash -lc '...'``, see
+    ``_EXEC_SAFE``) is ``exec``-ed instead: the login shell becomes it, saving a fork and
+    a process per command, and it keeps the pid (the process group the marker names).
     """
     nonce = nonce or secrets.token_hex(8)
     lines: list[str] = []
@@ -63,7 +70,10 @@ def wrap_command(
                 "(expected letters, digits and '_', not starting with a digit)"
             )
         lines.append(f"export {name}={shlex.quote(value)}")
-    lines.append(f"eval {shlex.quote(command)}")
+    if _EXEC_SAFE.fullmatch(command):
+        lines.append(f"exec {command}")
+    else:
+        lines.append(f"eval {shlex.quote(command)}")
     return RemoteCommand("\n".join(lines), nonce)
 
 

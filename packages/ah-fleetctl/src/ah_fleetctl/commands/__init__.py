@@ -8,6 +8,7 @@ from __future__ import annotations
 import click
 
 from .config import config
+from .demo import demo_command
 from .exec import exec_command
 from .fence import fence_command
 from .fleet import fleet
@@ -32,4 +33,5 @@ COMMANDS: tuple[click.Command, ...] = (
     ssh_config_command,
     agent_command,
     config,
+    demo_command,
 )

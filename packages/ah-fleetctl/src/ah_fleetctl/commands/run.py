@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -136,8 +137,12 @@ def _supplement(
             state, error = HostState.UNREACHABLE, links.unreachable[name].reason
         elif name in fence_failed:
             state, error = HostState.FAILED, fence_failed[name]
+        elif cancelled is not None:
+            state, error = HostState.CANCELLED, cancelled
         else:
-            state, error = HostState.CANCELLED, cancelled or "no command was started on it"
+            # The engine reports every job; a reachable, fenced host without one is a host a
+            # sharded run had no command for (each command already ran on its OS).
+            state, error = HostState.IDLE, "no command for it: each one ran on another host of its OS"
         extra.append(
             HostResult(
                 host=name,
@@ -211,6 +216,8 @@ async def _run(
     from ..agent import agent_executor
 
     via_agent = None if fence else await agent_executor(app)
+    if via_agent is not None:
+        _record_for_thin_runs(app, via_agent.client.socket_path)
     try:
         try:
             if via_agent is None:
@@ -285,6 +292,26 @@ async def _run(
         if events is not None:
             # Bounded: waits a few seconds at most for the access point's acknowledgements.
             await asyncio.to_thread(events.close)
+
+
+def _record_for_thin_runs(app: FleetContext, socket_path: Path) -> None:
+    """Let the next ``run`` in this directory and environment take the thin path
+    (:mod:`ah_fleetctl.thin`): record the agent and the settings from configuration."""
+    from ..agent_proto import ThinDefaults
+    from ..dataplane import workspace_overrides
+    from ..thin_server import write_thin_index
+
+    json_env = os.environ.get("AH_JSON", "").strip().lower() in {"1", "true", "yes", "on"}
+    defaults = ThinDefaults(
+        runs_base=str(runs_dir(app).parent),
+        timeout_s=_timeout_s(app, None),
+        session=app.config.typed.session,
+        json=json_env,
+        workspaces=workspace_overrides(app),
+    )
+    path = write_thin_index(app, socket_path, defaults)
+    if path is not None:
+        logger.debug("run: the next run here may take the thin path ({})", path)
 
 
 async def _fence(

@@ -7,47 +7,17 @@ also starts this small watchdog in its own session, connected by a pipe: the par
 has cleaned one up. When the pipe reaches EOF — the parent exited, however it exited — the
 watchdog terminates every group still listed, with all their descendants, and exits.
 
-Run as `python -m ah_harness_local._watchdog`.
+Run as `python -m ah_fleetctl.localfleet._watchdog`.
 """
 
 from __future__ import annotations
 
 import signal
 import sys
-import time
 
-from ah_harness_local.processes import (
-    _group_is_ours,
-    _process_table,
-    _signal_group,
-    _signal_pid,
-    _still_alive,
-    _tree,
-)
+from ah_fleetctl.localfleet.processes import _stop_groups
 
 _GRACE_SECONDS = 2.0
-
-
-def _kill_groups(watched: dict[int, int | None]) -> None:
-    table = _process_table()
-    pgids = {pgid for pgid, start in watched.items() if _group_is_ours(pgid, start, table)}
-    targets = {info.pid: info for pgid in pgids for info in _tree(table, [pgid], pgid)}
-    for sig in (signal.SIGTERM, signal.SIGCONT):
-        for pgid in pgids:
-            _signal_group(pgid, sig)
-        for info in targets.values():
-            _signal_pid(info.pid, sig)
-    deadline = time.monotonic() + _GRACE_SECONDS
-    while time.monotonic() < deadline:
-        table = _process_table()
-        if not any(_still_alive(info, table) for info in targets.values()):
-            return
-        time.sleep(0.02)
-    for pgid in pgids:
-        _signal_group(pgid, signal.SIGKILL)
-    for info in targets.values():
-        if _still_alive(info, table):
-            _signal_pid(info.pid, signal.SIGKILL)
 
 
 def main() -> None:
@@ -63,7 +33,7 @@ def main() -> None:
             case ["-", pgid] if pgid.isdigit():
                 watched.pop(int(pgid), None)
     if watched:
-        _kill_groups(watched)
+        _stop_groups(watched, _GRACE_SECONDS)
 
 
 if __name__ == "__main__":

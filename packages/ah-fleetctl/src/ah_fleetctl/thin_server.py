@@ -1,0 +1,416 @@
+"""The agent's side of the thin ``run`` path, and the thin index the full CLI writes.
+
+See :mod:`ah_fleetctl.thin` for the client and why it exists. Here:
+
+* :func:`write_thin_index` — called by the full ``run`` after it ran through the agent:
+  records the agent's socket, the configuration files the invocation consulted and the run
+  settings from configuration, keyed by (cwd, environment).
+* :func:`serve_thin_run` — the agent runs the whole ``run`` (selection, rendering, the
+  :class:`~ah_run_everywhere.RunEngine` over its warm transports, per-host logs, session
+  events, the summary) and streams the text the CLI would have printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import marshal
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+import msgspec
+from loguru import logger
+
+from ah_config import CliError
+from ah_domain_types import (
+    DomainValidationError,
+    ErrorBody,
+    ErrorEnvelope,
+    ExitCode,
+    FollowerStatus,
+    RunEnvelope,
+    RunSummary,
+    validate_session_id,
+)
+from ah_run_everywhere import HostUnreachable, OutputCallback
+from ah_run_everywhere.ssh_executor import SshExecutor
+
+from .agent_proto import (
+    ThinCancelRequest,
+    ThinDefaults,
+    ThinDoneReply,
+    ThinFallbackReply,
+    ThinIndexEntry,
+    ThinOutReply,
+    ThinReply,
+    ThinRunRequest,
+    ThinStartedReply,
+)
+from .dataplane import FollowerUnreachable
+from .thin import INDEX_VERSION, file_signature, index_path, relevant_env, repo_root_of
+
+if TYPE_CHECKING:
+    from ah_ssh_bridge import ExecOutcome
+
+    from .agent import LeaderAgent
+    from .context import FleetContext
+
+__all__ = ["SERVED_PARAMS", "config_flags_given", "serve_thin_run", "write_thin_index"]
+
+SERVED_PARAMS = frozenset(
+    {
+        "hosts",
+        "tags",
+        "all_",
+        "commands",
+        "timeout_s",
+        "no_fence",
+        "session_id",
+        "argv",
+        "json_output",
+        "non_interactive",
+    }
+)
+"""``run`` parameters the thin path serves; any other one given (``--access-point``,
+``--config``, the log flags...) changes the configuration, so the full CLI handles it."""
+
+_INTERRUPTED_EXIT_CODE = 130
+_T = TypeVar("_T")
+_log = logger.bind(component="ah-fleetctl.agent")
+_json_encoder = msgspec.json.Encoder()
+
+
+def _encode(reply: ThinReply) -> bytes:
+    return marshal.dumps(msgspec.to_builtins(reply))
+
+
+def _decode(payload: bytes, type_: type[_T]) -> _T:
+    """A thin-client frame (marshal; see ``ah_fleetctl.thin``), validated as ``type_``."""
+    try:
+        value = marshal.loads(payload)
+    except (ValueError, EOFError, TypeError) as exc:
+        raise msgspec.ValidationError(f"not a marshal frame: {exc}") from None
+    return msgspec.convert(value, type_)
+
+
+def _given(value: object) -> bool:
+    return value not in (None, False, (), "", [])
+
+
+def config_flags_given(ctx: click.Context) -> list[str]:
+    """Parameters of ``ctx`` and its parents, outside :data:`SERVED_PARAMS`, that were given."""
+    given: list[str] = []
+    current: click.Context | None = ctx
+    while current is not None:
+        given += [n for n, v in current.params.items() if n not in SERVED_PARAMS and _given(v)]
+        current = current.parent
+    return given
+
+
+# --------------------------------------------------------------------------- the index
+
+
+def write_thin_index(app: FleetContext, socket_path: Path, defaults: ThinDefaults) -> Path | None:
+    """Record this invocation's agent for the thin path; None when it must not be recorded
+    (configuration flags were given). Never raises for I/O: the run matters more."""
+    if config_flags_given(app.click_ctx):
+        return None
+    from ah_config import Layer
+
+    file_layers = {Layer.SYSTEM, Layer.USER, Layer.REPO, Layer.REPO_USER, Layer.CONFIG_FILE}
+    try:
+        cwd = os.getcwd()
+        files = [
+            [source.source, file_signature(source.source)]
+            for source in app.config.layers
+            if source.layer in file_layers
+        ]
+        entry = ThinIndexEntry(
+            version=INDEX_VERSION,
+            cwd=cwd,
+            env=relevant_env(os.environ),
+            socket=str(socket_path),
+            files=files,
+            repo_root=repo_root_of(cwd),
+            defaults=defaults,
+        )
+        path = Path(index_path(cwd))
+        for directory in (path.parent.parent, path.parent):
+            with contextlib.suppress(FileExistsError):
+                directory.mkdir(mode=0o700)
+            info = directory.lstat()
+            if directory.is_symlink() or info.st_uid != os.getuid() or info.st_mode & 0o077:
+                _log.warning("not writing the thin index: {} is not private to us", directory)
+                return None
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".entry-")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(marshal.dumps(msgspec.to_builtins(entry)))
+        os.replace(temporary, path)
+    except OSError as exc:
+        _log.debug("could not write the thin index: {}", exc)
+        return None
+    return path
+
+
+# --------------------------------------------------------------------------- serving
+
+
+class _Fallback(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _OutStream:
+    """A text stream for ``LinePrinter``: each write becomes one ``out`` frame."""
+
+    def __init__(self, send: Callable[[ThinReply], None], fd: int) -> None:
+        self._send = send
+        self._fd: Any = fd
+
+    def write(self, text: str) -> int:
+        self._send(ThinOutReply(fd=self._fd, text=text))
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+class _ConnectorExecutor:
+    """A ``HostExecutor`` on the agent's warm transports (linked on first use)."""
+
+    def __init__(
+        self,
+        agent: LeaderAgent,
+        followers: Mapping[str, FollowerStatus],
+        connect_timeout: float,
+    ) -> None:
+        self.agent = agent
+        self.followers = followers
+        self.connect_timeout = connect_timeout
+
+    async def run(
+        self,
+        host: str,
+        command: str,
+        *,
+        on_stdout: OutputCallback,
+        on_stderr: OutputCallback,
+        timeout: float | None,
+    ) -> ExecOutcome:
+        connector = self.agent.connector
+        assert connector is not None
+        deadline = max(self.connect_timeout, getattr(connector, "overall_timeout_s", 0.0))
+        try:
+            async with asyncio.timeout(deadline):
+                transport = await connector.connect(self.followers[host])
+        except FollowerUnreachable as exc:
+            raise HostUnreachable(host, exc.reason) from None
+        except TimeoutError:
+            raise HostUnreachable(host, f"no path within {deadline:g}s") from None
+        executor = SshExecutor({host: transport})
+        return await executor.run(
+            host, command, on_stdout=on_stdout, on_stderr=on_stderr, timeout=timeout
+        )
+
+
+def _error_text(exc: CliError | DomainValidationError, json_mode: bool) -> tuple[str, str, int]:
+    """(stdout, stderr, code) the full CLI prints for ``exc``."""
+    code, kind, message = int(exc.exit_code), exc.kind, exc.message
+    stdout = ""
+    if json_mode:
+        body = ErrorBody(kind=kind, message=message, exit_code=code, details=dict(exc.details))
+        stdout = _json_encoder.encode(ErrorEnvelope(body)).decode() + "\n"
+    return stdout, f"Error: {message}\n", code
+
+
+async def serve_thin_run(
+    agent: LeaderAgent,
+    payload: bytes,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> None:
+    """Serve one thin ``run`` on this connection (see :mod:`ah_fleetctl.thin`)."""
+
+    def send(reply: ThinReply) -> None:
+        if not writer.is_closing():
+            frame = _encode(reply)
+            writer.write(len(frame).to_bytes(4, "big") + frame)
+
+    try:
+        request = _decode(payload, ThinRunRequest)
+    except msgspec.ValidationError as exc:
+        send(ThinFallbackReply(reason=f"unreadable thin request: {exc}"))
+        return
+    started: list[bool] = []
+
+    def send_tracked(reply: ThinReply) -> None:
+        if isinstance(reply, ThinStartedReply):
+            started.append(True)
+        send(reply)
+
+    try:
+        code = await _thin_run(agent, request, send_tracked, reader)
+    except _Fallback as exc:
+        _log.debug("thin run declined: {}", exc.reason)
+        send(ThinFallbackReply(reason=exc.reason))
+        return
+    except Exception as exc:
+        _log.opt(exception=exc).error("thin run failed: {}", exc)
+        if not started:
+            send(ThinFallbackReply(reason=f"the agent failed before the run: {exc!r}"))
+            return
+        send(ThinOutReply(fd=2, text=f"Error: the leader agent failed during the run: {exc!r}\n"))
+        code = int(ExitCode.HOSTS_FAILED)
+    send(ThinDoneReply(code=code))
+
+
+async def _thin_run(
+    agent: LeaderAgent,
+    request: ThinRunRequest,
+    send: Callable[[ThinReply], None],
+    reader: asyncio.StreamReader,
+) -> int:
+    from ah_run_everywhere import LinePrinter, RunDirectory, RunEngine, default_mode, format_summary
+
+    from .commands.fleet import select_followers
+    from .commands.run import _check_renderable, _supplement, run_command
+    from .dataplane import FleetLinks
+    from .options import selector_from_options
+
+    marks: list[tuple[str, float]] = [("received", time.perf_counter())]
+    if request.version != INDEX_VERSION:
+        raise _Fallback(f"thin protocol version {request.version}, agent speaks {INDEX_VERSION}")
+    try:
+        ctx = run_command.make_context("run", list(request.args))
+    except (click.ClickException, click.exceptions.Exit, click.Abort) as exc:
+        raise _Fallback(f"the full CLI reports this invocation ({type(exc).__name__})") from None
+    params = ctx.params
+    flags = config_flags_given(ctx)
+    if flags:
+        raise _Fallback(f"configuration flags given: {', '.join(flags)}")
+    if not params["no_fence"]:
+        raise _Fallback("a fenced run links the followers in the CLI process")
+    argv: tuple[str, ...] = params["argv"]
+    commands: tuple[str, ...] = params["commands"]
+    if bool(argv) == bool(commands):
+        raise _Fallback("usage error: the full CLI reports it")
+    defaults = request.defaults
+    json_mode = bool(params["json_output"]) or defaults.json
+
+    def finish_with(exc: CliError | DomainValidationError) -> int:
+        stdout, stderr, code = _error_text(exc, json_mode)
+        send(ThinOutReply(fd=2, text=stderr))
+        if stdout:
+            send(ThinOutReply(fd=1, text=stdout))
+        return code
+
+    logical: list[Any] = [list(argv)] if argv else list(commands)
+    try:
+        selector = selector_from_options(params["hosts"], params["tags"], params["all_"])
+        session_flag = params["session_id"] or defaults.session
+        session_id = validate_session_id(session_flag) if session_flag else None
+    except (CliError, DomainValidationError) as exc:
+        return finish_with(exc)
+    try:
+        marks.append(("parsed", time.perf_counter()))
+        fleet = await agent._followers_named([])
+        marks.append(("followers", time.perf_counter()))
+    except Exception as exc:  # the full CLI asks the access point itself and reports it
+        raise _Fallback(f"follower list: {exc}") from None
+    try:
+        selected = select_followers(selector, fleet)
+        links = FleetLinks(
+            selected,
+            agent.connector,  # type: ignore[arg-type]
+            connect_timeout=agent.app.connect_timeout_s(),
+            leader_root=request.cwd,
+            workspaces=defaults.workspaces,
+        )
+        targets = links.target_hosts(request.cwd)
+        _check_renderable(targets, logical)
+    except (CliError, DomainValidationError) as exc:
+        return finish_with(exc)
+
+    timeout = params["timeout_s"] if params["timeout_s"] is not None else defaults.timeout_s
+    loop = asyncio.get_running_loop()
+
+    def warn(message: str) -> None:
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(send, ThinOutReply(fd=2, text=f"warning: {message}\n"))
+
+    events = None
+    try:
+        events = agent.event_sink(Path(defaults.runs_base) / "sessions", warn)
+        session_id = events.start(session_id)
+    except Exception as exc:  # the run matters more than its event stream
+        send(ThinOutReply(fd=2, text=f"warning: session events are off for this run: {exc}\n"))
+        events = None
+    marks.append(("events", time.perf_counter()))
+    send(ThinStartedReply())
+    names = [t.name for t in targets]
+    printer = None if json_mode else LinePrinter(_OutStream(send, 1), names, colour=request.colour)  # type: ignore[arg-type]
+    engine = RunEngine(
+        _ConnectorExecutor(agent, links.followers, links.connect_timeout),
+        targets,
+        logical,
+        mode=default_mode(len(logical)),
+        timeout=timeout,
+        sink=events.emit if events is not None else None,
+        printer=printer,
+        run_dir=RunDirectory(defaults.runs_base),
+        session_id=session_id,
+    )
+    interrupted = False
+
+    async def watch_client() -> None:
+        nonlocal interrupted
+        # A cancel frame (Ctrl-C in the CLI) or the CLI going away stops the run.
+        with contextlib.suppress(OSError, ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                header = await reader.readexactly(4)
+                frame = await reader.readexactly(int.from_bytes(header, "big"))
+                with contextlib.suppress(msgspec.ValidationError):
+                    _decode(frame, ThinCancelRequest)
+                    break
+        interrupted = True
+        engine.cancel("interrupted (SIGINT)")
+
+    watcher = loop.create_task(watch_client())
+    try:
+        envelope = await engine.run()
+        marks.append(("engine", time.perf_counter()))
+    finally:
+        watcher.cancel()
+        if events is not None:
+            agent.in_background(agent.close_event_sink(events))
+    # As the full CLI: a selected host that got no job (sharding) is reported, never dropped.
+    hosts = _supplement(list(envelope.hosts), links, {})
+    envelope = RunEnvelope(
+        session_id=envelope.session_id,
+        commands=envelope.commands,
+        hosts=hosts,
+        summary=RunSummary.from_results(hosts),
+        run_dir=envelope.run_dir,
+    )
+    if json_mode:
+        send(ThinOutReply(fd=1, text=_json_encoder.encode(envelope).decode() + "\n"))
+    else:
+        send(ThinOutReply(fd=1, text=format_summary(envelope.hosts) + "\n"))
+        if envelope.run_dir:
+            send(ThinOutReply(fd=2, text=f"logs: {envelope.run_dir}\n"))
+    marks.append(("output", time.perf_counter()))
+    _log.debug(
+        "thin run on {} host(s): {}",
+        len(targets),
+        ", ".join(f"{name} +{(t - marks[0][1]) * 1000:.1f}ms" for name, t in marks[1:]),
+    )
+    return _INTERRUPTED_EXIT_CODE if interrupted else int(envelope.exit_code)

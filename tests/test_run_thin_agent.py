@@ -1,0 +1,485 @@
+"""``ah-fleetctl run`` through the leader agent on the thin path (``ah_fleetctl.thin``).
+
+A private fleet (three Linux followers, plus ``th-bad`` whose sshd presents a host key other
+than the one it reported, so no path to it can be verified), the real console script, a
+real leader agent started by the first ``run`` in a private runtime directory. The thin
+path is recognised by what the process imported (``python -X importtime``): no click, no
+msgspec, no paramiko.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import marshal
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ah_harness_local import wait_for
+
+CLI = [str(Path(sys.executable).parent / "ah-fleetctl")]
+CLI_TIMEOUT_S = 90.0
+HEAVY = {"click", "msgspec", "paramiko", "httpx", "litestar", "aioquic", "cryptography"}
+GOOD = ["th-a", "th-b", "th-c"]
+
+
+@dataclass(frozen=True)
+class CliResult:
+    args: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        assert self.stdout.strip(), f"no JSON on stdout; stderr: {self.stderr}"
+        return json.loads(self.stdout)
+
+    def __str__(self) -> str:
+        return (
+            f"ah-fleetctl {' '.join(self.args)} -> {self.returncode}\n"
+            f"--- stdout\n{self.stdout[-4000:]}--- stderr\n{self.stderr[-4000:]}"
+        )
+
+
+class RunningCli:
+    """A CLI process in its own group whose stdout lines are collected as they come."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._eof = False
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    def wait_for_lines(self, predicate: Callable[[list[str]], bool], what: str) -> None:
+        deadline = time.monotonic() + 30.0
+        with self._cond:
+            while not predicate(self.lines):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._eof:
+                    raise AssertionError(f"no {what} (eof={self._eof}): {self.lines}")
+                self._cond.wait(remaining)
+
+    def wait(self, timeout: float) -> tuple[int, list[str], str]:
+        code = self.proc.wait(timeout)
+        self._thread.join(10.0)
+        assert self.proc.stderr is not None
+        return code, list(self.lines), self.proc.stderr.read()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10.0)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@dataclass
+class ThinFleet:
+    fleet: Any  # ah_harness_local.fleet.LocalFleet
+    env: dict[str, str]
+    work: Path
+    runtime: Path
+
+    @property
+    def agents(self) -> Path:
+        return self.runtime / "agent-harbor" / "agents"
+
+    def cli(self, *args: str, importtime: bool = False) -> tuple[CliResult, set[str]]:
+        """Run ``ah-fleetctl ARGS``; also the modules it imported when ``importtime``."""
+        argv = [sys.executable, "-X", "importtime", "-m", "ah_fleetctl"] if importtime else CLI
+        done = subprocess.run(
+            [*argv, *args],
+            env=self.env,
+            cwd=self.work,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT_S,
+            check=False,
+        )
+        modules = set()
+        stderr_lines = []
+        for line in done.stderr.splitlines():
+            if line.startswith("import time:"):
+                modules.add(line.rsplit("|", 1)[-1].strip())
+            else:
+                stderr_lines.append(line)
+        stderr = "".join(f"{line}\n" for line in stderr_lines)
+        return CliResult(tuple(args), done.returncode, done.stdout, stderr), modules
+
+    def popen(self, *args: str) -> RunningCli:
+        proc = subprocess.Popen(
+            [*CLI, *args],
+            env=self.env,
+            cwd=self.work,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        return RunningCli(proc)
+
+    def agent_pids(self) -> list[int]:
+        from ah_fleetctl.agent import AgentClient
+
+        pids = []
+        for sock in self.agents.glob("*.sock") if self.agents.is_dir() else []:
+
+            async def ping(path: Path = sock) -> int | None:
+                with contextlib.suppress(OSError):
+                    return (await AgentClient(path).ping()).pid
+                return None
+
+            pid = asyncio.run(ping())
+            if pid is not None:
+                pids.append(pid)
+        return pids
+
+    def workspace(self, name: str) -> Path:
+        return Path(self.fleet.follower(name).workspace)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _stop_agents(thin: ThinFleet) -> None:
+    from ah_fleetctl.agent import AgentClient
+
+    for pid in thin.agent_pids():
+        for sock in thin.agents.glob("*.sock"):
+            with contextlib.suppress(OSError):
+                asyncio.run(AgentClient(sock).shutdown())
+        wait_for(lambda p=pid: not _alive(p), 15.0, what=f"leader agent {pid} to exit")
+
+
+@pytest.fixture(scope="module")
+def thin_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThinFleet]:
+    from ah_harness_local.fleet import FollowerSpec, LocalFleet
+    from ah_harness_local.sshd import _generate_key
+
+    base = tmp_path_factory.mktemp("thin")
+    other_key = base / "other-host-key"
+    _generate_key(other_key, "not the sshd's host key")
+    specs = [FollowerSpec(name) for name in GOOD] + [
+        FollowerSpec("th-bad", run_args=("--ssh-host-key-file", f"{other_key}.pub"))
+    ]
+    with LocalFleet(specs, base_dir=base / "fleet", heartbeat_interval="1s") as fleet:
+        work = base / "leader"
+        work.mkdir()
+        (base / "home").mkdir()
+        runtime = Path(tempfile.mkdtemp(prefix="aht-", dir="/tmp"))  # short: sockaddr_un
+        env = {
+            **fleet.env(),
+            "NO_COLOR": "1",
+            "HOME": str(base / "home"),
+            "XDG_RUNTIME_DIR": str(runtime),
+            "AH_AGENT_ENABLED": "true",
+            "AH_AGENT_IDLE": "120s",
+        }
+        env.pop("RUST_LOG", None)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        thin = ThinFleet(fleet=fleet, env=env, work=work, runtime=runtime)
+        try:
+            yield thin
+        finally:
+            _stop_agents(thin)
+            shutil.rmtree(runtime, ignore_errors=True)
+
+
+def _warm(thin: ThinFleet) -> None:
+    """A full run through the agent (starting it if needed): records the thin index."""
+    result, _ = thin.cli("run", "--no-fence", "--json", *_hosts(GOOD), "--", "true")
+    assert result.returncode == 0, result
+
+
+def _hosts(names: list[str]) -> list[str]:
+    return [arg for name in names for arg in ("--host", name)]
+
+
+def test_a_warm_run_takes_the_thin_path_and_prints_what_the_full_cli_prints(
+    thin_fleet: ThinFleet,
+) -> None:
+    thin = thin_fleet
+    _warm(thin)
+    result, modules = thin.cli(
+        "run", "--no-fence", *_hosts(GOOD), "--", "sh", "-c", "pwd; echo to-stderr >&2",
+        importtime=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result
+    assert not HEAVY & modules, f"the warm run imported {HEAVY & modules}"
+    lines = result.stdout.splitlines()
+    for name in GOOD:
+        assert f"{name} | {thin.workspace(name)}" in lines, result
+        assert f"{name} | to-stderr" in lines, result
+    assert lines[-1] == "3 succeeded, 0 failed, 0 unreachable", result
+    run_dir = re.search(r"^logs: (\S+)$", result.stderr, re.MULTILINE)
+    assert run_dir is not None, result
+    logs = {p.name: p.read_text() for p in Path(run_dir.group(1)).iterdir()}
+    assert sorted(logs) == [f"{n}.log" for n in GOOD]
+    assert f"out | {thin.workspace('th-a')}\n" in logs["th-a.log"]
+    assert "err | to-stderr\n" in logs["th-a.log"]
+
+    # --json: one envelope, as from the full CLI.
+    document, modules = thin.cli("run", "--no-fence", "--json", *_hosts(GOOD), "--", "true",
+                                 importtime=True)  # fmt: skip
+    assert document.returncode == 0, document
+    assert not HEAVY & modules
+    envelope = document.json()
+    assert [h["host"] for h in envelope["hosts"]] == GOOD
+    assert envelope["summary"]["succeeded"] == 3
+    assert re.fullmatch(r"s-\d{8}T\d{6}Z-[0-9a-f]{6}", envelope["sessionId"])
+
+
+def test_a_failing_host_fails_the_thin_run_with_every_result_kept(thin_fleet: ThinFleet) -> None:
+    thin = thin_fleet
+    _warm(thin)
+    marker = thin.workspace("th-b") / "only-on-th-b"
+    marker.write_text("x")
+    try:
+        result, modules = thin.cli(
+            "run", "--no-fence", "--json", *_hosts(GOOD), "--",
+            "sh", "-c", "if [ -e only-on-th-b ]; then echo bad; exit 4; fi; echo fine",
+            importtime=True,
+        )  # fmt: skip
+    finally:
+        marker.unlink()
+    assert not HEAVY & modules
+    assert result.returncode == 1, result
+    hosts = {h["host"]: h for h in result.json()["hosts"]}
+    assert {n: (h["state"], h["exitCode"]) for n, h in hosts.items()} == {
+        "th-a": ("ok", 0),
+        "th-b": ("failed", 4),
+        "th-c": ("ok", 0),
+    }
+    assert result.json()["summary"]["failed"] == 1
+
+
+def test_an_unreachable_host_is_reported_and_fails_the_thin_run(thin_fleet: ThinFleet) -> None:
+    thin = thin_fleet
+    _warm(thin)
+    result, modules = thin.cli(
+        "run", "--no-fence", *_hosts(["th-a", "th-bad"]), "--", "echo", "hi", importtime=True
+    )
+    assert not HEAVY & modules
+    assert result.returncode == 1, result
+    lines = result.stdout.splitlines()
+    assert "th-a   | hi" in lines, result
+    assert re.search(r"^th-bad\s+unreachable\s+.*", result.stdout, re.MULTILINE), result
+    assert lines[-1] == "1 succeeded, 0 failed, 1 unreachable", result
+
+
+def test_selection_errors_and_usage_errors_are_reported_as_by_the_full_cli(
+    thin_fleet: ThinFleet,
+) -> None:
+    thin = thin_fleet
+    _warm(thin)
+    unknown, modules = thin.cli("run", "--no-fence", "--host", "nope", "--", "true",
+                                importtime=True)  # fmt: skip
+    assert not HEAVY & modules
+    assert unknown.returncode == 7, unknown
+    assert "Error: unknown host 'nope'" in unknown.stderr
+    # A usage error is handed back to the full CLI (click's own message, exit 2).
+    usage, modules = thin.cli("run", "--no-fence", "--timeout", "soon", "--", "true",
+                              importtime=True)  # fmt: skip
+    assert usage.returncode == 2, usage
+    assert "Invalid value for '--timeout'" in usage.stderr
+    assert "click" in modules
+    # So is a configuration flag: it may point at another access point or agent.
+    flagged, modules = thin.cli("run", "--no-fence", "--log-level", "warn", "--host", "th-a",
+                                "--", "true", importtime=True)  # fmt: skip
+    assert flagged.returncode == 0, flagged
+    assert "click" in modules
+
+
+def test_a_changed_config_file_misses_the_index_until_a_full_run_records_it_again(
+    thin_fleet: ThinFleet,
+) -> None:
+    thin = thin_fleet
+    _warm(thin)
+    config = Path(thin.env["AH_HOME"]) / "config.toml"
+    config.write_text(config.read_text() + "\n# touched by the test\n")
+    full, modules = thin.cli("run", "--no-fence", "--host", "th-a", "--", "true",
+                             importtime=True)  # fmt: skip
+    assert full.returncode == 0, full
+    assert "click" in modules, "a stale index entry was used"
+    again, modules = thin.cli("run", "--no-fence", "--host", "th-a", "--", "true",
+                              importtime=True)  # fmt: skip
+    assert again.returncode == 0, again
+    assert not HEAVY & modules
+
+
+def test_a_dead_agent_and_its_stale_socket_fall_back_to_the_full_cli(thin_fleet: ThinFleet) -> None:
+    thin = thin_fleet
+    _warm(thin)
+    (pid,) = thin.agent_pids()
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not _alive(pid), 15.0, what="the agent to die")
+    assert list(thin.agents.glob("*.sock")), "the stale socket should still be there"
+    result, modules = thin.cli("run", "--no-fence", *_hosts(GOOD), "--", "echo", "again",
+                               importtime=True)  # fmt: skip
+    assert result.returncode == 0, result
+    assert "click" in modules  # the full CLI ran...
+    for name in GOOD:
+        assert f"{name} | again" in result.stdout.splitlines()
+    (new_pid,) = thin.agent_pids()  # ...and started a new agent
+    assert new_pid != pid
+    after, modules = thin.cli("run", "--no-fence", *_hosts(GOOD), "--", "true", importtime=True)
+    assert after.returncode == 0 and not HEAVY & modules, after
+
+
+def test_the_agent_dying_mid_run_fails_the_thin_run_loudly(thin_fleet: ThinFleet) -> None:
+    thin = thin_fleet
+    _warm(thin)
+    (pid,) = thin.agent_pids()
+    running = thin.popen("run", "--no-fence", "--host", "th-a", "--", "sh", "-c",
+                         "echo started; sleep 3")  # fmt: skip
+    try:
+        running.wait_for_lines(lambda lines: "th-a | started" in lines, "start")
+        os.kill(pid, signal.SIGKILL)
+        code, _, stderr = running.wait(timeout=30)
+    finally:
+        running.stop()
+    assert code == 1, stderr
+    assert "the leader agent at" in stderr and "went away during the run" in stderr, stderr
+    _warm(thin)  # leaves a live agent for the next test
+
+
+def test_ctrl_c_cancels_the_thin_run_and_still_prints_the_summary(thin_fleet: ThinFleet) -> None:
+    thin = thin_fleet
+    _warm(thin)
+    tag = f"4{os.getpid() % 1000}.75"  # a sleep only this test starts
+    running = thin.popen("run", "--no-fence", *_hosts(["th-a", "th-b"]), "--", "sh", "-c",
+                         f"echo started; sleep {tag}")  # fmt: skip
+    try:
+        running.wait_for_lines(
+            lambda lines: {"th-a | started", "th-b | started"} <= set(lines), "both starts"
+        )
+        wait_for(lambda: len(_sleepers(tag)) == 2, 10, what="both remote sleeps")
+        running.proc.send_signal(signal.SIGINT)
+        code, lines, stderr = running.wait(timeout=30)
+    finally:
+        running.stop()
+    assert code == 130, (lines, stderr)
+    assert lines[-1] == "0 succeeded, 0 failed, 0 unreachable, 2 cancelled", lines
+    wait_for(lambda: not _sleepers(tag), 10, what="the remote sleeps to be gone")
+
+
+def _sleepers(tag: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"sleep") and tag.encode() in argv:
+            found.append(int(entry.name))
+    return found
+
+
+def test_the_thin_index_is_private_and_names_the_agent(thin_fleet: ThinFleet) -> None:
+    thin = thin_fleet
+    _warm(thin)
+    index = thin.runtime / "agent-harbor" / "thin"
+    assert (index.stat().st_mode & 0o777) == 0o700
+    (entry_path,) = list(index.glob("*.marshal"))
+    assert (entry_path.stat().st_mode & 0o077) == 0
+    entry = marshal.loads(entry_path.read_bytes())
+    assert entry["cwd"] == str(thin.work)
+    assert Path(entry["socket"]).parent == thin.agents
+    # Made readable by others, it is no longer trusted: the full CLI runs (and rewrites it).
+    entry_path.chmod(0o644)
+    result, modules = thin.cli("run", "--no-fence", "--host", "th-a", "--", "true",
+                               importtime=True)  # fmt: skip
+    assert result.returncode == 0, result
+    assert "click" in modules
+    assert (entry_path.stat().st_mode & 0o077) == 0
+
+
+def test_the_session_events_of_thin_runs_reach_the_access_point(thin_fleet: ThinFleet) -> None:
+    thin = thin_fleet
+    _warm(thin)
+    # Two runs: the second reuses the push endpoint the agent's first sink discovered.
+    for word in ("one", "two"):
+        result, modules = thin.cli("run", "--no-fence", "--json", *_hosts(GOOD), "--",
+                                   "echo", word, importtime=True)  # fmt: skip
+        assert result.returncode == 0 and not HEAVY & modules, result
+        session = result.json()["sessionId"]
+
+        def events(session_id: str = session) -> list[dict[str, Any]]:
+            listed, _ = thin.cli("--json", "session", "events", session_id)
+            if listed.returncode != 0:
+                return []
+            return [json.loads(line) for line in listed.stdout.splitlines()]
+
+        got = wait_for(
+            lambda: (e := events()) and e[-1]["type"] == "summary" and e,
+            30.0,
+            interval=0.2,
+            what=f"the events of session {session} at the access point",
+        )
+        types = sorted(e["type"] for e in got)
+        assert types == sorted(["hostStarted"] * 3 + ["hostLog"] * 3 + ["hostExited"] * 3
+                               + ["summary"]), got  # fmt: skip
+        assert {e["line"] for e in got if e["type"] == "hostLog"} == {word}
+
+
+def test_concurrent_thin_runs_over_the_same_transports_lose_no_output_lines(
+    thin_fleet: ThinFleet,
+) -> None:
+    thin = thin_fleet
+    _warm(thin)
+    count = 1500
+    runs = [
+        thin.popen("run", "--no-fence", *_hosts(GOOD), "--", "seq", f"{i}000001", f"{i}{count:06d}")
+        for i in (1, 2, 3)
+    ]
+    try:
+        results = [run.wait(timeout=90) for run in runs]
+    finally:
+        for run in runs:
+            run.stop()
+    for i, (code, lines, stderr) in zip((1, 2, 3), results, strict=True):
+        assert code == 0, stderr
+        for name in GOOD:
+            got = [line.split(" | ", 1)[1] for line in lines if line.startswith(f"{name} ")]
+            first = i * 1_000_000 + 1
+            assert got == [str(n) for n in range(first, first + count)], (
+                f"run {i} on {name}: {len(got)} lines"
+            )
+        assert lines[-1] == "3 succeeded, 0 failed, 0 unreachable"
