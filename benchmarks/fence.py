@@ -121,6 +121,10 @@ async def bare_rsync(links: FleetLinks, config: Path, leader: Path) -> float:
     return time.perf_counter() - started
 
 
+HOST_MS: dict[str, list[int]] = {}
+"""Per host, the took_ms of each fence of the current scenario (reset by ``measure``)."""
+
+
 async def timed_fence(
     invocation: Invocation, links: FleetLinks, cache_root: Path
 ) -> tuple[float, int]:
@@ -132,6 +136,8 @@ async def timed_fence(
     lagging = metadata.lagging_hosts()
     if lagging:
         raise RuntimeError(f"fence not consistent on {lagging}: {metadata}")
+    for host, result in metadata.hosts.items():
+        HOST_MS.setdefault(host, []).append(result.took_ms)
     return took, metadata.took_ms
 
 
@@ -153,12 +159,15 @@ async def measure(
     fences: list[float] = []
     inner: list[int] = []
     bares: list[float] = []
+    HOST_MS.clear()
     for index in range(rounds):
         before(index)
         took, took_ms = await fence()
         fences.append(took)
         inner.append(took_ms)
         bares.append(await rsync())
+    per_host = ", ".join(f"{h} {statistics.median(v):.0f}" for h, v in sorted(HOST_MS.items()))
+    print(f"{label}: per host (median took_ms, after the snapshot): {per_host}", flush=True)
     return (
         label,
         statistics.median(fences) * 1000,
@@ -263,6 +272,7 @@ def main() -> None:
             print(f"fleet: {args.followers} followers up in {fleet.startup_seconds:.1f}s")
             print(f"machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}")
             asyncio.run(run(args, fleet, leader, scratch))
+            print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

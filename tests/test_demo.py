@@ -29,7 +29,9 @@ def _environment(home: Path) -> dict[str, str]:
 
 
 def _processes_mentioning(text: str) -> dict[int, str]:
-    """pid -> command line of every live (non-zombie) process whose argv mentions `text`."""
+    """pid -> command line of every live (non-zombie) process whose argv mentions `text` or
+    whose working directory lies under it (a remote command the follower's shell exec'd keeps
+    only its own argv, e.g. ``sleep 600``, but runs in the follower's workspace)."""
     found: dict[int, str] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -39,7 +41,11 @@ def _processes_mentioning(text: str) -> dict[int, str]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        if text in argv and stat[stat.rfind(")") + 2] not in "ZX":
+        try:
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            cwd = ""
+        if (text in argv or cwd.startswith(text)) and stat[stat.rfind(")") + 2] not in "ZX":
             found[int(entry.name)] = argv
     return found
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from loguru import logger
 
 from ah_config import ResolvedConfig, load_config
 from ah_domain_types import (
@@ -32,6 +33,7 @@ from ah_domain_types import (
     FenceStartedEvent,
     FollowerStatus,
 )
+from ah_fleetctl import fencing
 from ah_fleetctl.dataplane import DirectConnector, FleetLinks
 from ah_fleetctl.fencing import fence_selected
 from ah_harness_local.fleet import FollowerSpec, LocalFleet
@@ -289,6 +291,137 @@ def test_tampering_on_a_follower_is_detected_and_repaired(
     assert all(e["sessionId"] == "fence-tamper-1" for e in events)
     assert sorted(events[0]["hosts"]) == sorted(NAMES)
     assert events[1]["hosts"] == document["hosts"]
+
+
+# --------------------------------------------------------------------------- incremental
+
+
+async def _fence_logged(
+    ff: FenceFleet, ws: Path, cache_root: Path
+) -> tuple[Any, dict[str, str], list[str]]:
+    """Fence every follower in this process; returns the metadata, each host's sync mode
+    and the fence's debug messages."""
+    messages: list[str] = []
+    sink = logger.add(
+        lambda message: messages.append(message.record["message"]),
+        level="DEBUG",
+        filter="ah_fleetctl.fencing",
+    )
+    followers = msgspec.convert(ff.fleet.list_followers(), list[FollowerStatus])
+    links = await FleetLinks.open(
+        followers, DirectConnector(ff.fleet.ssh_user, ff.fleet.leader_key), leader_root=ws
+    )
+    try:
+        metadata = await fence_selected(
+            _Invocation(load_config(cwd=ws, env=ff.env)), links, NAMES, cache_root=cache_root
+        )
+    finally:
+        await links.close()
+        logger.remove(sink)
+    modes: dict[str, str] = {}
+    for message in messages:
+        for name in NAMES:
+            if message.startswith(f"fence: {name}: "):
+                modes[name] = message.split(": ")[2].split(" ")[0]
+    return metadata, modes, messages
+
+
+def _fence_incrementally(
+    ff: FenceFleet, ws: Path, cache_root: Path
+) -> tuple[Any, dict[str, str], list[str]]:
+    return asyncio.run(asyncio.wait_for(_fence_logged(ff, ws, cache_root), 90))
+
+
+def test_incremental_fences_send_only_the_changes_and_still_prove_them(
+    fence_fleet: FenceFleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ws = make_workspace(
+        tmp_path / "ws",
+        {
+            "src/app.py": "print('v1')\n",
+            "src/old/a.txt": "a\n",
+            "gone.txt": "bye\n",
+            "tool.sh": "#!/bin/sh\n",
+            "becomes-dir": "a file for now\n",
+            "stable.txt": "never changes\n",
+        },
+    )
+    (ws / "link").symlink_to("src/app.py")
+    cache = tmp_path / "cache"
+    first, modes, _ = _fence_incrementally(fence_fleet, ws, cache)
+    assert not first.lagging_hosts(), first
+    assert modes == dict.fromkeys(NAMES, "full"), "nothing was proven before the first fence"
+    stable = fence_fleet.workspace("lin-a") / "stable.txt"
+    os.utime(stable, (978_307_200, 978_307_200))  # content unchanged: still consistent
+
+    (ws / "src" / "app.py").write_text("print('v2')\n")
+    (ws / "src" / "old").rename(ws / "src" / "new")
+    (ws / "gone.txt").unlink()
+    (ws / "tool.sh").chmod(0o755)
+    (ws / "becomes-dir").unlink()
+    (ws / "becomes-dir").mkdir()
+    (ws / "becomes-dir" / "inside.txt").write_text("inside\n")
+    (ws / "link").unlink()
+    (ws / "link").symlink_to("src/new/a.txt")
+    second, modes, _ = _fence_incrementally(fence_fleet, ws, cache)
+    assert modes == dict.fromkeys(NAMES, "apply"), modes
+    for name in NAMES:
+        assert second.hosts[name].state is FenceHostState.CONSISTENT, second
+        assert second.hosts[name].detail is None, second
+        assert _tree_state(fence_fleet.workspace(name)) == _tree_state(ws), name
+        assert follower_id(fence_fleet, name) == second.snapshot_id
+    assert stable.stat().st_mtime == 978_307_200, "the change set touched an unchanged file"
+
+    third, modes, _ = _fence_incrementally(fence_fleet, ws, cache)
+    assert modes == dict.fromkeys(NAMES, "nothing") and not third.lagging_hosts(), third
+    assert third.snapshot_id == second.snapshot_id
+    # A change set over the size limit goes by rsync --files-from instead.
+    (ws / "src" / "app.py").write_text("print('v3')\n")
+    monkeypatch.setattr(fencing, "MAX_APPLY_BYTES", 0)
+    fourth, modes, _ = _fence_incrementally(fence_fleet, ws, cache)
+    monkeypatch.undo()
+    assert modes == dict.fromkeys(NAMES, "listed") and not fourth.lagging_hosts(), fourth
+    for name in NAMES:
+        assert (fence_fleet.workspace(name) / "src" / "app.py").read_text() == "print('v3')\n"
+    # Another leader cache: nothing proven there, so full syncs again.
+    _, modes, _ = _fence_incrementally(fence_fleet, ws, tmp_path / "other-cache")
+    assert modes == dict.fromkeys(NAMES, "full"), modes
+
+
+def test_a_follower_changed_since_its_proof_falls_back_to_a_full_sync(
+    fence_fleet: FenceFleet, tmp_path: Path
+) -> None:
+    ws = make_workspace(
+        tmp_path / "ws", {"sub/x.txt": "x1\n", "keep.txt": "keep\n", "lib/core.py": "A = 1\n"}
+    )
+    cache = tmp_path / "cache"
+    assert not _fence_incrementally(fence_fleet, ws, cache)[0].lagging_hosts()
+    # lin-a: a stray file and a deleted one. lin-b: its sub/ is now a symlink to a directory
+    # outside the workspace, so writing sub/x.txt would escape it. lin-c: a same-size edit
+    # with the mtime put back (rsync's quick check cannot see it; the digest does).
+    (fence_fleet.workspace("lin-a") / "stray.txt").write_text("left behind\n")
+    (fence_fleet.workspace("lin-a") / "keep.txt").unlink()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    sub = fence_fleet.workspace("lin-b") / "sub"
+    shutil.rmtree(sub)
+    sub.symlink_to(outside)
+    core = fence_fleet.workspace("lin-c") / "lib" / "core.py"
+    before = core.stat()
+    core.write_text("A = 2\n")
+    os.utime(core, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+    (ws / "sub" / "x.txt").write_text("x2\n")
+    metadata, modes, messages = _fence_incrementally(fence_fleet, ws, cache)
+    assert modes == dict.fromkeys(NAMES, "apply"), modes
+    assert not metadata.lagging_hosts(), metadata
+    assert any(m.startswith("fence: lin-a differs from its last proof") for m in messages)
+    assert any(m.startswith("fence: lin-b could not apply its change set") for m in messages)
+    assert list(outside.iterdir()) == [], "the change set wrote through the follower's symlink"
+    assert metadata.hosts["lin-c"].detail == "repaired by a forced resync", metadata
+    for name in NAMES:
+        assert _tree_state(fence_fleet.workspace(name)) == _tree_state(ws), name
+        assert follower_id(fence_fleet, name) == metadata.snapshot_id
 
 
 # --------------------------------------------------------------------------- stalls

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
+import marshal
 import os
 import signal
 import subprocess
@@ -39,35 +39,53 @@ SCRIPT = Path(ds.__file__)
 # --------------------------------------------------------------------------- the stat cache
 
 
-def _scan(root: Path, cache_file: Path, window: float = 0.0) -> tuple[str, ds.StatCache]:
+def _scan(
+    root: Path, cache_file: Path, window: float = 0.0, *, inline: bool = True
+) -> tuple[str, ds.StatCache]:
+    """A digest with the stat cache: ``inline`` the way the command runs it (the lookup in
+    scan_tree's loop), else through the ``file_digest`` callback form."""
     cache = ds.StatCache(str(cache_file), str(root), racy_window_s=window)
-    entries = ds.scan_tree(str(root), ds.IgnoreRules(["node_modules"]), cache.digest)
+    rules = ds.IgnoreRules(["node_modules"])
+    if inline:
+        entries = ds.scan_tree(str(root), rules, cache=cache)
+    else:
+        entries = ds.scan_tree(str(root), rules, cache.digest)
     cache.save()
     return ds.content_id(entries, presorted=True), cache
 
 
-def test_stat_cache_reuses_hashes_and_sees_through_a_restored_mtime(tmp_path: Path) -> None:
+def _cache_document(cache_file: Path) -> tuple[str, str, dict[str, Any]]:
+    document = marshal.loads(cache_file.read_bytes())
+    assert isinstance(document, tuple) and len(document) == 3
+    return document
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "callback"])
+def test_stat_cache_reuses_hashes_and_sees_through_a_restored_mtime(
+    tmp_path: Path, inline: bool
+) -> None:
     root = tmp_path / "tree"
     (root / "pkg").mkdir(parents=True)
     for index in range(20):
         (root / "pkg" / f"m{index}.py").write_text(f"VALUE = {index}\n")
-    cache_file = tmp_path / "cache.json"
+    cache_file = tmp_path / "cache.bin"
 
-    first, cold = _scan(root, cache_file)
+    first, cold = _scan(root, cache_file, inline=inline)
     assert (cold.hashed, cold.cached) == (20, 0)
     assert first == take_snapshot(root, ["node_modules"]).id
-    document = json.loads(cache_file.read_text())
-    assert document["format"] == ds.CACHE_FORMAT and len(document["files"]) == 20
+    fmt, cached_root, files = _cache_document(cache_file)
+    assert (fmt, cached_root, len(files)) == (ds.CACHE_FORMAT, str(root), 20)
 
-    second, warm = _scan(root, cache_file)
+    second, warm = _scan(root, cache_file, inline=inline)
     assert (second, warm.hashed, warm.cached) == (first, 0, 20)
+    assert not warm.save(), "an unchanged cache is not rewritten"
 
     # Same size, mtime put back: only the ctime (and the content) tells.
     victim = root / "pkg" / "m7.py"
     before = victim.stat()
     victim.write_text("VALUE = 8\n")
     os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns))
-    third, after = _scan(root, cache_file)
+    third, after = _scan(root, cache_file, inline=inline)
     assert (after.hashed, after.cached) == (1, 19)
     assert third != first and third == take_snapshot(root, ["node_modules"]).id
 
@@ -76,16 +94,21 @@ def test_stat_cache_racy_window_and_damaged_or_foreign_caches(tmp_path: Path) ->
     root = tmp_path / "tree"
     root.mkdir()
     (root / "young.txt").write_text("just written\n")
-    cache_file = tmp_path / "cache.json"
+    cache_file = tmp_path / "cache.bin"
     # Written a moment ago: inside the 2 s window, so hashed every time and never stored.
     for _ in range(2):
         _, cache = _scan(root, cache_file, window=ds.RACY_WINDOW_S)
         assert (cache.hashed, cache.cached) == (1, 0)
-    assert not cache_file.exists() or json.loads(cache_file.read_text())["files"] == {}
+    assert not cache_file.exists() or _cache_document(cache_file)[2] == {}
 
     _scan(root, cache_file)  # window 0: stored
-    for damage in ("not json", json.dumps({"format": "other", "root": str(root), "files": {}})):
-        cache_file.write_text(damage)
+    assert _scan(root, cache_file)[1].cached == 1
+    for damage in (
+        b"not marshal",
+        marshal.dumps(_cache_document(cache_file))[:-3],  # truncated
+        marshal.dumps(("other", str(root), {})),
+    ):
+        cache_file.write_bytes(damage)
         tree_id, cache = _scan(root, cache_file)
         assert (cache.hashed, tree_id) == (1, take_snapshot(root).id)
     other_root = tmp_path / "elsewhere"
@@ -93,10 +116,13 @@ def test_stat_cache_racy_window_and_damaged_or_foreign_caches(tmp_path: Path) ->
     (other_root / "young.txt").write_text("just written\n")
     _, cache = _scan(other_root, cache_file)  # the cache names another root
     assert cache.hashed == 1
-    bad_rows = {"format": ds.CACHE_FORMAT, "root": str(root), "files": {"young.txt": [1, 2]}}
-    cache_file.write_text(json.dumps(bad_rows))
-    _, cache = _scan(root, cache_file)
-    assert cache.hashed == 1
+    _scan(root, cache_file)
+    _, _, rows = _cache_document(cache_file)
+    ((key, sha),) = rows.values()
+    for bad in [(1, 2), (key, 2), (key[:3], sha), [key, sha], (key, sha, sha)]:
+        cache_file.write_bytes(marshal.dumps((ds.CACHE_FORMAT, str(root), {"young.txt": bad})))
+        _, cache = _scan(root, cache_file)
+        assert cache.hashed == 1, bad
 
 
 def test_digest_command_with_cache_flag_and_the_auto_location(tmp_path: Path) -> None:
@@ -116,12 +142,12 @@ def test_digest_command_with_cache_flag_and_the_auto_location(tmp_path: Path) ->
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == take_snapshot(root).id
     key = hashlib.sha256(str(root).encode()).hexdigest()[:24]
-    expected = home / ".cache" / "agent-harbor" / "tree-digest" / f"{key}.json"
+    expected = home / ".cache" / "agent-harbor" / "tree-digest" / f"{key}.cache"
     assert ds.default_cache_path(str(root)).startswith(os.path.expanduser("~"))
     # The file is young (inside the racy window), so the cache may be empty, but it exists
     # only where documented, if at all.
     assert not (root / ".cache").exists()
-    assert list(home.rglob("*.json")) in ([], [expected])
+    assert [p for p in home.rglob("*") if p.is_file()] in ([], [expected])
 
     command = remote_digest_command(str(root), ["dist"], cache=True, isolated=True)
     first_line = command.splitlines()[0]

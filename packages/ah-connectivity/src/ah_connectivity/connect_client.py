@@ -1,6 +1,6 @@
 """The leader's side of a CONNECT tunnel: TLS to an access point, CONNECT, then raw bytes.
 
-`open_connect_tunnel` returns a connected, blocking `ssl.SSLSocket` positioned right after
+`open_connect_tunnel` returns a connected, blocking `TlsSocket` positioned right after
 the proxy's ``200`` — hand it to paramiko (``Transport(sock)``) or pump it with
 `pump_stdio` (an OpenSSH ``ProxyCommand``). The access point is identified by the fleet CA
 and its ``spiffe://<td>/ah/serve`` certificate (the trust domain is read from the CA), not
@@ -20,7 +20,6 @@ import os
 import socket
 import ssl
 import sys
-import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -36,7 +35,9 @@ from ah_connectivity.connect_proto import (
     parse_target,
 )
 from ah_connectivity.pki import FleetCA, PeerVerificationError, verify_peer
+from ah_connectivity.splice import Splice, SpliceEnd, SpliceStats
 from ah_connectivity.tls import client_context, serve_spiffe_for_ca, tune_tcp, verify_tls_peer
+from ah_connectivity.tls_socket import TlsSocket, wrap_tls
 from ah_domain_types import ExitCode
 
 __all__ = [
@@ -99,7 +100,7 @@ def open_connect_tunnel(
     token: str | None,
     target: ConnectTarget | str,
     timeout: float = 10.0,
-) -> ssl.SSLSocket:
+) -> TlsSocket:
     """TLS-connect to the access point, send CONNECT `target`, return the socket after 200.
 
     Raises `ConnectRefused` (any other status), `TimeoutError`, `OSError` / `ssl.SSLError`
@@ -111,7 +112,7 @@ def open_connect_tunnel(
     raw = socket.create_connection((ap_host, ap_port), timeout=timeout)
     try:
         tune_tcp(raw)
-        sock = context.wrap_socket(raw, suppress_ragged_eofs=False)
+        sock = wrap_tls(context, raw)
     except BaseException:
         raw.close()
         raise
@@ -197,13 +198,13 @@ async def open_connect_tunnel_async(
     return reader, writer
 
 
-def pump_stdio(
-    sock: socket.socket, stdin_fd: int = 0, stdout_fd: int = 1, *, chunk: int = 256 * 1024
-) -> None:
+def pump_stdio(sock: socket.socket, stdin_fd: int = 0, stdout_fd: int = 1) -> SpliceStats:
     """Copy `stdin_fd` → `sock` and `sock` → `stdout_fd` until the socket's side ends.
 
-    Stdin EOF half-closes the socket; the function returns once the socket reaches EOF (or
-    fails) and everything was written out.
+    Stdin EOF half-closes the socket; the function returns once the socket reached EOF and
+    everything was written out, or either side failed (``outcome`` of the returned stats is
+    then ``"reset"``, with the reason). One thread, non-blocking
+    (`ah_connectivity.splice`); a `TlsSocket` is pumped through its memory BIOs.
     """
     for fd in (stdin_fd, stdout_fd):
         # Bigger pipes (Linux): ssh's writes then reach us in fewer, larger reads.
@@ -211,31 +212,10 @@ def pump_stdio(
             import fcntl
 
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
-
-    def upstream() -> None:
-        try:
-            while data := os.read(stdin_fd, chunk):
-                sock.sendall(data)
-        except OSError:
-            pass
-        with contextlib.suppress(OSError):
-            socket.socket.shutdown(sock, socket.SHUT_WR)
-
-    thread = threading.Thread(target=upstream, name="stdin->tunnel", daemon=True)
-    thread.start()
-    buffer = bytearray(chunk)
-    view = memoryview(buffer)
-    try:
-        while n := sock.recv_into(buffer):
-            out = view[:n]
-            while out:
-                written = os.write(stdout_fd, out)
-                out = out[written:]
-    except OSError:
-        pass
-    finally:
-        with contextlib.suppress(OSError):
-            sock.close()
+    return Splice(
+        SpliceEnd(sock, "tunnel", eof_ends_splice=True),
+        SpliceEnd(None, "stdio", fds=(stdin_fd, stdout_fd), close_fds=False),
+    ).run()
 
 
 def _split_host_port(text: str) -> tuple[str, int]:
@@ -278,7 +258,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ssl.SSLError, PeerVerificationError) as exc:
         print(f"error: {args.access_point}: {exc}", file=sys.stderr)
         return int(ExitCode.NETWORK)
-    pump_stdio(sock)
+    stats = pump_stdio(sock)
+    if stats.outcome != "eof":
+        print(f"error: tunnel to {args.target} broke: {stats.reason}", file=sys.stderr)
+        return int(ExitCode.NETWORK)
     return 0
 
 

@@ -55,6 +55,7 @@ from ah_connectivity.data_channel import DATA_CHANNEL_MAGIC, DataChannelHub
 from ah_connectivity.pki import FleetCA, Identity, PeerVerificationError
 from ah_connectivity.splice import DEFAULT_SPLICE_BUFFER, Splice, SpliceEnd, SpliceStats
 from ah_connectivity.tls import server_context, tune_tcp
+from ah_connectivity.tls_socket import TlsSocket, wrap_tls
 from ah_connectivity.tokens import Scope, TokenError, TokenMissingScope, TokenVerifier
 from ah_connectivity.tunnel import (
     FollowerNotFound,
@@ -344,7 +345,7 @@ class ConnectProxyServer:
         tune_tcp(conn)
         conn.settimeout(self.handshake_timeout_s)
         try:
-            tls = self._context.wrap_socket(conn, server_side=True, suppress_ragged_eofs=False)
+            tls = wrap_tls(self._context, conn, server_side=True)
         except (OSError, ssl.SSLError) as exc:
             _log.debug("TLS handshake with {} failed: {}", peer, exc)
             return
@@ -361,7 +362,7 @@ class ConnectProxyServer:
             with self._lock:
                 self._connections.discard(tls)
 
-    def _serve_tls(self, tls: ssl.SSLSocket, peer: str) -> bool:
+    def _serve_tls(self, tls: TlsSocket, peer: str) -> bool:
         """Serve one TLS connection; True when a data channel took the socket over."""
         deadline = time.monotonic() + self.head_timeout_s
         parser = ConnectRequestParser(self.max_head_size)
@@ -408,14 +409,15 @@ class ConnectProxyServer:
             tls.sendall(build_response(200))
         except (OSError, ssl.SSLError) as exc:
             _log.info("CONNECT {} from {}: client gone before 200: {}", what, peer, exc)
-            with contextlib.suppress(OSError):
-                opened.end.sock.close()
+            if opened.end.sock is not None:
+                with contextlib.suppress(OSError):
+                    opened.end.sock.close()
             opened.closed()
             return False
         self._splice(tls, peer, request, subject, opened, parser.remainder)
         return False
 
-    def _data_connection(self, tls: ssl.SSLSocket, peer: str, rest: bytes) -> bool:
+    def _data_connection(self, tls: TlsSocket, peer: str, rest: bytes) -> bool:
         hub = self.data_hub
         if hub is None:
             _log.warning("data connection from {} but this listener has no data hub", peer)
@@ -551,7 +553,7 @@ class ConnectProxyServer:
 
     def _splice(
         self,
-        tls: ssl.SSLSocket,
+        tls: TlsSocket,
         peer: str,
         request: ConnectRequest,
         subject: str,

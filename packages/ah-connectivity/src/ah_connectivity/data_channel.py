@@ -45,6 +45,7 @@ from ah_connectivity.pki import (
 )
 from ah_connectivity.splice import Splice, SpliceEnd, SpliceStats
 from ah_connectivity.tls import tune_tcp, verify_tls_peer
+from ah_connectivity.tls_socket import TlsSocket, wrap_tls
 from ah_connectivity.tunnel import TunnelPolicy
 from ah_domain_types import (
     ControlMessage,
@@ -78,13 +79,13 @@ class PendingDataChannel:
     follower: str
     tunnel_id: str
     nonce: str
-    future: asyncio.Future[tuple[ssl.SSLSocket, bytes]]
+    future: asyncio.Future[tuple[TlsSocket, bytes]]
     loop: asyncio.AbstractEventLoop
     created: float = field(default_factory=time.monotonic)
 
 
 def _resolve(
-    future: asyncio.Future[tuple[ssl.SSLSocket, bytes]], sock: ssl.SSLSocket, initial: bytes
+    future: asyncio.Future[tuple[TlsSocket, bytes]], sock: TlsSocket, initial: bytes
 ) -> None:
     if future.done():
         # The opener gave up (timeout, fallback) between the match and now.
@@ -155,7 +156,7 @@ class DataChannelHub:
         with self._lock:
             return len(self._pending)
 
-    def offer(self, sock: ssl.SSLSocket, initial: bytes, peer: str = "?") -> bool:
+    def offer(self, sock: TlsSocket, initial: bytes, peer: str = "?") -> bool:
         """Take a data connection whose magic was already read (blocking; any thread).
 
         `initial` holds the bytes read after the magic. Returns whether it matched a waiting
@@ -168,14 +169,14 @@ class DataChannelHub:
                 sock.close()
             raise
 
-    def _reject(self, sock: ssl.SSLSocket, peer: str, message: str) -> bool:
+    def _reject(self, sock: TlsSocket, peer: str, message: str) -> bool:
         self.rejected += 1
         _log.warning("rejecting data connection from {}: {}", peer, message)
         with contextlib.suppress(OSError):
             sock.close()
         return False
 
-    def _offer(self, sock: ssl.SSLSocket, initial: bytes, peer: str) -> bool:
+    def _offer(self, sock: TlsSocket, initial: bytes, peer: str) -> bool:
         try:
             spiffe_id = verify_tls_peer(sock, self.ca, FollowerSpiffeId(self.trust_domain))
         except PeerVerificationError as exc:
@@ -242,7 +243,7 @@ def dial_data_channel(
     tunnel_id: str,
     nonce: str,
     timeout: float = 10.0,
-) -> ssl.SSLSocket:
+) -> TlsSocket:
     """Follower side: dial the access point's data port, check its identity, send the hello.
 
     `context` is a `tls.client_context(ca, follower_identity)`. Returns the blocking socket.
@@ -250,7 +251,7 @@ def dial_data_channel(
     raw = socket.create_connection((host, port), timeout=timeout)
     try:
         tune_tcp(raw)
-        sock = context.wrap_socket(raw, suppress_ragged_eofs=False)
+        sock = wrap_tls(context, raw)
     except BaseException:
         raw.close()
         raise

@@ -10,9 +10,10 @@ decode_error alert on the still-open direction. Sockets are wrapped with
 ``suppress_ragged_eofs=False``: with the option a FIN still reads as a clean EOF, while a
 TCP reset raises (`ssl.SSLEOFError`) instead of looking like one.
 
-Server contexts issue no TLS 1.3 session tickets: a ticket is a post-handshake write, and the
-splice threads read and write one socket from two threads, so nothing but application data
-may need writing after the handshake.
+Server contexts issue no TLS 1.3 session tickets: nothing resumes sessions, and a ticket is a
+post-handshake write nobody needs. Connections are wrapped with
+`ah_connectivity.tls_socket.wrap_tls` (memory BIOs: large socket reads and writes, and one
+thread at a time inside OpenSSL), not `SSLContext.wrap_socket`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from ah_connectivity.pki import (
     verify_peer,
     write_private_file,
 )
+from ah_connectivity.tls_socket import TlsSocket
 
 __all__ = [
     "client_context",
@@ -125,7 +127,7 @@ def client_context(
 
 
 def verify_tls_peer(
-    sock: ssl.SSLSocket,
+    sock: ssl.SSLSocket | TlsSocket,
     ca: FleetCA | x509.Certificate | bytes | str,
     expected: str | Callable[[str], bool],
 ) -> str:

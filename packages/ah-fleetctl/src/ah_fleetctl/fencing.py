@@ -31,16 +31,26 @@ Speed (see ``benchmarks/fence.py``). The proof is always the follower's digest o
 tree; everything before it only has to make that digest likely to match:
 
 * :class:`VerifiedHosts` remembers, per leader workspace, which snapshot each host was last
-  *proven* to hold (and that snapshot's manifest). Such a host gets ``rsync --files-from``
-  of exactly the paths that differ between that manifest and the new snapshot (nothing at
-  all when none differ), instead of rsync walking both trees. When the follower changed
-  meanwhile (a build wrote into the tree, another workspace was fenced there), its digest
-  disagrees and it gets a full rsync and a second digest before the plan's forced resync.
-* A host with nothing proven gets a full rsync started *while* the snapshot is taken.
+  *proven* to hold (and that snapshot's manifest). For such a host the fence plans just
+  the changes from that manifest to the new snapshot
+  (:mod:`ah_mutagen_project.incremental`) and :func:`~ah_mutagen_project.incremental.
+  choose_sync` picks how to send them: ``nothing``; ``apply`` — the change set (the
+  changed files' contents, deletions, links, modes and mtimes) goes on the standard input
+  of the digest command, which applies it and then digests: one SSH exec per follower
+  for sync and proof, started before the snapshot (SSH, shell and interpreter start-up
+  overlap it; the command reads the tree only after it has the change set, which is
+  empty for ``nothing``); ``listed`` — ``rsync --files-from`` for large change sets and
+  Windows followers. A host with nothing proven gets a full rsync, started *while* the
+  snapshot is taken. When the follower changed meanwhile (a build wrote into the tree,
+  another workspace was fenced there), its digest disagrees, or the change set cannot be
+  applied (a parent is not a directory there: nothing is ever written through a
+  symlink), and it gets a full rsync and a second digest before the plan's forced resync.
 * Both sides keep stat caches (the leader's snapshot cache; the follower's ``--cache auto``
   of the digest script, keyed on inode and ctime, which a follower-side edit always
   changes, so tampering cannot hide behind a restored mtime): only changed files are read.
-* The digest runs ``python3 -I -S`` (no site import) and reuses each ControlMaster.
+  A leader process that fences again keeps the cache rows and proven manifests in memory.
+* The digest runs ``python3 -I -S`` (no site import; the script imports only cheap modules
+  on this path) and reuses each ControlMaster.
 
 Selected followers the links could not reach are part of the result, never dropped: a
 connect timeout is ``timeout``, any other failure ``error``, with the reason.
@@ -83,6 +93,7 @@ from ah_domain_types import (
     OsKind,
 )
 from ah_mutagen_project import (
+    FedCommand,
     IgnorePatternError,
     Manifest,
     MutagenFollower,
@@ -101,6 +112,16 @@ from ah_mutagen_project import (
     user_ignores,
     write_mutagen_project,
 )
+from ah_mutagen_project.incremental import (
+    DEFAULT_MAX_APPLY_BYTES,
+    ChangeSet,
+    ChangeSetError,
+    SyncMode,
+    change_list,
+    choose_sync,
+    encode_change_set,
+    plan_changes,
+)
 from ah_mutagen_project.rsync_engine import RemoteCommandError
 
 if TYPE_CHECKING:
@@ -108,6 +129,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_FENCE_TIMEOUT_S",
+    "MAX_APPLY_BYTES",
     "EngineName",
     "FenceEmit",
     "FenceTarget",
@@ -263,12 +285,24 @@ class VerifiedHosts:
         ):
             return None
         if record.snapshot_id not in self._manifests:
-            try:
-                data = (self.manifest_dir / f"{record.snapshot_id}.msgpack").read_bytes()
-                self._manifests[record.snapshot_id] = msgspec.msgpack.decode(data, type=Manifest)
-            except (OSError, msgspec.DecodeError, msgspec.ValidationError):
-                self._manifests[record.snapshot_id] = None
+            self._manifests[record.snapshot_id] = _read_manifest(
+                self.manifest_dir / f"{record.snapshot_id}.msgpack"
+            )
         return self._manifests[record.snapshot_id]
+
+    def store_manifest(self, snapshot: Snapshot) -> None:
+        """Write ``snapshot``'s manifest unless it is there (a fence may do this while its
+        hosts are still being verified; :meth:`update` removes it again if no host ends up
+        proven at it).
+
+        Raises:
+            OSError: it could not be written.
+        """
+        self.manifest_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.manifest_dir / f"{snapshot.id}.msgpack"
+        if not path.exists():
+            _write_atomically(path, msgspec.msgpack.encode(snapshot.manifest))
+            _remember_manifest(path, snapshot.manifest)
 
     def update(
         self,
@@ -289,17 +323,49 @@ class VerifiedHosts:
                 self.records.hosts.pop(host, None)
         wanted = {r.snapshot_id for r in self.records.hosts.values()}
         try:
-            self.manifest_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             if snapshot.id in wanted:
-                path = self.manifest_dir / f"{snapshot.id}.msgpack"
-                if not path.exists():
-                    _write_atomically(path, msgspec.msgpack.encode(snapshot.manifest))
+                self.store_manifest(snapshot)
             for stale in self.manifest_dir.glob("*.msgpack"):
                 if stale.stem not in wanted:
                     stale.unlink(missing_ok=True)
             _write_atomically(self.path, msgspec.json.encode(self.records))
         except OSError as exc:
             logger.debug("fence: cannot record the verified hosts in {}: {}", self.path, exc)
+
+
+_known_manifests: dict[Path, tuple[tuple[int, int, int], Manifest]] = {}
+"""Manifest file → (its size, mtime and inode, the manifest) as this process last wrote or
+read it: a leader process that fences again (an agent, a benchmark) skips decoding it."""
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _remember_manifest(path: Path, manifest: Manifest) -> None:
+    signature = _signature(path)
+    if signature is not None:
+        if len(_known_manifests) > 64:
+            _known_manifests.clear()
+        _known_manifests[path] = (signature, manifest)
+
+
+def _read_manifest(path: Path) -> Manifest | None:
+    """The manifest stored at ``path``; None when missing or unreadable."""
+    signature = _signature(path)
+    known = _known_manifests.get(path)
+    if known is not None and signature is not None and known[0] == signature:
+        return known[1]
+    try:
+        manifest = msgspec.msgpack.decode(path.read_bytes(), type=Manifest)
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    _remember_manifest(path, manifest)
+    return manifest
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -314,26 +380,24 @@ def _write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-def changed_paths(proven: Manifest, wanted: Manifest) -> list[str]:
-    """What to list for ``rsync --files-from`` to turn a tree holding ``proven`` into one
-    holding ``wanted``: every path added or changed (kind, content, size, executable bit or
-    link target), and every path removed whose parent is neither removed nor changed itself
-    (a removed directory goes with its contents; a directory that became a file is replaced
-    as a whole). On the fence's critical path, so one dict and one pass each way."""
-    before = {entry.path: entry for entry in proven.entries}
-    present = {entry.path for entry in wanted.entries}
-    differing = [entry.path for entry in wanted.entries if before.get(entry.path) != entry]
-    removed = [path for path in before if path not in present]
-    replaced = {*removed, *(path for path in differing if path in before)}
-    top_removed = [
-        path for path in removed if not any(parent in replaced for parent in _parents(path))
-    ]
-    return sorted({*differing, *top_removed})
+changed_paths = change_list
+"""What ``rsync --files-from`` is given (:func:`ah_mutagen_project.incremental.change_list`)."""
+
+MAX_APPLY_BYTES = DEFAULT_MAX_APPLY_BYTES
+"""Change sets with more file content than this go by ``rsync --files-from``."""
+_APPLY_FAILED = 3
+"""The digest command's exit status when it could not apply a change set."""
+_EMPTY_CHANGE_SET = encode_change_set(".", ChangeSet((), (), 0))
 
 
-def _parents(path: str) -> list[str]:
-    parts = path.split("/")
-    return ["/".join(parts[:index]) for index in range(1, len(parts))]
+def _encode_change_set(leader_root: Path, change_set: ChangeSet) -> bytes | None:
+    """The change set's stream; None when the leader's tree no longer matches the snapshot
+    there (then ``rsync --files-from`` sends what is there now)."""
+    try:
+        return encode_change_set(leader_root, change_set)
+    except (ChangeSetError, OSError) as exc:
+        logger.debug("fence: change set not sent ({}); using rsync --files-from", exc)
+        return None
 
 
 # --------------------------------------------------------------------------- engines
@@ -349,26 +413,75 @@ class _Digester:
         self.targets = targets
         self.ignores = tuple(ignores)
 
-    async def digest(self, host: str, *, with_manifest: bool, timeout: float) -> RemoteDigest:
+    def _command(self, host: str, *, with_manifest: bool, apply: bool) -> tuple[FenceTarget, str]:
         target = self.targets[host]
         windows = target.os is OsKind.WINDOWS
+        if apply and windows:
+            raise ValueError(f"{host}: change sets go to POSIX followers only")
         command = remote_digest_command(
             target.workspace,
             self.ignores,
             manifest=with_manifest,
             exec_bits=target.exec_bits,
             python="python" if windows else "python3",
-            style="inline-powershell" if windows else "heredoc",
+            style="inline-powershell" if windows else "inline-posix" if apply else "heredoc",
             cache=True,
             isolated=True,
+            apply=apply,
         )
+        return target, command
+
+    async def prestart(self, host: str, *, with_manifest: bool = False) -> FedCommand:
+        """Start ``host``'s digest command that first applies a change set from its standard
+        input (POSIX followers): SSH, the remote shell and the interpreter start while the
+        leader is still taking its snapshot; the command reads nothing of the tree before
+        it has the change set, so what it digests is the tree after the change set."""
+        target, command = self._command(host, with_manifest=with_manifest, apply=True)
+        return await FedCommand.start(
+            self.engine.transport.ssh_argv(target.alias, command), what=f"ssh to {host}"
+        )
+
+    async def digest(
+        self,
+        host: str,
+        *,
+        with_manifest: bool,
+        timeout: float,
+        change_set: bytes | None = None,
+        started: FedCommand | None = None,
+    ) -> RemoteDigest:
+        """``change_set``: a stream (``encode_change_set``) for the command to apply before
+        it digests (POSIX followers only), through ``started`` (from :meth:`prestart`) when
+        given."""
+        target, command = self._command(
+            host, with_manifest=with_manifest, apply=change_set is not None
+        )
+        where = f"digest of {target.workspace!r}"
         try:
-            stdout = await self.engine.run_remote(target.alias, command, _step_timeout(timeout))
+            if change_set is None:
+                stdout = await self.engine.run_remote(target.alias, command, _step_timeout(timeout))
+            else:
+                if started is not None and with_manifest:  # prestarted without --json
+                    await started.cancel()
+                    started = None
+                fed = started or await self.prestart(host, with_manifest=with_manifest)
+                try:
+                    result = await fed.feed(change_set, _step_timeout(timeout))
+                finally:
+                    await fed.cancel()
+                if result.returncode != 0:
+                    raise RemoteCommandError(
+                        f"command on {host} exited with status {result.returncode}"
+                        + (" (ssh failed)" if result.returncode == 255 else "")
+                        + f": {result.output_tail()}",
+                        result.returncode,
+                    )
+                stdout = result.stdout
         except RemoteCommandError as exc:
-            raise RemoteCommandError(f"digest of {target.workspace!r}: {exc}") from None
+            raise RemoteCommandError(f"{where}: {exc}", exc.returncode) from None
         except TimeoutError:
             raise TimeoutError(
-                f"digest of {target.workspace!r} on {host} did not finish in time; ssh was killed"
+                f"{where} on {host} did not finish in time; ssh was killed"
             ) from None
         found = parse_digest_output(stdout, manifest=with_manifest, where=host)
         return found if target.exec_bits else msgspec.structs.replace(found, exec_bits=False)
@@ -623,10 +736,24 @@ async def _fence(
             if host not in proven
         }
 
+    # Proven POSIX hosts get their digest command started now too: it waits for the change
+    # set (empty when nothing changed) and reads the tree only after applying it.
+    prestarted: dict[str, asyncio.Task[FedCommand]] = {
+        host: asyncio.ensure_future(digester.prestart(host))
+        for host in proven
+        if targets[host].os is not OsKind.WINDOWS
+    }
+
     async def cancel_early() -> None:
         for task in early_sync.values():
             task.cancel()
         await asyncio.gather(*early_sync.values(), return_exceptions=True)
+        for task in prestarted.values():
+            task.cancel()
+        for result in await asyncio.gather(*prestarted.values(), return_exceptions=True):
+            if isinstance(result, FedCommand):
+                await result.cancel()
+        prestarted.clear()
 
     try:
         snapshot: Snapshot = await asyncio.to_thread(
@@ -652,13 +779,43 @@ async def _fence(
         snapshot.took_s * 1000,
     )
     expected_ids = {True: snapshot.id}
-    # Hosts proven at the same snapshot share one manifest object: diff each one once.
-    diffs: dict[int, list[str]] = {}
-    listed: dict[str, list[str]] = {}
-    for host, manifest in proven.items():
-        if id(manifest) not in diffs:
-            diffs[id(manifest)] = changed_paths(manifest, snapshot.manifest)
-        listed[host] = diffs[id(manifest)]
+    # Hosts proven at the same snapshot share one manifest object: diff each one once, and
+    # encode its change set (into a file each host's digest command reads) at most once.
+    change_sets: dict[int, ChangeSet] = {}
+    encoded: dict[int, bytes | None] = {}
+    plans: dict[str, tuple[SyncMode, ChangeSet | None]] = {}
+    for host, target in targets.items():
+        manifest = proven.get(host)
+        if manifest is None:
+            plans[host] = ("full", None)
+            logger.debug("fence: {}: full (no snapshot proven there)", host)
+            continue
+        if id(manifest) not in change_sets:
+            change_sets[id(manifest)] = plan_changes(manifest, snapshot.manifest)
+        change_set = change_sets[id(manifest)]
+        mode = choose_sync(
+            change_set,
+            can_apply=target.os is not OsKind.WINDOWS,
+            max_apply_bytes=MAX_APPLY_BYTES,
+        )
+        if mode == "apply":
+            if id(manifest) not in encoded:
+                encoded[id(manifest)] = _encode_change_set(leader_root, change_set)
+            if encoded[id(manifest)] is None:
+                mode = "listed"  # the leader's tree moved under the change set
+        plans[host] = (mode, change_set)
+        logger.debug(
+            "fence: {}: {} ({} paths since its proven snapshot)", host, mode, len(change_set.paths)
+        )
+    # The manifest the next fence will diff against, written while the hosts are verified.
+    storing = asyncio.ensure_future(asyncio.to_thread(verified.store_manifest, snapshot))
+    # A prestarted digest command the plan has no use for is ended now.
+    for host in [h for h in prestarted if plans[h][0] not in ("apply", "nothing")]:
+        task = prestarted.pop(host)
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await (await task).cancel()
+    pending_apply: dict[str, bytes] = {}
     fell_back: set[str] = set()
 
     def expected_id(exec_bits: bool) -> str:
@@ -681,11 +838,19 @@ async def _fence(
         task = early_sync.pop(host, None)
         if task is not None:
             return await task
-        paths = listed.get(host)
-        if paths is None:
+        mode, change_set = plans[host]
+        if mode == "full" or change_set is None:
             return await full_sync(host, timeout)
-        if not paths:
+        if mode == "nothing":
+            if host in prestarted:
+                pending_apply[host] = _EMPTY_CHANGE_SET  # what the waiting command needs
             return None  # nothing differs from what was proven there; the digest checks
+        if mode == "apply":
+            # The digest command applies the change set first: one SSH exec does both.
+            found = encoded[id(proven[host])]
+            assert found is not None
+            pending_apply[host] = found
+            return None
         target = targets[host]
         try:
             return await rsync.sync_listed(
@@ -693,7 +858,7 @@ async def _fence(
                 leader_root,
                 target.workspace,
                 ignores,
-                paths,
+                change_set.paths,
                 _step_timeout(timeout),
                 list_dir=session_dir,
             )
@@ -702,9 +867,35 @@ async def _fence(
             return await full_sync(host, remaining())
 
     async def digest(host: str, *, with_manifest: bool, timeout: float) -> RemoteDigest:
-        found = await digester.digest(host, with_manifest=with_manifest, timeout=timeout)
+        change_set = pending_apply.pop(host, None)
+        started: FedCommand | None = None
+        task = prestarted.pop(host, None) if change_set is not None else None
+        if task is not None:
+            try:
+                started = await task
+            except BaseException:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await (await task).cancel()
+                raise
+        try:
+            found = await digester.digest(
+                host,
+                with_manifest=with_manifest,
+                timeout=timeout,
+                change_set=change_set,
+                started=started,
+            )
+        except RemoteCommandError as exc:
+            if change_set is None or exc.returncode != _APPLY_FAILED:
+                raise
+            # The follower's tree is not the one proven there (a parent became a symlink,
+            # a file is not writable...): sync it in full and digest again.
+            logger.debug("fence: {} could not apply its change set ({}); full sync", host, exc)
+            await full_sync(host, remaining())
+            return await digester.digest(host, with_manifest=with_manifest, timeout=remaining())
         if (
-            host in listed
+            plans.get(host, ("full", None))[0] != "full"
             and host not in fell_back
             and not with_manifest
             and found.id != expected_id(found.exec_bits)
@@ -746,6 +937,8 @@ async def _fence(
     metadata = msgspec.structs.replace(
         metadata, hosts=fix_up(metadata.hosts), took_ms=int((loop.time() - started) * 1000)
     )
+    with contextlib.suppress(OSError):
+        await storing  # update() writes it if this could not
     verified.update(snapshot, metadata.hosts, targets, ignores)
     return metadata
 

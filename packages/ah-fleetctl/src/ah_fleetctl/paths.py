@@ -29,11 +29,9 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import selectors
 import socket
 import ssl
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -247,7 +245,10 @@ class PathDialer:
         )
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return bridge_tls(sock, name)
+        # A TlsSocket may be read by paramiko's transport thread while others write to it
+        # (one thread inside OpenSSL at a time, records sent whole even across paramiko's
+        # 0.1 s socket timeouts): no bridge thread, no extra hop.
+        return sock
 
     def options_for(self, follower: FollowerStatus) -> SshOptions:
         if follower.info.os is OsKind.WINDOWS and self.options.process_control:
@@ -941,110 +942,3 @@ async def establish_paths(
         return host_path(connector, follower.info.name)
 
     return list(await asyncio.gather(*(one(f) for f in followers)))
-
-
-# --------------------------------------------------------------------------- TLS bridge
-
-_BRIDGE_CHUNK = 256 * 1024
-
-
-def bridge_tls(tls: ssl.SSLSocket, name: str) -> socket.socket:
-    """A plain socket whose bytes travel over ``tls``, pumped by ONE thread.
-
-    paramiko reads its socket in one thread while others write to it; an ``SSLSocket``'s
-    OpenSSL object must not be used by two threads at once (under bulk transfers that
-    breaks the TLS stream). Here only the bridge thread ever touches ``tls``."""
-    ours, theirs = socket.socketpair()
-    for sock in (ours, theirs):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-    thread = threading.Thread(
-        target=_pump_tls, args=(tls, theirs), name=f"tls-bridge {name}", daemon=True
-    )
-    thread.start()
-    return ours
-
-
-def _pump_tls(tls: ssl.SSLSocket, plain: socket.socket) -> None:
-    tls.setblocking(False)
-    plain.setblocking(False)
-    selector = selectors.DefaultSelector()
-    to_tls = bytearray()
-    to_plain = bytearray()
-    in_flight: bytes | None = None  # a TLS write to retry with exactly these bytes
-    tls_eof = plain_eof = tls_shut = plain_shut = False
-    try:
-        while True:
-            # Move data.
-            progressed = False
-            if not tls_eof and len(to_plain) < 4 * _BRIDGE_CHUNK:
-                try:
-                    data = tls.recv(_BRIDGE_CHUNK)
-                    if data:
-                        to_plain += data
-                    else:
-                        tls_eof = True
-                    progressed = True
-                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
-                    pass
-            if to_plain:
-                try:
-                    sent = plain.send(to_plain)
-                    del to_plain[:sent]
-                    progressed = True
-                except BlockingIOError:
-                    pass
-            if not plain_eof and len(to_tls) < 4 * _BRIDGE_CHUNK:
-                try:
-                    data = plain.recv(_BRIDGE_CHUNK)
-                    if data:
-                        to_tls += data
-                    else:
-                        plain_eof = True
-                    progressed = True
-                except BlockingIOError:
-                    pass
-            if in_flight is None and to_tls:
-                in_flight = bytes(to_tls[:_BRIDGE_CHUNK])
-            if in_flight is not None:
-                try:
-                    sent = tls.send(in_flight)
-                    del to_tls[:sent]
-                    in_flight = None
-                    progressed = True
-                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
-                    pass
-            if tls_eof and not to_plain and not plain_shut:
-                plain.shutdown(socket.SHUT_WR)
-                plain_shut = True
-            if plain_eof and not to_tls and in_flight is None and not tls_shut:
-                socket.socket.shutdown(tls, socket.SHUT_WR)
-                tls_shut = True
-            if tls_eof and plain_eof and not to_plain and not to_tls and in_flight is None:
-                return
-            if progressed or tls.pending():
-                continue
-            # Wait for something to do.
-            want_tls = selectors.EVENT_READ if not tls_eof else 0
-            if in_flight is not None:
-                want_tls |= selectors.EVENT_WRITE
-            want_plain = selectors.EVENT_READ if not plain_eof else 0
-            if to_plain:
-                want_plain |= selectors.EVENT_WRITE
-            for sock, events in ((tls, want_tls), (plain, want_plain)):
-                if events:
-                    selector.register(sock, events)
-            try:
-                selector.select(timeout=30.0)
-            finally:
-                for sock in (tls, plain):
-                    with contextlib.suppress(KeyError, ValueError):
-                        selector.unregister(sock)
-    except (OSError, ssl.SSLError) as exc:
-        _log.debug("TLS bridge ended: {}", exc)
-    finally:
-        selector.close()
-        for sock in (tls, plain):
-            with contextlib.suppress(OSError):
-                sock.close()

@@ -54,6 +54,8 @@ _EXPORTS: dict[str, str] = {
     "mutagen_session_name": "mutagen",
     "render_mutagen_project": "mutagen",
     "write_mutagen_project": "mutagen",
+    # processes
+    "FedCommand": "_process",
     # rsync
     "RSYNC_EXIT_MEANINGS": "rsync_engine",
     "RemoteCommandError": "rsync_engine",
@@ -84,6 +86,7 @@ __all__ = [
     "VCS_IGNORES",
     "DigestFn",
     "EntryKind",
+    "FedCommand",
     "FenceError",
     "FencePlan",
     "HostVerdict",
@@ -133,6 +136,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from ah_mutagen_project._process import FedCommand
     from ah_mutagen_project.fence import (
         DigestFn,
         FenceError,

@@ -63,6 +63,14 @@ def digest_script_source() -> str:
     return resources.files("ah_mutagen_project").joinpath("digest_script.py").read_text("utf-8")
 
 
+@cache
+def _inline_payload() -> str:
+    """The script zlib-compressed and base64-encoded, for the inline styles (once)."""
+    return base64.b64encode(zlib.compress(digest_script_source().encode("utf-8"), 9)).decode(
+        "ascii"
+    )
+
+
 _POWERSHELL_SAFE = re.compile(r"[A-Za-z0-9_./:\\=+-]+")
 
 
@@ -83,6 +91,7 @@ def remote_digest_command(
     style: DigestCommandStyle = "heredoc",
     cache: bool = False,
     isolated: bool = False,
+    apply: bool = False,
 ) -> str:
     """A command line that prints the digest of ``root`` on a follower (see module doc).
 
@@ -92,6 +101,9 @@ def remote_digest_command(
     auto``; see ``digest_script``): a digest then reads only files that changed.
     ``isolated=True`` starts Python with ``-I -S`` (no site, no user or environment paths:
     the script needs only the standard library, and a fence pays the start-up per host).
+    ``apply=True`` first applies the change set the command reads on its standard input
+    (``--apply -``, see ``digest_script.apply_changes``); the heredoc style, whose standard
+    input is the script, cannot.
     """
     args = ["--root", root]
     for pattern in user_ignores(ignores):
@@ -102,6 +114,10 @@ def remote_digest_command(
         args.append("--no-exec-bit")
     if cache:
         args += ["--cache", "auto"]
+    if apply:
+        if style == "heredoc":
+            raise ValueError("a digest that applies a change set needs an inline style")
+        args += ["--apply", "-"]
     flags = ["-I", "-S"] if isolated else []
     source = digest_script_source()
     if style == "heredoc":
@@ -111,7 +127,7 @@ def remote_digest_command(
             f"{shlex.join([python, *flags, '-', *args])} <<'{HEREDOC_MARKER}'\n"
             f"{source.rstrip()}\n{HEREDOC_MARKER}\n"
         )
-    payload = base64.b64encode(zlib.compress(source.encode("utf-8"), 9)).decode("ascii")
+    payload = _inline_payload()
     quote: Callable[[str], str]
     if style == "inline-posix":
         quote = shlex.quote

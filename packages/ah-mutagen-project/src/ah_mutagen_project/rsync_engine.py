@@ -130,7 +130,12 @@ class RsyncError(RuntimeError):
 
 
 class RemoteCommandError(RuntimeError):
-    """A command run over ssh on a follower failed (the message names the host)."""
+    """A command run over ssh on a follower failed (the message names the host);
+    ``returncode``: its exit status (255: ssh itself failed), None when not known."""
+
+    def __init__(self, message: str, returncode: int | None = None) -> None:
+        super().__init__(message)
+        self.returncode = returncode
 
 
 class SyncTimeout(TimeoutError):
@@ -401,8 +406,11 @@ class RsyncEngine:
         results = await asyncio.gather(*(one(job) for job in jobs))
         return dict(zip(names, results, strict=True))
 
-    async def run_remote(self, target: SshTarget, command: str, timeout: float) -> bytes:
-        """Run ``command`` on ``target`` over ssh and return its stdout.
+    async def run_remote(
+        self, target: SshTarget, command: str, timeout: float, *, stdin: Path | None = None
+    ) -> bytes:
+        """Run ``command`` on ``target`` over ssh (its standard input from the file
+        ``stdin``, else nothing) and return its stdout.
 
         Raises:
             TimeoutError: (``CommandTimeout``) naming the host, after killing ssh.
@@ -410,13 +418,17 @@ class RsyncEngine:
         """
         label = target_label(target)
         result = await run_command(
-            self.transport.ssh_argv(target, command), timeout=timeout, what=f"ssh to {label}"
+            self.transport.ssh_argv(target, command),
+            timeout=timeout,
+            what=f"ssh to {label}",
+            stdin=stdin,
         )
         if result.returncode != 0:
             raise RemoteCommandError(
                 f"command on {label} exited with status {result.returncode}"
                 + (" (ssh failed)" if result.returncode == 255 else "")
-                + f": {result.output_tail()}"
+                + f": {result.output_tail()}",
+                result.returncode,
             )
         return result.stdout
 
@@ -447,7 +459,7 @@ class RsyncEngine:
         try:
             stdout = await self.run_remote(target, command, timeout)
         except RemoteCommandError as exc:
-            raise RemoteCommandError(f"digest of {root!r}: {exc}") from None
+            raise RemoteCommandError(f"digest of {root!r}: {exc}", exc.returncode) from None
         except CommandTimeout:
             raise TimeoutError(
                 f"digest of {root!r} on {label} did not finish within {format_seconds(timeout)}s "

@@ -7,9 +7,12 @@ equal by construction. What this module adds is the stat cache and the manifest 
 Stat cache
 ----------
 A file's SHA-256 is reused when its ``(relative path, size, mtime_ns, inode, ctime_ns)`` equal
-those recorded when it was last hashed. The cache is a msgpack file (``cache_path``), written
-atomically, holding only files seen in the latest scan; a missing, unreadable or foreign cache
-(another root, another format) just means hashing everything again.
+those recorded when it was last hashed. The cache is the followers' one
+(``digest_script.StatCache``: a marshal file at ``cache_path``, written atomically, holding only
+files seen in the latest scan, rewritten only when that changed); a missing, unreadable or
+foreign cache (another root, another format) just means hashing everything again. A process
+that snapshots the same workspace again keeps the rows in memory and skips reading the file
+while it is unchanged.
 
 The racy-mtime problem: a file modified twice within one timestamp tick (1 ns on ext4, 10 ms
 to 2 s on other filesystems; the kernel also stamps from a coarse clock) keeps the same mtime,
@@ -23,13 +26,13 @@ read (its stat differs before and after) is not cached either.
 
 from __future__ import annotations
 
-import contextlib
 import enum
+import gc
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TypeAlias
 
 import msgspec
 
@@ -50,8 +53,6 @@ __all__ = [
 RACY_WINDOW_S = 2.0
 """Files whose mtime or ctime is younger than this at scan start are hashed, never cached."""
 
-_CACHE_FORMAT = "ah-snapshot-cache/1"
-
 
 class SnapshotError(OSError):
     """The workspace could not be read (the message names the path)."""
@@ -63,8 +64,10 @@ class EntryKind(enum.StrEnum):
     SYMLINK = digest_script.KIND_LINK
 
 
-class ManifestEntry(msgspec.Struct, frozen=True, array_like=True):
-    """One entry; encoded as ``[path, kind, executable, size, data]`` like the digest JSON."""
+class ManifestEntry(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """One entry; encoded as ``[path, kind, executable, size, data]`` like the digest JSON.
+    (``gc=False``: only strings and numbers inside, so never in a cycle, and the garbage
+    collector need not walk a workspace's worth of them.)"""
 
     path: str
     """Relative, ``/``-separated."""
@@ -191,48 +194,20 @@ class Snapshot(msgspec.Struct, frozen=True):
     took_s: float
 
 
-class _CachedFile(msgspec.Struct, frozen=True, array_like=True):
-    size: int
-    mtime_ns: int
-    ino: int
-    ctime_ns: int
-    sha256: str
+_CacheRows: TypeAlias = dict[str, tuple[tuple[int, int, int, int], str]]
+
+_warm: dict[tuple[str, str], tuple[tuple[int, int, int], _CacheRows]] = {}
+"""(Cache file, root) → (its size, mtime and inode when last read or written by this process, its
+rows): a leader process that fences again (an agent, a benchmark) skips reading the cache
+when the file is still the one it knows."""
 
 
-class _CacheDocument(msgspec.Struct):
-    format: str
-    root: str
-    files: dict[str, _CachedFile]
-
-
-def _load_cache(cache_path: Path | None, root: str) -> dict[str, _CachedFile]:
-    if cache_path is None:
-        return {}
+def _file_signature(path: Path) -> tuple[int, int, int] | None:
     try:
-        document = msgspec.msgpack.decode(cache_path.read_bytes(), type=_CacheDocument)
-    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
-        return {}  # missing or damaged: a cold scan rebuilds it
-    if document.format != _CACHE_FORMAT or document.root != root:
-        return {}
-    return document.files
-
-
-def _store_cache(cache_path: Path, root: str, files: dict[str, _CachedFile]) -> None:
-    data = msgspec.msgpack.encode(_CacheDocument(_CACHE_FORMAT, root, files))
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=cache_path.name + ".", dir=cache_path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, cache_path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _cache_key(st: os.stat_result, digest: str) -> _CachedFile:
-    return _CachedFile(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, digest)
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 def take_snapshot(
@@ -256,52 +231,42 @@ def take_snapshot(
     root_text = os.path.abspath(os.fspath(root))
     patterns = user_ignores(ignores)
     rules = digest_script.IgnoreRules(patterns)
-    old = _load_cache(cache_path, root_text)
-    new: dict[str, _CachedFile] = {}
+    cache_file = str(cache_path) if cache_path is not None else None
+    preloaded: _CacheRows | None = None
+    if cache_path is not None:
+        signature = _file_signature(cache_path)
+        memo = _warm.get((str(cache_path), root_text))
+        if memo is not None and signature is not None and memo[0] == signature:
+            preloaded = memo[1]
     # Only files that were already quiet for the whole window before the scan began may be
     # cached (see the module docstring).
-    settled_ns = int((clock() - racy_window_s) * 1e9)
-    counters = {"hashed": 0, "cached": 0}
-
-    def file_digest(abs_path: str, rel_path: str, st: os.stat_result) -> str:
-        cached = old.get(rel_path)
-        if (
-            cached is not None
-            and cached.size == st.st_size
-            and cached.mtime_ns == st.st_mtime_ns
-            and cached.ino == st.st_ino
-            and cached.ctime_ns == st.st_ctime_ns
-            and max(st.st_mtime_ns, st.st_ctime_ns) <= settled_ns
-        ):
-            counters["cached"] += 1
-            new[rel_path] = cached
-            return cached.sha256
-        digest = digest_script.sha256_file(abs_path)
-        counters["hashed"] += 1
-        after = os.stat(abs_path, follow_symlinks=False)
-        unchanged = _cache_key(after, digest) == _cache_key(st, digest)
-        if unchanged and max(st.st_mtime_ns, st.st_ctime_ns) <= settled_ns:
-            new[rel_path] = _cache_key(st, digest)
-        elif cached is not None:
-            # Keep the old row (its key no longer matches, so it is never used): a file still
-            # too young to cache then does not make every scan rewrite the cache.
-            new[rel_path] = cached
-        return digest
-
+    cache = digest_script.StatCache(
+        cache_file, root_text, racy_window_s=racy_window_s, now=clock(), preloaded=preloaded
+    )
+    # The scan allocates an entry tuple and a manifest struct per file and no cycles: keep
+    # the collector from walking them (and the rest of a big process) again and again.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
-        rows = digest_script.scan_tree(root_text, rules, file_digest)
+        rows = digest_script.scan_tree(root_text, rules, cache=cache)
     except digest_script.TreeError as exc:
         raise SnapshotError(str(exc)) from exc
+    finally:
+        if collecting:
+            gc.enable()
+    if cache_path is not None:
+        cache.save()
+        signature = _file_signature(cache_path)
+        if signature is not None:
+            _warm[(str(cache_path), root_text)] = (signature, cache.new)
     kinds = {kind.value: kind for kind in EntryKind}
     manifest = Manifest(tuple([ManifestEntry(p, kinds[k], x == 1, s, d) for p, k, x, s, d in rows]))
-    if cache_path is not None and new != old:
-        _store_cache(cache_path, root_text, new)
     return Snapshot(
         id=digest_script.content_id(rows, presorted=True),
         root=root_text,
         ignores=patterns,
         manifest=manifest,
-        files_hashed=counters["hashed"],
-        files_cached=counters["cached"],
+        files_hashed=cache.hashed,
+        files_cached=cache.cached,
         took_s=time.monotonic() - started,
     )

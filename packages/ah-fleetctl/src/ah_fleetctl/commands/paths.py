@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import ssl
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -160,9 +160,7 @@ def _follower_named(followers: Sequence[FollowerStatus], host: str) -> FollowerS
     )
 
 
-def _open_path_socket(
-    app: FleetContext, path: HostPath, name: str, port: int
-) -> ssl.SSLSocket | object:
+def _open_path_socket(app: FleetContext, path: HostPath, name: str, port: int) -> socket.socket:
     """A socket to the follower's sshd over ``path`` (blocking)."""
     from ah_connectivity.connect_client import ConnectRefused, open_connect_tunnel
     from ah_ssh_bridge import SshError, tcp_connect
@@ -234,7 +232,11 @@ def proxy_command(
         raise CliError(ExitCode.NETWORK, path.error or f"proxy: no path to {name}", kind="network")
     sock = _open_path_socket(app, path, name, port)
     assert isinstance(sock, socket.socket)
-    pump_stdio(sock)
+    stats = pump_stdio(sock)
+    if stats.outcome != "eof":
+        raise CliError(
+            ExitCode.NETWORK, f"proxy {name}: the tunnel broke: {stats.reason}", kind="network"
+        )
 
 
 # --------------------------------------------------------------------------- ssh-config
