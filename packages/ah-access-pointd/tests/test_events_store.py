@@ -103,6 +103,35 @@ def test_a_batch_out_of_lseq_order_is_refused_and_nothing_is_stored(tmp_path: Pa
         store.close()
 
 
+def test_a_batch_whose_transaction_fails_midway_is_stored_whole_on_the_retry(
+    tmp_path: Path,
+) -> None:
+    """SQLite refuses the third row of a batch (a trigger stands in for a full disk): none of
+    the batch is stored, and when the leader resends it (same lseqs), each event is stored
+    exactly once with the seqs the failed attempt would have given."""
+    store = EventStore(tmp_path / "events.db")
+    try:
+        store.open_session("s-1", "alice", "p")
+        assert [e.seq for e in store.append("s-1", "p", 1, notes(2, "a"))] == [1, 2]
+        store._db.execute(
+            "CREATE TEMP TRIGGER refuse_third BEFORE INSERT ON events WHEN NEW.seq = 5 "
+            "BEGIN SELECT RAISE(ABORT, 'injected failure'); END"
+        )
+        with pytest.raises(EventStoreError, match=r"cannot store 4 events .*injected failure"):
+            store.append("s-1", "p", 3, notes(4, "b"))
+        assert [e.seq for e in store.read("s-1", limit=100)] == [1, 2], "nothing of the batch"
+        assert store.open_session("s-1", "alice", "p") == (2, 2), "lseq and seq unchanged"
+        store._db.execute("DROP TRIGGER refuse_third")
+        assert [e.seq for e in store.append("s-1", "p", 3, notes(4, "b"))] == [3, 4, 5, 6]
+        assert [e.seq for e in store.append("s-1", "p", 7, notes(1, "c"))] == [7]
+        messages = [decode_event_json(e.data) for e in store.read("s-1", limit=100)]
+        assert [m.message for m in messages if isinstance(m, NoteEvent)] == [
+            "a0", "a1", "b0", "b1", "b2", "b3", "c0",
+        ]  # fmt: skip
+    finally:
+        store.close()
+
+
 def test_reads_filter_page_sort_and_count(tmp_path: Path) -> None:
     clock = Clock()
     store = EventStore(tmp_path / "events.db", clock=clock)

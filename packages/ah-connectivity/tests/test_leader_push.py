@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import pytest
 from aioquic.asyncio.client import connect
 from aioquic.quic.configuration import QuicConfiguration
@@ -27,6 +28,7 @@ from ah_connectivity.leader_push import (
     PushRefusedError,
     new_session_id,
 )
+from ah_connectivity.push_core import PushSender
 from ah_domain_types import (
     SESSION_ID_PATTERN,
     Event,
@@ -48,6 +50,8 @@ class MemoryIngest:
     """session → [(seq, producer, message)]"""
     producers: dict[tuple[str, str], int] = field(default_factory=dict)
     fail_next_append: bool = False
+    wire_session_ids: set[str] = field(default_factory=set)
+    """The session ids the events carried on the wire."""
 
     def open_push(self, token: str, session_id: str, producer: str) -> PushGrant:
         try:
@@ -76,6 +80,7 @@ class MemoryIngest:
         first = len(stored) + 1
         for event in events:
             assert isinstance(event, NoteEvent)
+            self.wire_session_ids.add(event.session_id)
             stored.append((len(stored) + 1, grant.producer, event.message))
         self.producers[key] = first_lseq + len(events) - 1
         return first, len(stored)
@@ -168,6 +173,9 @@ def test_push_and_follower_share_the_port(
             )
             async with running(client):
                 for event in notes(0, 1500):
+                    # Half as the sink makes them (with the session id), half without.
+                    if len(event.message) % 2:
+                        event = msgspec.structs.replace(event, session_id=session)
                     client.emit(event)
                 assert await client.flush(20.0)
                 await follower.wait_connected(10.0)
@@ -178,6 +186,7 @@ def test_push_and_follower_share_the_port(
 
     run(body())
     assert ingest.messages(session) == [f"n{i}" for i in range(1500)]
+    assert ingest.wire_session_ids == {""}, "the stream's session id is not repeated per event"
     # The acks cover seqs 1..1500 once each, in order.
     covered = [seq for first, last in acked for seq in range(first, last + 1)]
     assert covered == list(range(1, 1501))
@@ -245,6 +254,39 @@ def test_reconnect_after_the_access_point_restarts_stores_each_event_once(
 
     run(body())
     assert ingest.messages(session) == [f"n{i}" for i in range(800)]
+
+
+def test_events_linger_for_their_batch_and_a_full_batch_goes_at_once(
+    run: Callable[..., Any], fleet: Any, handler: Any, signer: TokenSigner
+) -> None:
+    ingest = MemoryIngest(signer)
+    session = new_session_id()
+
+    async def body() -> None:
+        async with make_server(fleet, handler, ingest) as server:
+            port = await server.start()
+            client = make_client(
+                fleet,
+                port,
+                signer.issue_user("alice", scopes=["exec"]),
+                session,
+                sender=PushSender(max_batch_events=10, max_in_flight_batches=2),
+                linger_s=3600.0,
+            )
+            async with running(client):
+                await client.wait_for(lambda c: c.connected, 10.0)
+                for event in notes(0, 3):
+                    client.emit(event)
+                # Three events wait for others to join their batch (the linger is an hour)...
+                assert not await client.flush(0.5)
+                assert client.sender.in_flight == 0 and ingest.messages(session) == []
+                for event in notes(3, 10):
+                    client.emit(event)
+                # ...and the tenth fills the batch: it leaves at once.
+                assert await client.flush(10.0), client.status
+
+    run(body())
+    assert ingest.messages(session) == [f"n{i}" for i in range(10)]
 
 
 def test_a_storage_failure_refuses_the_stream_and_the_leader_retries(

@@ -104,11 +104,14 @@ ops = st.lists(
     ops=ops,
     max_batch=st.integers(1, 5),
     window=st.integers(1, 12),
+    batches=st.one_of(st.none(), st.integers(1, 3)),
 )
 def test_any_interleaving_stores_each_event_exactly_once_in_order(
-    ops: list[tuple[str, int]], max_batch: int, window: int
+    ops: list[tuple[str, int]], max_batch: int, window: int, batches: int | None
 ) -> None:
-    sender = PushSender(max_batch_events=max_batch, max_in_flight=window)
+    sender = PushSender(
+        max_batch_events=max_batch, max_in_flight=window, max_in_flight_batches=batches
+    )
     store = Store()
     acked_seqs: dict[int, int] = {}
 
@@ -157,6 +160,7 @@ def test_any_interleaving_stores_each_event_exactly_once_in_order(
             sender.on_disconnect()
             link = connect()
         assert sender.in_flight <= window
+        assert batches is None or sender.batches_in_flight <= batches
     # Finally the network behaves: deliver everything until the sender is idle.
     for _ in range(10_000):
         if sender.all_acked and not link.to_server and not link.to_client:
@@ -187,6 +191,36 @@ def test_batches_respect_event_and_byte_limits() -> None:
     assert sum(sizes) == 25
     assert max(sizes) <= 4, "the access point's limit wins over the sender's"
     assert sender.in_flight == 25
+
+
+def test_events_emitted_while_the_batch_window_is_full_leave_together_on_the_next_ack() -> None:
+    sender = PushSender(max_batch_events=100, max_in_flight_batches=1)
+    sender.on_welcome(
+        PushWelcome(
+            session_id=SESSION, producer="p", acked_lseq=0, last_seq=0, max_batch_events=100
+        )
+    )
+    sender.emit(note(1))
+    first = sender.next_batch()
+    assert first is not None and len(first.events) == 1, "an event on an idle link goes at once"
+    for n in range(2, 9):
+        sender.emit(note(n))
+        assert sender.next_batch() is None, "one batch awaits its ack: the others gather"
+    sender.on_ack(PushAck(last_lseq=1, first_seq=1, last_seq=1))
+    second = sender.next_batch()
+    assert second is not None and second.first_lseq == 2
+    assert [e.message for e in second.events if isinstance(e, NoteEvent)] == [
+        f"event {n}" for n in range(2, 9)
+    ]
+    # A lost connection forgets the window: the welcome's resend is not held back.
+    sender.on_disconnect()
+    sender.on_welcome(
+        PushWelcome(
+            session_id=SESSION, producer="p", acked_lseq=1, last_seq=1, max_batch_events=100
+        )
+    )
+    resent = sender.next_batch()
+    assert resent is not None and resent.first_lseq == 2 and len(resent.events) == 7
 
 
 def test_sender_refuses_acks_for_events_never_sent() -> None:

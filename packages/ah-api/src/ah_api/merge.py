@@ -85,6 +85,15 @@ class ReplayLiveMerge(Generic[T]):
             return list(items)
         return self.arrived((seq(item), item) for item in items)
 
+    def pass_through(self, first: int, last: int) -> bool:
+        """Live events ``first`` .. ``last`` (ascending, as published): when live and all of
+        them are new, take them all (True) without looking at each one; otherwise nothing
+        happened (False) and they must go through `arrived`."""
+        if self._live and first > self._last:
+            self._last = last
+            return True
+        return False
+
     def restart_history(self) -> None:
         """The shell lost live arrivals while still replaying (it reset the subscription):
         nothing held is needed, history reads will cover it."""

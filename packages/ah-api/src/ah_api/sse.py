@@ -93,6 +93,25 @@ class StoredEvent:
         return frame
 
 
+class PublishedBatch:
+    """Events published together (ascending seqs), offered to every subscriber as one
+    object: their SSE frames are joined once, by the first client that sends them whole,
+    and every other client sends the same bytes."""
+
+    __slots__ = ("_frames", "events")
+
+    def __init__(self, events: Sequence[StoredEvent]) -> None:
+        self.events = events
+        self._frames: bytes | None = None
+
+    @property
+    def frames(self) -> bytes:
+        frames = self._frames
+        if frames is None:
+            frames = self._frames = b"".join([e.frame for e in self.events])
+        return frames
+
+
 class Subscription:
     """Live events of one session for one client (event-loop thread only)."""
 
@@ -100,55 +119,103 @@ class Subscription:
         self.hub = hub
         self.session_id = session_id
         self.max_queue = max_queue
-        self.queue: deque[StoredEvent] = deque()
+        self.queue: deque[PublishedBatch] = deque()
+        """Published batches not yet taken (whole: offer never splits one)."""
+        self.queued = 0
+        """Events in `queue`."""
         self.overflowed = False
         self.closed = False
         self.on_overflow: Callable[[], None] | None = None
-        self._ready = asyncio.Event()
+        self._waiter: asyncio.Future[bool] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
 
-    def offer(self, events: Sequence[StoredEvent]) -> None:
+    def offer(self, events: Sequence[StoredEvent] | PublishedBatch) -> None:
         if self.overflowed or self.closed:
             return
-        if len(self.queue) + len(events) > self.max_queue:
+        batch = events if isinstance(events, PublishedBatch) else PublishedBatch(events)
+        if self.queued + len(batch.events) > self.max_queue:
             self.overflowed = True
             self.queue.clear()
-            self._ready.set()
+            self.queued = 0
+            self._wake(True)
             if self.on_overflow is not None:
                 self.on_overflow()
             return
-        self.queue.extend(events)
-        self._ready.set()
+        self.queue.append(batch)
+        self.queued += len(batch.events)
+        self._wake(True)
+
+    def take_batches(self) -> list[PublishedBatch]:
+        """Everything queued, as published."""
+        batches = list(self.queue)
+        self.queue.clear()
+        self.queued = 0
+        return batches
 
     def take(self) -> list[StoredEvent]:
-        items = list(self.queue)
-        self.queue.clear()
-        self._ready.clear()
-        return items
+        """Everything queued, one event after the other."""
+        return [event for batch in self.take_batches() for event in batch.events]
 
     def reset(self) -> None:
         """Forget the overflow (and everything queued): only while the client is still
         replaying history, which covers whatever was dropped."""
         self.overflowed = False
         self.queue.clear()
-        self._ready.clear()
+        self.queued = 0
 
     async def wait(self, timeout: float) -> bool:
         """Until something is queued, the queue overflowed or the hub closed (True), or
-        ``timeout`` (False)."""
+        ``timeout`` (False).
+
+        A client that keeps receiving events waits here once per batch: instead of a timer
+        per wait, one timer per subscription is moved forward lazily (when it fires before
+        the latest deadline, it re-arms for that deadline), so it fires about once per
+        ``timeout`` however many waits there were."""
         if self.queue or self.overflowed or self.closed:
             return True
+        loop = asyncio.get_running_loop()
+        self._deadline = deadline = loop.time() + timeout
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(deadline, self._on_timer)
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiter = waiter
         try:
-            async with asyncio.timeout(timeout):
-                await self._ready.wait()
-        except TimeoutError:
-            return False
-        return True
+            return await waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self, value: bool) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(value)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # nobody waits: the next wait arms a timer of its own
+        loop = waiter.get_loop()
+        if loop.time() + _TIMER_SLACK_S >= self._deadline:
+            waiter.set_result(False)
+        else:
+            self._timer = loop.call_at(self._deadline, self._on_timer)
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self._ready.set()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._wake(True)
             self.hub._remove(self)
+
+
+_TIMER_SLACK_S = 0.001
+"""A keep-alive timer that fires this close to its deadline counts as expired."""
 
 
 class EventHub:
@@ -169,9 +236,10 @@ class EventHub:
         subscribers = self._subscribers.get(session_id)
         if not subscribers or not events:
             return
+        batch = PublishedBatch(events)
         for subscription in list(subscribers):
             was = subscription.overflowed
-            subscription.offer(events)
+            subscription.offer(batch)
             if subscription.overflowed and not was:
                 self.overflows += 1
 
@@ -233,6 +301,8 @@ class SsePump:
         self.merge: ReplayLiveMerge[StoredEvent] = ReplayLiveMerge(after)
         self.abort = asyncio.Event()
         """Set when the client lags so far behind live events that it must be cut off."""
+        self.on_abort: Callable[[], None] | None = None
+        """Called when `abort` is set (the response abandons a write still pending)."""
         self.sent_events = 0
         self._started = False
         self._finished = False
@@ -249,6 +319,8 @@ class SsePump:
         # pending, a replaying pump just reads on (see `_replay_step`) and a live one ends
         # the stream at its next step.
         self.abort.set()
+        if self.on_abort is not None:
+            self.on_abort()
 
     def close(self) -> None:
         self._finished = True
@@ -291,8 +363,18 @@ class SsePump:
                     self.merge.cursor,
                 )
                 raise StopAsyncIteration
-            items = subscription.take()
-            if items:
+            batches = subscription.take_batches()
+            if batches:
+                if self.types is None and self.merge.pass_through(
+                    batches[0].events[0].seq, batches[-1].events[-1].seq
+                ):
+                    # The common case: every event of the batches is new and wanted, so
+                    # the client gets the frames every other client gets too.
+                    self.sent_events += sum(len(batch.events) for batch in batches)
+                    if len(batches) == 1:
+                        return batches[0].frames
+                    return b"".join([batch.frames for batch in batches])
+                items = [event for batch in batches for event in batch.events]
                 if self.types is not None:
                     items = [e for e in items if e.type in self.types]
                 chunk = self._frames(self.merge.arrived_sorted(items, _seq))
@@ -349,7 +431,7 @@ logging.getLogger("uvicorn.error").addFilter(_stalled_filter)
 
 
 class _EventStreamASGIResponse(ASGIStreamingResponse):
-    """Streams an `SsePump`; each write races the pump's abort signal."""
+    """Streams an `SsePump`; a write still pending when the pump aborts is abandoned."""
 
     def __init__(self, *, pump: SsePump, **kwargs: Any) -> None:
         super().__init__(iterator=pump, **kwargs)
@@ -372,24 +454,33 @@ class _EventStreamASGIResponse(ASGIStreamingResponse):
             pump.close()
 
     async def _stream_abortable(self, send: Send) -> bool:
-        """Send every chunk; True when the client was cut off mid-way."""
+        """Send every chunk; True when the client was cut off mid-way.
+
+        Writes are awaited directly (no task per write: this is the hot path, one write per
+        pushed batch and client). The pump's abort hook runs synchronously when the client's
+        queue overflows; if a write is pending then, the client is not reading: this task is
+        cancelled out of the write and the connection closed."""
         pump = self.pump
-        abort = pump.abort
-        abort_wait: asyncio.Task[bool] | None = None
+        task = asyncio.current_task()
+        assert task is not None
+        writing = False
+        cut = False
+
+        def on_abort() -> None:
+            nonlocal cut
+            if writing and not cut:
+                cut = True
+                task.cancel()
+
+        pump.on_abort = on_abort
         try:
             async for chunk in pump:
-                if abort_wait is None or abort_wait.done():
-                    # (A replaying pump clears a past overflow: wait for the next one.)
-                    abort_wait = asyncio.ensure_future(abort.wait())
                 message: Any = {"type": "http.response.body", "body": chunk, "more_body": True}
-                if not await self._write(send, message, abort_wait):
-                    _log.info(
-                        "event stream of session %s: the client stopped reading and lags more "
-                        "than %d events behind; closing its connection",
-                        pump.session_id,
-                        pump.settings.queue_size,
-                    )
-                    return True
+                writing = True
+                try:
+                    await send(message)
+                finally:
+                    writing = False
             # The end of the stream (a lagging client told to resume): it must not wait on a
             # client that does not read either.
             end: Any = {"type": "http.response.body", "body": b"", "more_body": False}
@@ -398,9 +489,19 @@ class _EventStreamASGIResponse(ASGIStreamingResponse):
                 return not await self._write(send, end, give_up)
             finally:
                 give_up.cancel()
+        except asyncio.CancelledError:
+            if not cut:
+                raise
+            task.uncancel()
+            _log.info(
+                "event stream of session %s: the client stopped reading and lags more "
+                "than %d events behind; closing its connection",
+                pump.session_id,
+                pump.settings.queue_size,
+            )
+            return True
         finally:
-            if abort_wait is not None:
-                abort_wait.cancel()
+            pump.on_abort = None
 
     @staticmethod
     async def _write(send: Send, message: Any, unless: asyncio.Future[Any]) -> bool:

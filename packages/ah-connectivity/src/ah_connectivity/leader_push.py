@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
+import msgspec
 from aioquic.asyncio.protocol import QuicConnectionProtocol, QuicStreamHandler
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
@@ -60,6 +61,7 @@ from ah_connectivity.quic import (
     ConnectionCloseCode,
     ControlServer,
     _AccessPointConnection,
+    _ack_with_next_packet,
     serve_quic,
 )
 from ah_domain_types import (
@@ -76,6 +78,8 @@ from ah_domain_types import (
 
 __all__ = [
     "LEADER_ALPN",
+    "LEADER_MAX_BATCHES_IN_FLIGHT",
+    "LEADER_MAX_BATCH_EVENTS",
     "ControlAndPushServer",
     "LeaderPushClient",
     "PushGrant",
@@ -87,6 +91,18 @@ __all__ = [
 ]
 
 LEADER_ALPN = "ah-leader/1"
+
+LEADER_MAX_BATCH_EVENTS = 1024
+"""Events per batch the leader sends at most (the access point's default limit)."""
+LEADER_MAX_BATCHES_IN_FLIGHT = 2
+"""Batches the leader has unacknowledged at most: one being stored while the next one waits
+at the access point, and whatever is emitted meanwhile gathers into the batch after (see
+`PushSender`). An access point that falls behind thus gets fewer, larger batches instead of
+a backlog of small ones, each costing a transaction and a write per SSE client."""
+LEADER_LINGER_S = 0.002
+"""How long an emitted event may wait for others to join its batch (unless a full batch is
+ready sooner): a burst of events emitted within this time (a tick of output from many
+hosts) becomes one batch, not one per event-loop turn of the leader."""
 
 _log = logger.bind(component="ah-connectivity.leader_push")
 
@@ -174,6 +190,8 @@ class _PushConnection:
         self.authenticated = False
         self._hello_timer: asyncio.TimerHandle | None = None
         self._refused_ids: set[int] = set()
+        # A leader streams batches of many packets: ACK them once per read burst.
+        proto.coalesce_transmit = True
 
     @property
     def label(self) -> str:
@@ -329,6 +347,8 @@ class _PushConnection:
         except (RuntimeError, ValueError) as exc:
             _log.debug("{}: cannot write to push stream {}: {}", self.label, stream.sid, exc)
             return
+        # The batch's packets are acknowledged in the packet that carries its PushAck.
+        _ack_with_next_packet(self.proto._quic, self.proto._loop.time())
         self.proto._transmit_soon()
 
     def _finish(self, stream: _ServerPushStream) -> None:
@@ -562,6 +582,8 @@ class _PushClientProtocol(QuicConnectionProtocol):
         except (RuntimeError, ValueError) as exc:
             self.end(f"cannot write to the push stream: {exc}")
             return
+        # The access point's PushAcks are acknowledged in the packets of the next batch.
+        _ack_with_next_packet(self._quic, self._loop.time())
         self._transmit_soon()
 
     def finish(self) -> None:
@@ -632,7 +654,9 @@ class LeaderPushClient:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         on_ack: Callable[[AckedRange], None] | None = None,
         on_status: Callable[[PushStatus], None] | None = None,
+        linger_s: float | None = None,
     ) -> None:
+        """``linger_s``: see `LEADER_LINGER_S` (the default); 0 sends on the next loop turn."""
         validate_session_id(session_id)
         self.host = host
         self.port = port
@@ -642,7 +666,10 @@ class LeaderPushClient:
         self.session_id = session_id
         self.producer = producer or new_producer_id()
         self.client_version = client_version
-        self.sender = sender or PushSender()
+        self.sender = sender or PushSender(
+            max_batch_events=LEADER_MAX_BATCH_EVENTS,
+            max_in_flight_batches=LEADER_MAX_BATCHES_IN_FLIGHT,
+        )
         self.backoff = backoff or Backoff(base_s=0.2, cap_s=5.0)
         self.connect_timeout_s = connect_timeout_s
         self.idle_timeout_s = idle_timeout_s
@@ -651,6 +678,7 @@ class LeaderPushClient:
         self.max_frame_size = max_frame_size
         self.on_ack = on_ack
         self.on_status = on_status
+        self.linger_s = LEADER_LINGER_S if linger_s is None else linger_s
         self.status = PushStatus()
         self._proto: _PushClientProtocol | None = None
         self._pump_handle: asyncio.Handle | None = None
@@ -662,11 +690,31 @@ class LeaderPushClient:
 
     def emit(self, event: Event) -> int:
         """Queue ``event`` (its ``seq``/``tsMs`` are assigned by the access point); returns
-        its lseq. Sent on the loop's next turn when connected, together with every other
-        event emitted until then (one batch, one ack)."""
-        lseq = self.sender.emit(event)
-        if self._pump_handle is None and self._proto is not None:
-            self._pump_handle = asyncio.get_running_loop().call_soon(self._scheduled_pump)
+        its lseq. Sent ``linger_s`` later when connected (at once when a full batch is
+        waiting), together with every other event emitted until then (one batch, one ack),
+        or when the batch window has room again (see `PushSender.max_in_flight_batches`).
+
+        The event's session id travels as "" (the push stream's session, which the access
+        point sets on every stored event): 14% fewer bytes and packets for a log line."""
+        if event.session_id == self.session_id:
+            event = msgspec.structs.replace(event, session_id="")
+        sender = self.sender
+        lseq = sender.emit(event)
+        if self._proto is None:
+            return lseq
+        handle = self._pump_handle
+        if sender.unacked - sender.in_flight >= sender.max_batch_events:
+            if handle is not None:
+                handle.cancel()
+                self._pump_handle = None
+            self._pump()
+        elif handle is None:
+            loop = asyncio.get_running_loop()
+            self._pump_handle = (
+                loop.call_later(self.linger_s, self._scheduled_pump)
+                if self.linger_s > 0
+                else loop.call_soon(self._scheduled_pump)
+            )
         return lseq
 
     def _scheduled_pump(self) -> None:

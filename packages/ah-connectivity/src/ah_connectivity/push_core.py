@@ -86,6 +86,12 @@ class PushSender:
 
     ``max_in_flight`` bounds the events sent but not yet acknowledged; batches hold at most
     ``max_batch_events`` events and (except a single oversized event) ``max_batch_bytes``.
+
+    ``max_in_flight_batches`` bounds the batches sent but not yet acknowledged (None: no
+    bound). With a bound, events emitted while that many batches await their acks gather
+    into the next batch, which leaves when an ack comes back: an event emitted while the
+    link is idle goes at once, and under load batches grow with the access point's round
+    trip instead of each costing it a transaction, a broadcast and a write per SSE client.
     """
 
     def __init__(
@@ -94,12 +100,21 @@ class PushSender:
         max_batch_events: int = DEFAULT_MAX_BATCH_EVENTS,
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         max_in_flight: int = 4096,
+        max_in_flight_batches: int | None = None,
     ) -> None:
-        if max_batch_events < 1 or max_batch_bytes < 1 or max_in_flight < 1:
+        if (
+            max_batch_events < 1
+            or max_batch_bytes < 1
+            or max_in_flight < 1
+            or (max_in_flight_batches is not None and max_in_flight_batches < 1)
+        ):
             raise ValueError("batch and window limits must be positive")
         self.max_batch_events = max_batch_events
         self.max_batch_bytes = max_batch_bytes
         self.max_in_flight = max_in_flight
+        self.max_in_flight_batches = max_in_flight_batches
+        self._batch_ends: deque[int] = deque()
+        """Last lseq of each batch sent on this connection and not yet acknowledged."""
         self._pending: deque[tuple[int, Event, int]] = deque()
         """(lseq, event, encoded size) of every event not yet acknowledged, lseq order."""
         self._next_lseq = 1
@@ -136,6 +151,10 @@ class PushSender:
     def all_acked(self) -> bool:
         return not self._pending
 
+    @property
+    def batches_in_flight(self) -> int:
+        return len(self._batch_ends)
+
     # -- inputs ----------------------------------------------------------------------------
 
     def emit(self, event: Event) -> int:
@@ -155,6 +174,7 @@ class PushSender:
         self._drop_through(welcome.acked_lseq)
         self._acked = max(self._acked, welcome.acked_lseq)
         self._sent = self._acked
+        self._batch_ends.clear()
         self._connected = True
         self._server_batch_limit = welcome.max_batch_events
 
@@ -174,6 +194,9 @@ class PushSender:
             )
         self._drop_through(ack.last_lseq)
         self._acked = ack.last_lseq
+        ends = self._batch_ends
+        while ends and ends[0] <= ack.last_lseq:
+            ends.popleft()
         return AckedRange(ack.last_lseq - new + 1, ack.last_lseq, ack.first_seq, ack.last_seq)
 
     def on_disconnect(self) -> None:
@@ -181,12 +204,16 @@ class PushSender:
         welcome (the access point skips what it had already stored)."""
         self._connected = False
         self._sent = self._acked
+        self._batch_ends.clear()
 
     # -- outputs ---------------------------------------------------------------------------
 
     def next_batch(self) -> PushBatch | None:
         """The next batch to send now, or None (not connected, nothing new, window full)."""
         if not self._connected:
+            return None
+        batches = self.max_in_flight_batches
+        if batches is not None and len(self._batch_ends) >= batches:
             return None
         room = self.max_in_flight - self.in_flight
         limit = min(self.max_batch_events, self._server_batch_limit, room)
@@ -205,6 +232,7 @@ class PushSender:
             size += event_size
         first = self._pending[start][0]
         self._sent = first + len(events) - 1
+        self._batch_ends.append(self._sent)
         return PushBatch(first_lseq=first, events=events)
 
     def _drop_through(self, lseq: int) -> None:

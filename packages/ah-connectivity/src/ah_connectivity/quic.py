@@ -395,6 +395,9 @@ class _FramedConnection(QuicConnectionProtocol):
         self._disposed = False
         self._draining: set[QuicTunnel] = set()
         """Tunnels whose writer waits for the send buffer to shrink."""
+        self.coalesce_transmit = False
+        """Transmit once after the datagrams read in one go instead of after each one (see
+        `datagram_received`)."""
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -557,7 +560,15 @@ class _FramedConnection(QuicConnectionProtocol):
             self.peer_address = (str(addr[0]), int(addr[1]))
         if self._disposed:
             return
-        super().datagram_received(data, addr)
+        if self.coalesce_transmit:
+            # aioquic transmits after every datagram; when a peer streams many packets, the
+            # server socket is drained several datagrams per loop turn, and one transmit
+            # after them all (ACKs, replies) does the same work once instead of per packet.
+            self._quic.receive_datagram(cast(bytes, data), addr, now=self._loop.time())
+            self._process_events()
+            self._transmit_soon()
+        else:
+            super().datagram_received(data, addr)
         if self._draining:
             # Acknowledgements free send buffers: let blocked tunnel writers go on.
             for tunnel in list(self._draining):
