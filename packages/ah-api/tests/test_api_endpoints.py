@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -103,6 +104,13 @@ def test_docs_page_is_served_without_auth(api: Any) -> None:
         # The page embeds the same document that /api/v1/openapi.json serves.
         for path in client.get(OPENAPI_PATH).json()["paths"]:
             assert f'"{path}"' in response.text
+        # Its scripts and stylesheet come from the access point itself, never from a CDN.
+        assets = re.findall(r'(?:src|href)="([^"]+\.(?:js|css))"', response.text)
+        assert len(assets) == 3, assets
+        for asset in assets:
+            assert asset.startswith("/api/v1/docs/assets/"), asset
+            served = client.get(asset)
+            assert served.status_code == 200 and len(served.content) > 10_000, asset
         missing = client.get("/api/v1/docs/nonexistent-page")
         assert missing.status_code == 404
         assert missing.headers["content-type"].startswith("application/problem+json")

@@ -17,6 +17,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.params import Body, Parameter
+from litestar.static_files import create_static_files_router
 from litestar.types import ExceptionHandlersMap
 
 from ah_domain_types import EnrollRequest, EnrollResponse, SelectorError, TagSelector
@@ -57,6 +58,9 @@ from .wire import API_BASE_PATH
 
 OPENAPI_PATH = f"{API_BASE_PATH}/openapi.json"
 DOCS_PATH = f"{API_BASE_PATH}/docs"
+DOCS_ASSETS_PATH = f"{DOCS_PATH}/assets"
+"""Swagger UI's scripts and stylesheet, served from the ``swagger-ui-bundle`` wheel: the docs
+page works on machines without internet access (litestar would load them from a CDN)."""
 CA_FINGERPRINT_HEADER = "X-AH-CA-Fingerprint"
 BEARER_SCHEME = "bearerAuth"
 """Name of the bearer-token security scheme in the OpenAPI document."""
@@ -460,7 +464,14 @@ def create_app(
                 )
             }
         ),
-        render_plugins=[SwaggerRenderPlugin(path="/")],
+        render_plugins=[
+            SwaggerRenderPlugin(
+                path="/",
+                js_url=f"{DOCS_ASSETS_PATH}/swagger-ui-bundle.js",
+                css_url=f"{DOCS_ASSETS_PATH}/swagger-ui.css",
+                standalone_preset_js_url=f"{DOCS_ASSETS_PATH}/swagger-ui-standalone-preset.js",
+            )
+        ],
         openapi_router=docs_router,
     )
     exception_handlers: ExceptionHandlersMap = {
@@ -490,8 +501,13 @@ def create_app(
             *session_handlers,
         ],
     )
+    from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]  # a path only
+
+    docs_assets = create_static_files_router(
+        DOCS_ASSETS_PATH, directories=[swagger_ui_path], include_in_schema=False
+    )
     return Litestar(
-        route_handlers=[api],
+        route_handlers=[api, docs_assets],
         openapi_config=openapi_config,
         exception_handlers=exception_handlers,
         logging_config=None,
