@@ -12,7 +12,6 @@ workspace without the files they created.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import queue
 import shutil
@@ -28,6 +27,8 @@ from typing import IO, Any
 
 import pytest
 
+from ah_harness_local import CliResult
+
 CLI_TIMEOUT_S = 90.0
 
 
@@ -42,23 +43,6 @@ def _console_script() -> list[str]:
 CLI = _console_script()
 
 
-@dataclass(frozen=True)
-class CliResult:
-    args: tuple[str, ...]
-    returncode: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> Any:
-        """stdout as exactly one JSON document (fails if there is anything else)."""
-        assert self.stdout.strip(), f"no JSON on stdout; stderr: {self.stderr}"
-        return json.loads(self.stdout)
-
-    def __str__(self) -> str:
-        return (
-            f"ah-fleetctl {' '.join(self.args)} -> {self.returncode}\n"
-            f"--- stdout\n{self.stdout[-4000:]}--- stderr\n{self.stderr[-4000:]}"
-        )
 
 
 class LineReader:

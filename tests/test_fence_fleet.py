@@ -536,8 +536,8 @@ if call == os.environ.get("FAKE_MUTAGEN_HANG"):
     helper = subprocess.Popen(["sleep", "600"])
     with open(os.environ["FAKE_MUTAGEN_PIDS"], "w") as pids:
         pids.write(f"{{os.getpid()}} {{helper.pid}}")
-    while True:
-        time.sleep(60)
+    while True:  # hang on purpose, as a stuck `mutagen project flush` does: the fence's
+        time.sleep(60)  # deadline must kill this process group
 if call in ("project start", "project flush"):
     spec = YAML(typ="safe").load(open(project))
     ssh = os.path.join(os.environ["MUTAGEN_SSH_PATH"], "ssh")

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from ah_harness_local import wait_for
+from ah_harness_local import CliResult, wait_for
 
 CLI = [str(Path(sys.executable).parent / "ah-fleetctl")]
 CLI_TIMEOUT_S = 90.0
@@ -37,22 +37,6 @@ HEAVY = {"click", "msgspec", "paramiko", "httpx", "litestar", "aioquic", "crypto
 GOOD = ["th-a", "th-b", "th-c"]
 
 
-@dataclass(frozen=True)
-class CliResult:
-    args: tuple[str, ...]
-    returncode: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> Any:
-        assert self.stdout.strip(), f"no JSON on stdout; stderr: {self.stderr}"
-        return json.loads(self.stdout)
-
-    def __str__(self) -> str:
-        return (
-            f"ah-fleetctl {' '.join(self.args)} -> {self.returncode}\n"
-            f"--- stdout\n{self.stdout[-4000:]}--- stderr\n{self.stderr[-4000:]}"
-        )
 
 
 class RunningCli:

@@ -129,6 +129,8 @@ def test_a_file_changing_during_the_transfer_is_a_checksum_error_after_one_retry
 ) -> None:
     cli = dataplane_fleet
     growing = workspace(cli, "lin-a") / "growing.log"
+    # The writer keeps appending (paced at ~1 ms so it does not hog a core) until the test
+    # kills it: every transfer of the file races a change, which is what is under test.
     writer_code = (
         "import sys, time\n"
         "with open(sys.argv[1], 'a') as f:\n"

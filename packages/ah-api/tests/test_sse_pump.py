@@ -70,7 +70,7 @@ def test_live_batches_published_while_the_client_is_busy_arrive_in_one_chunk_exa
         step = asyncio.ensure_future(pump.__anext__())
 
         async def until_live() -> None:
-            while not pump.merge.live:
+            while not pump.merge.live:  # polled each loop turn, bounded by the wait_for below
                 await asyncio.sleep(0)
 
         await asyncio.wait_for(until_live(), 30)
@@ -100,7 +100,9 @@ def test_a_busy_subscription_moves_its_keepalive_deadline_and_expires_once_idle(
         assert [e.seq for e in subscription.take()] == [1]
         # ...and when it fires, a later wait with a long deadline must not expire with it.
         second = asyncio.ensure_future(subscription.wait(3600))
-        await asyncio.sleep(0.2)  # the first deadline has long passed
+        # A negative check needs time to pass, but it is ordered, not a race: the loop runs
+        # due timers by deadline, so the stale 0.05 s timer runs before this 0.2 s sleep ends.
+        await asyncio.sleep(0.2)
         assert not second.done(), "a stale keep-alive timer ended a wait before its deadline"
         source.store(2)
         assert await second is True
@@ -109,7 +111,7 @@ def test_a_busy_subscription_moves_its_keepalive_deadline_and_expires_once_idle(
         assert await asyncio.wait_for(subscription.wait(0.05), 30) is False
         # Closing wakes a waiter and cancels the timer.
         third = asyncio.ensure_future(subscription.wait(3600))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one loop turn: `third` runs up to its wait before the close
         subscription.close()
         assert await asyncio.wait_for(third, 30) is True
         assert subscription._timer is None

@@ -9,7 +9,6 @@ non-existent system config, no inherited ``AH_*``/``RUST_LOG``) and stdin closed
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import subprocess
@@ -35,6 +34,7 @@ from ah_domain_types import (
     OsKind,
     Resources,
 )
+from ah_harness_local import CliResult
 
 TRUST_DOMAIN = "fleetctl-test.fleet"
 CLI_TIMEOUT_S = 60.0
@@ -53,23 +53,6 @@ def _console_script() -> list[str]:
 CLI = _console_script()
 
 
-@dataclass(frozen=True)
-class CliResult:
-    args: tuple[str, ...]
-    returncode: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> Any:
-        """stdout as exactly one JSON document (fails if there is anything else)."""
-        assert self.stdout.strip(), f"no JSON on stdout; stderr: {self.stderr}"
-        return json.loads(self.stdout)
-
-    def __str__(self) -> str:
-        return (
-            f"ah-fleetctl {' '.join(self.args)} -> {self.returncode}\n"
-            f"--- stdout\n{self.stdout}--- stderr\n{self.stderr}"
-        )
 
 
 def hermetic_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:

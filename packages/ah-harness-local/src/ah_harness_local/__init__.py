@@ -5,6 +5,7 @@ The processes, sshd and fleet machinery live in `ah_fleetctl.localfleet` (so tha
 and adds the pytest fixtures (`pytest_plugin`).
 """
 
+from ah_harness_local.cli_result import CliResult
 from ah_harness_local.ports import (
     free_tcp_port,
     free_udp_port,
@@ -30,6 +31,7 @@ from ah_harness_local.sshd import (
 )
 
 __all__ = [
+    "CliResult",
     "DetachedProcess",
     "ManagedProcess",
     "ProcessGroup",
