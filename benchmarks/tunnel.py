@@ -40,14 +40,6 @@ from typing import Any
 
 import msgspec
 
-from ah_access_pointd.state import (
-    CA_CERT_FILE,
-    CA_KEY_FILE,
-    SERVER_CERT_FILE,
-    SERVER_KEY_FILE,
-    SETTINGS_FILE,
-    TOKEN_KEY_FILE,
-)
 from ah_domain_types import FollowerStatus, PathPolicyConfig, TransportMethod
 from ah_fleetctl.dataplane import SshLogin
 from ah_fleetctl.paths import (
@@ -57,49 +49,10 @@ from ah_fleetctl.paths import (
     PathSettings,
     proxy_command_argv,
 )
-from ah_harness_local import wait_for
-from ah_harness_local.fleet import FollowerSpec, LocalFleet, daemon_argv
+from ah_harness_local.fleet import FollowerSpec, LocalFleet
 from ah_ssh_bridge import SshOptions, SshTransport
 
 CHUNK = 256 * 1024
-
-
-def _relay(fleet: LocalFleet, base: Path) -> dict[str, Any]:
-    state = base / "relay-ap"
-    state.mkdir()
-    for name in (
-        CA_CERT_FILE,
-        CA_KEY_FILE,
-        SERVER_CERT_FILE,
-        SERVER_KEY_FILE,
-        TOKEN_KEY_FILE,
-        SETTINGS_FILE,
-    ):
-        shutil.copy2(fleet.ap_dir / name, state / name)
-    ready = base / "relay-ready.json"
-    fleet.group.start(
-        [
-            *daemon_argv("ah-access-pointd"),
-            "serve",
-            "--state-dir",
-            str(state),
-            "--connect-port",
-            "0",
-            "--ready-file",
-            str(ready),
-        ],
-        name="relay-ap",
-        env=fleet.daemon_env,
-    )
-
-    def read() -> dict[str, Any] | None:
-        try:
-            value: dict[str, Any] = json.loads(ready.read_text())
-        except (OSError, ValueError):
-            return None
-        return value
-
-    return wait_for(read, 60.0, what="relay access point")
 
 
 def _zeros(total: int) -> Iterator[bytes]:
@@ -380,7 +333,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ah-bench-") as tmp:
         base = Path(tmp)
         with LocalFleet([FollowerSpec("bench-1")], base_dir=base / "fleet") as fleet:
-            relay = _relay(fleet, base)
+            relay = fleet.start_relay_access_point()
             ssh = ["ssh", *_openssh_base(fleet, base, args.cipher)]
             routes = _openssh_routes(fleet, base, relay)
             for name in OPENSSH_METHODS:

@@ -26,14 +26,6 @@ from typing import Any
 import msgspec
 import pytest
 
-from ah_access_pointd.state import (
-    CA_CERT_FILE,
-    CA_KEY_FILE,
-    SERVER_CERT_FILE,
-    SERVER_KEY_FILE,
-    SETTINGS_FILE,
-    TOKEN_KEY_FILE,
-)
 from ah_connectivity.path_selection import FailureKind
 from ah_domain_types import (
     FollowerStatus,
@@ -53,7 +45,7 @@ from ah_fleetctl.paths import (
     PathUnreachable,
 )
 from ah_harness_local import wait_for
-from ah_harness_local.fleet import FollowerSpec, LocalFleet, daemon_argv
+from ah_harness_local.fleet import FollowerSpec, LocalFleet
 from ah_harness_local.sshd import _generate_key
 from ah_ssh_bridge import SshOptions, fingerprint_of_key_blob
 
@@ -95,51 +87,6 @@ class PathsFleet:
         return {f.info.name: f for f in statuses}
 
 
-def _start_relay_access_point(fleet: LocalFleet, base: Path) -> dict[str, Any]:
-    """A second access point of the same fleet (same CA, identity, token key; no followers
-    of its own) that relays CONNECTs to the first."""
-    state = base / "relay-ap"
-    state.mkdir()
-    for name in (
-        CA_CERT_FILE,
-        CA_KEY_FILE,
-        SERVER_CERT_FILE,
-        SERVER_KEY_FILE,
-        TOKEN_KEY_FILE,
-        SETTINGS_FILE,
-    ):
-        shutil.copy2(fleet.ap_dir / name, state / name)
-    ready_file = base / "relay-ready.json"
-    process = fleet.group.start(
-        [
-            *daemon_argv("ah-access-pointd"),
-            "serve",
-            "--state-dir",
-            str(state),
-            "--quic-port",
-            "0",
-            "--api-port",
-            "0",
-            "--connect-port",
-            "0",
-            "--ready-file",
-            str(ready_file),
-        ],
-        name="ah-access-pointd-relay",
-        env=fleet.daemon_env,
-    )
-
-    def ready() -> dict[str, Any] | None:
-        assert process.is_running, process.log_text()
-        try:
-            value: dict[str, Any] = json.loads(ready_file.read_text())
-        except (OSError, ValueError):
-            return None
-        return value
-
-    return wait_for(ready, 60.0, what="relay access point ready file")
-
-
 @pytest.fixture(scope="module")
 def paths_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PathsFleet]:
     base = tmp_path_factory.mktemp("paths")
@@ -151,7 +98,7 @@ def paths_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PathsFleet
         FollowerSpec("pa-bad", run_args=("--ssh-host-key-file", f"{other_key}.pub")),
     ]
     with LocalFleet(specs, base_dir=base / "fleet", heartbeat_interval="1s") as fleet:
-        relay = _start_relay_access_point(fleet, base)
+        relay = fleet.start_relay_access_point()
         work = base / "leader"
         work.mkdir()
         (base / "home").mkdir()

@@ -35,6 +35,7 @@ from ah_domain_types import ExitCode, LogConfig
 
 __all__ = [
     "DB_FILE",
+    "IDENTITY_FILES",
     "SERVER_CERT_FILE",
     "SERVER_KEY_FILE",
     "SETTINGS_FILE",
@@ -58,13 +59,18 @@ DB_FILE = "fleet.db"
 # `init` does not load the API types). A new fleet identity starts a new history: events of
 # the old fleet name followers and sessions that no longer exist.
 _EVENTS_DB_FILE = "events.db"
-STATE_FILES = (
+IDENTITY_FILES = (
     CA_CERT_FILE,
     CA_KEY_FILE,
     SERVER_CERT_FILE,
     SERVER_KEY_FILE,
     TOKEN_KEY_FILE,
     SETTINGS_FILE,
+)
+"""What makes an access point this fleet's: a second access point (e.g. a relay) started from a
+copy of these is the same fleet, with its own registry and event history."""
+STATE_FILES = (
+    *IDENTITY_FILES,
     DB_FILE,
     f"{DB_FILE}-wal",
     f"{DB_FILE}-shm",

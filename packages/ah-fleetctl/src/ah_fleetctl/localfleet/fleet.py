@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import ssl
 import subprocess
 import sys
@@ -39,7 +40,7 @@ from typing import Any
 
 import msgspec
 
-from ah_access_pointd.state import TOKEN_KEY_FILE
+from ah_access_pointd.state import IDENTITY_FILES, TOKEN_KEY_FILE
 from ah_config import write_user_config
 from ah_connectivity import CA_CERT_FILE, TokenSigner, ca_fingerprint
 from ah_fleetctl.localfleet.ports import wait_for
@@ -431,6 +432,28 @@ class LocalFleet:
         status = self.stop_access_point()
         self.start_access_point(same_ports=True, timeout=timeout)
         return status
+
+    def start_relay_access_point(
+        self, name: str = "relay-ap", timeout: float = 60.0
+    ) -> dict[str, Any]:
+        """A second access point of this fleet (a copy of the first's identity: same CA, server
+        certificate and token key; no followers of its own), which relays
+        ``CONNECT <follower>@<home-ap>:22`` to the first. Returns its ready file (the bound
+        ports); it stops with the fleet."""
+        state = self.base_dir / name
+        state.mkdir()
+        for file in IDENTITY_FILES:
+            shutil.copy2(self.ap_dir / file, state / file)
+        ready_file = self.base_dir / f"{name}-ready.json"
+        argv = [*daemon_argv("ah-access-pointd"), "serve", "--state-dir", str(state)]
+        for port in ("--quic-port", "--api-port", "--connect-port"):
+            argv += [port, "0"]
+        process = self.group.start(
+            [*argv, "--ready-file", str(ready_file)],
+            name=f"ah-access-pointd-{name}",
+            env=self.daemon_env,
+        )
+        return _wait_ready_file(process, ready_file, timeout)
 
     # -- facts -----------------------------------------------------------------------------
 
