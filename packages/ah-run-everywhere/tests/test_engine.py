@@ -662,7 +662,11 @@ def test_hosts_unreachable_from_the_start_never_get_a_job(
             unreachable={"b": "no route to b"},
         ).run()
     )
-    assert [(r.host, r.state) for r in sharded.hosts] == [("a", HostState.OK)] * 3
+    assert [(r.host, r.state) for r in sharded.hosts] == [("a", HostState.OK)] * 3 + [
+        ("b", HostState.UNREACHABLE)  # named, never silently dropped: the run fails
+    ]
+    assert sharded.hosts[-1].error == "no route to b"
+    assert sharded.exit_code is ExitCode.HOSTS_FAILED
     assert executor.pids.keys() == {"a"}
 
     every = run_async(
@@ -678,3 +682,19 @@ def test_hosts_unreachable_from_the_start_never_get_a_job(
     assert executor.pids.keys() == {"a"}
     with pytest.raises(ValueError, match="not among the run's hosts"):
         RunEngine(executor, linux("a"), ["true"], unreachable={"zz": "?"})
+
+
+def test_a_host_a_sharded_run_has_no_command_for_is_idle_and_does_not_fail_it(
+    executor: LocalProcessExecutor,
+) -> None:
+    envelope = run_async(
+        RunEngine(executor, linux("a", "b", "c"), ["echo 1", "echo 2"], mode="once-per-os").run()
+    )
+    assert [(r.host, r.state) for r in envelope.hosts] == [
+        ("a", HostState.OK),
+        ("b", HostState.OK),
+        ("c", HostState.IDLE),
+    ]
+    assert envelope.exit_code is ExitCode.OK
+    assert envelope.summary.line() == "2 succeeded, 0 failed, 0 unreachable, 1 idle"
+    assert executor.pids.keys() == {"a", "b"}

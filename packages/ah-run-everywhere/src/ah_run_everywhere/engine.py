@@ -18,6 +18,9 @@ Failure semantics (see also the scheduler):
 * Hosts passed as ``unreachable`` (no connection could be made before the run) never
   get a job: in ``once-per-os`` their jobs go to the other hosts of the same OS, otherwise
   they are reported ``unreachable`` with the reason.
+* Every host is in the result. In ``once-per-os`` a host that no job ended on is
+  ``idle`` (its OS had fewer commands than hosts; not a failure) or, if it was passed as
+  unreachable, ``unreachable`` with the reason.
 * Cancellation (:meth:`RunEngine.cancel`, or cancelling the task running
   :meth:`RunEngine.run`, which is what Ctrl-C does under ``asyncio.run``) cancels every
   running executor call — which must stop the remote command — and reports queued jobs
@@ -556,9 +559,35 @@ class RunEngine:
             command=report.command,
         )
 
+    def _hosts_without_a_job(self, reported: set[str]) -> list[HostResult]:
+        """Every host is named in the result, also one no job ended on (once-per-os only: its
+        OS had fewer commands than hosts, or it was unreachable and its work moved away)."""
+        missing: list[HostResult] = []
+        for name, target in self._hosts.items():
+            if name in reported:
+                continue
+            if name in self._unreachable:
+                state, error = HostState.UNREACHABLE, self._unreachable[name]
+            else:
+                state = HostState.IDLE
+                error = "no command for it: each one ran on another host of its OS"
+            missing.append(
+                HostResult(
+                    host=name,
+                    os=target.os,
+                    state=state,
+                    exit_code=None,
+                    took_ms=0,
+                    log_path=None,
+                    error=error,
+                )
+            )
+        return missing
+
     def _finish(self) -> RunEnvelope:
         self._emit_new_reports()
         results = [self._host_result(report) for report in self._scheduler.report()]
+        results += self._hosts_without_a_job({r.host for r in results})
         summary = RunSummary.from_results(results)
         self._emit(SummaryEvent(session_id=self._sid, ts_ms=self._now_ms(), summary=summary))
         if self._run_dir is not None:

@@ -137,12 +137,8 @@ def _supplement(
             state, error = HostState.UNREACHABLE, links.unreachable[name].reason
         elif name in fence_failed:
             state, error = HostState.FAILED, fence_failed[name]
-        elif cancelled is not None:
-            state, error = HostState.CANCELLED, cancelled
-        else:
-            # The engine reports every job; a reachable, fenced host without one is a host a
-            # sharded run had no command for (each command already ran on its OS).
-            state, error = HostState.IDLE, "no command for it: each one ran on another host of its OS"
+        else:  # the engine reports every host it had (idle ones too): this one never got there
+            state, error = HostState.CANCELLED, cancelled or "no command was started on it"
         extra.append(
             HostResult(
                 host=name,
