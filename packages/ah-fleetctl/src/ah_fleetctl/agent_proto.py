@@ -7,7 +7,7 @@ one request from the client, then the agent's replies: ``paths`` → one :class:
 connection cancels too). ``ping`` → :class:`PongReply`; ``shutdown`` → :class:`PongReply`,
 then the agent exits.
 
-The thin ``run`` path (:mod:`ah_fleetctl.thin`) speaks :mod:`marshal` (these Structs as
+The thin ``run``/``fence`` path (:mod:`ah_fleetctl.thin`) speaks :mod:`marshal` (these Structs as
 plain dicts) instead of msgpack on the same socket and framing (the agent tells them apart
 by the payload's first byte: a marshalled dict starts with ``{``, or ``0xfb``):
 :class:`ThinRunRequest`, then the agent's :class:`ThinOutReply` frames, one

@@ -6,8 +6,10 @@ See :mod:`ah_fleetctl.thin` for the client and why it exists. Here:
   records the agent's socket, the configuration files the invocation consulted and the run
   settings from configuration, keyed by (cwd, environment).
 * :func:`serve_thin_run` — the agent runs the whole ``run`` (selection, rendering, the
+  fence unless ``--no-fence`` (:mod:`ah_fleetctl.thin_fence`), the
   :class:`~ah_run_everywhere.RunEngine` over its warm transports, per-host logs, session
-  events, the summary) and streams the text the CLI would have printed.
+  events, the summary) and streams the text the CLI would have printed; ``fence`` likewise
+  (:func:`ah_fleetctl.thin_fence.thin_fence_command`).
 """
 
 from __future__ import annotations
