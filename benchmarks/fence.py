@@ -37,6 +37,7 @@ import os
 import pstats
 import random
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -258,8 +259,9 @@ def cli_run_via_agent(fleet: LocalFleet, leader: Path, scratch: Path, repeat: in
     the full CLI (no agent: every run imports the stack, links and fences cold) against the
     thin path through a warm leader agent (ah_fleetctl.thin_fence), for no change and a
     one-file change, ``repeat`` rounds each (median)."""
-    runtime = Path(tempfile.mkdtemp(prefix="rt-", dir=scratch))
-    runtime.chmod(0o700)
+    # Short: ControlMaster socket paths (<runtime>/agent-harbor/cm/<40 hex>.<16>) must fit
+    # in a sockaddr_un.
+    runtime = Path(tempfile.mkdtemp(prefix="ahb-", dir="/tmp"))
     env_full = fleet.env()  # LocalFleet's config turns the agent off
     env_agent = {
         **env_full,
@@ -307,6 +309,7 @@ def cli_run_via_agent(fleet: LocalFleet, leader: Path, scratch: Path, repeat: in
         for sock in (runtime / "agent-harbor" / "agents").glob("*.sock"):
             with contextlib.suppress(OSError):
                 asyncio.run(AgentClient(sock).shutdown())
+        shutil.rmtree(runtime, ignore_errors=True)
     print()
     print(f"{'ah run -- true (fenced)':<26}{'full CLI ms':>12}{'via agent ms':>14}{'speed-up':>10}")
     for label, full, agent in rows:

@@ -365,6 +365,12 @@ def test_a_config_change_falls_back_to_the_full_cli_and_its_ignores_hold(
             assert f'{name} | sync-ignores = ["dist"]' in result.stdout.splitlines(), result
             assert not (af.workspace(name) / "dist" / "later.js").exists()
             assert not (af.workspace(name) / "dist" / "even-later.js").exists()
+        # Another PATH (where rsync, ssh and mutagen are found) is the full CLI's to fence
+        # with, though the index matches: the agent declines before anything ran.
+        other_path = {"PATH": f"{af.work / 'no-such-bin'}{os.pathsep}{af.env['PATH']}"}
+        declined, modules = af.cli("run", "--", "true", extra_env=other_path)
+        assert declined.returncode == 0 and "click" in modules, declined
+        assert "the CLI's PATH is not the agent's" in af.agent_log()
         # A changed user config file misses the index too.
         config = Path(af.env["AH_HOME"]) / "config.toml"
         config.write_text(config.read_text() + "\n# touched by the test\n")
