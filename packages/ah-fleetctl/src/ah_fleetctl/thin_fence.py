@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,11 +59,12 @@ if TYPE_CHECKING:
     from .fencing import FenceEmit
 
 __all__ = [
+    "WorkspaceState",
     "fence_failures",
     "fence_fallback_reason",
     "fence_for_run",
     "thin_fence_command",
-    "workspace_lock",
+    "workspace_state",
 ]
 
 
@@ -95,15 +96,26 @@ def fence_fallback_reason(request: ThinRunRequest) -> str | None:
 
 
 _INTERRUPTED = 130
-_locks: dict[Path, asyncio.Lock] = {}
 
 
-def workspace_lock(leader_root: Path) -> asyncio.Lock:
-    """The lock serialising this agent's fences of ``leader_root``."""
-    lock = _locks.get(leader_root)
-    if lock is None:
-        lock = _locks[leader_root] = asyncio.Lock()
-    return lock
+@dataclass
+class WorkspaceState:
+    """What the agent keeps per leader workspace between fences (the snapshot's stat cache
+    and the proven manifests are kept by the fence's own in-process memos)."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Serialises this agent's fences of the workspace."""
+
+
+_workspaces: dict[Path, WorkspaceState] = {}
+
+
+def workspace_state(leader_root: Path) -> WorkspaceState:
+    """This agent's state for the leader workspace ``leader_root`` (created on first use)."""
+    state = _workspaces.get(leader_root)
+    if state is None:
+        state = _workspaces[leader_root] = WorkspaceState()
+    return state
 
 
 async def _fence(
@@ -118,7 +130,7 @@ async def _fence(
     from .fencing import fence_selected
 
     assert defaults.cache_root is not None
-    async with workspace_lock(Path(links.leader_root)):
+    async with workspace_state(Path(links.leader_root)).lock:
         return await fence_selected(
             _invocation(defaults),
             links,
