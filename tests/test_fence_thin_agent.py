@@ -184,8 +184,11 @@ def test_a_fenced_run_takes_the_thin_path_once_an_agent_runs_and_sees_leader_edi
     first, modules = af.cli("run", "--", "cat", "src/m1.py")
     assert first.returncode == 0, first
     assert "click" in modules, "no agent ran yet: the full CLI fences"
+    # ...and starts one meanwhile, recorded for the thin path: once it answers, the next
+    # fenced run goes through it.
+    wait_for(lambda: af.agent_pids(), 30.0, what="the leader agent the full run started")
     full_runs, _ = _until_thin(af, "run", "--", "true")
-    assert full_runs <= 1, "the full fenced runs should have started and recorded an agent"
+    assert full_runs == 0, "the full fenced run should have recorded the agent it started"
 
     (af.work / "src" / "m1.py").write_text("VALUE = 'edited on the leader'\n")
     (af.work / "src" / "new.txt").write_text("a new file\n")

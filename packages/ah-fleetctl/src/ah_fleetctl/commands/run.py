@@ -306,16 +306,18 @@ def start_agent_for_thin_runs(app: FleetContext) -> asyncio.Task[object] | None:
 
 
 async def finish_agent_for_thin_runs(app: FleetContext, task: asyncio.Task[object]) -> None:
-    """When the agent :func:`start_agent_for_thin_runs` looked for answers by now, record
-    it for the thin path; an agent still starting is left to start (it runs in its own
-    session) and the next invocation records it. Never fails the command."""
-    from ..agent import AgentClient
+    """Record the agent :func:`start_agent_for_thin_runs` looked for, for the thin path. One
+    still starting is left to start (it runs in its own session) and recorded all the same
+    (its socket path is known): until it listens there, the thin path finds nobody and the
+    full CLI runs. Never fails the command."""
+    from ..agent import AgentClient, agent_socket_path
 
     if not task.done():
         task.cancel()
         with contextlib.suppress(BaseException):
             await task
-        logger.debug("the leader agent is still starting; the next run records it")
+        logger.debug("the leader agent is still starting; recorded where it will listen")
+        _record_for_thin_runs(app, agent_socket_path(app))
         return
     try:
         client = task.result()
