@@ -52,13 +52,14 @@ from ah_domain_types import (
 from ah_mutagen_project import IgnorePatternError, user_ignores
 
 from .agent_proto import ThinDefaults, ThinOutReply, ThinReply, ThinRunRequest, ThinStartedReply
+from .dataplane import FleetLinks
 
 if TYPE_CHECKING:
     from .agent import LeaderAgent
-    from .dataplane import FleetLinks
     from .fencing import FenceEmit
 
 __all__ = [
+    "AgentLinks",
     "WorkspaceState",
     "fence_failures",
     "fence_fallback_reason",
@@ -96,6 +97,15 @@ def fence_fallback_reason(request: ThinRunRequest) -> str | None:
 
 
 _INTERRUPTED = 130
+
+
+class AgentLinks(FleetLinks):
+    """A selection's links on the agent's transports: the agent's path connector owns them
+    and they serve every later invocation, so closing these links (``FleetLinks.connect``
+    does when it is cancelled, e.g. by Ctrl-C in the CLI) only forgets them."""
+
+    async def close(self) -> None:
+        self.transports.clear()
 
 
 @dataclass
@@ -186,7 +196,6 @@ async def thin_fence_command(
 
     from .commands.fence import _render, fence_command
     from .commands.fleet import select_followers
-    from .dataplane import FleetLinks
     from .fencing import choose_engine
     from .options import selector_from_options
     from .thin import INDEX_VERSION
@@ -246,7 +255,7 @@ async def thin_fence_command(
         send(ThinOutReply(fd=2, text=f"warning: session events are off for this run: {exc}\n"))
         events = None
     send(ThinStartedReply())
-    links = FleetLinks(
+    links = AgentLinks(
         selected,
         agent.connector,  # type: ignore[arg-type]
         connect_timeout=agent.app.connect_timeout_s(),

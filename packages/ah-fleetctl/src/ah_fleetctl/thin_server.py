@@ -297,8 +297,8 @@ async def _thin_run(
 
     from .commands.fleet import select_followers
     from .commands.run import _check_renderable, _supplement, run_command
-    from .dataplane import FleetLinks
     from .options import selector_from_options
+    from .thin_fence import AgentLinks
 
     marks: list[tuple[str, float]] = [("received", time.perf_counter())]
     if request.version != INDEX_VERSION:
@@ -347,7 +347,7 @@ async def _thin_run(
         raise _Fallback(f"follower list: {exc}") from None
     try:
         selected = select_followers(selector, fleet)
-        links = FleetLinks(
+        links = AgentLinks(
             selected,
             agent.connector,  # type: ignore[arg-type]
             connect_timeout=agent.app.connect_timeout_s(),
