@@ -462,3 +462,44 @@ def test_an_interrupted_thin_fence_reports_every_host_cancelled(agent_fleet: Age
     assert {h["host"]: (h["state"], h["error"]) for h in envelope["hosts"]} == dict.fromkeys(
         NAMES, ("cancelled", "interrupted (SIGINT)")
     ), envelope
+
+
+def test_concurrent_thin_fenced_runs_of_one_workspace_take_turns_and_both_run(
+    agent_fleet: AgentFleet,
+) -> None:
+    af = agent_fleet
+    _warm(af)
+    (af.work / "src" / "m8.py").write_text("VALUE = 'concurrent'\n")
+    before = len(af.agent_log())
+    procs = [
+        subprocess.Popen(
+            [*CLI, "run", "--json", "--", "cat", "src/m8.py"],
+            env=af.env,
+            cwd=af.work,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for _ in range(3)
+    ]
+    try:
+        outputs = [proc.communicate(timeout=CLI_TIMEOUT_S) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+    for proc, (stdout, stderr) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, (stdout, stderr)
+        envelope = json.loads(stdout)
+        assert [(h["host"], h["state"]) for h in envelope["hosts"]] == [(n, "ok") for n in NAMES]
+        for host in envelope["hosts"]:
+            assert "out | VALUE = 'concurrent'\n" in Path(host["logPath"]).read_text()
+    # The agent's fences of this workspace took turns: the first sent the edit, the two
+    # after it found it proven there (fenced together, all three would have sent it).
+    log = af.agent_log()[before:]
+    for name in NAMES:
+        assert log.count(f"fence: {name}: apply (1 paths since its proven snapshot)") == 1, log
+        assert log.count(f"fence: {name}: nothing (0 paths since its proven snapshot)") == 2, log
