@@ -61,6 +61,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AgentLinks",
     "WorkspaceState",
+    "close_workspaces",
     "fence_failures",
     "fence_fallback_reason",
     "fence_for_run",
@@ -115,6 +116,28 @@ class WorkspaceState:
 
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Serialises this agent's fences of the workspace."""
+    digest_sessions: Any = None
+    """The fence's warm digest sessions of this workspace, when this build's fence keeps
+    them (``ah_fleetctl.fencing.keep_digest_sessions``): handed to each invocation's links."""
+
+    def keep_sessions(self, links: FleetLinks) -> None:
+        """Give ``links`` this workspace's warm digest sessions (made on first use), so the
+        fence asks running digest servers instead of starting a digest per host."""
+        from . import fencing
+
+        keep = getattr(fencing, "keep_digest_sessions", None)
+        if keep is None:
+            return  # this build's fence has no warm sessions: one-shot digests
+        if self.digest_sessions is None:
+            self.digest_sessions = keep(links)
+        else:
+            setattr(links, "digest_sessions", self.digest_sessions)  # noqa: B010 - see keep
+
+    async def close(self) -> None:
+        sessions, self.digest_sessions = self.digest_sessions, None
+        if sessions is not None:
+            with contextlib.suppress(Exception):
+                await sessions.close()
 
 
 _workspaces: dict[Path, WorkspaceState] = {}
@@ -126,6 +149,14 @@ def workspace_state(leader_root: Path) -> WorkspaceState:
     if state is None:
         state = _workspaces[leader_root] = WorkspaceState()
     return state
+
+
+async def close_workspaces() -> None:
+    """End what the agent kept for its workspaces (the warm digest sessions); at exit."""
+    states = list(_workspaces.values())
+    _workspaces.clear()
+    for state in states:
+        await state.close()
 
 
 async def _fence(
@@ -140,7 +171,9 @@ async def _fence(
     from .fencing import fence_selected
 
     assert defaults.cache_root is not None
-    async with workspace_state(Path(links.leader_root)).lock:
+    state = workspace_state(Path(links.leader_root))
+    async with state.lock:
+        state.keep_sessions(links)
         return await fence_selected(
             _invocation(defaults),
             links,
