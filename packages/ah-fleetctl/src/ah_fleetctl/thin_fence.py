@@ -16,7 +16,11 @@ Through the agent (:mod:`ah_fleetctl.thin_server` calls in here) the same
   cache directory — so one agent serves several workspaces, each with its own;
 * one lock per leader workspace: two invocations fencing the same tree at once take turns
   (the second then usually has nothing to send) instead of racing their ``rsync --delete``
-  into the same follower directories.
+  into the same follower directories;
+* per leader workspace, the fence's warm digest sessions when this build's fence has them
+  (``ah_fleetctl.fencing.keep_digest_sessions``: one digest server per follower that keeps
+  the follower's tree in memory), handed to each invocation's links and ended when the
+  agent exits (:func:`close_workspaces`). Without them every fence digests one-shot.
 
 Same semantics as the full CLI, decided by the invoking CLI's configuration, which the
 thin index recorded (:class:`~ah_fleetctl.agent_proto.ThinDefaults`): ``sync-ignores``
