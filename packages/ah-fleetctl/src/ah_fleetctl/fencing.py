@@ -423,10 +423,19 @@ class DigestSessions:
     its reason logged, and the fence digests that host the one-shot way meanwhile.
     ``inotify=False`` makes every digest a full stat walk on the follower."""
 
+    MAX_FAILURES = 3
+    """After this many sessions in a row failed on a host (its python cannot serve, ssh
+    refuses the long-lived command...), only one-shot digests go there."""
+
     def __init__(self, *, inotify: bool = True) -> None:
         self.inotify = inotify
         self._sessions: dict[str, tuple[tuple[object, ...], DigestSession]] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self._failures: dict[str, int] = {}
+
+    def answered(self, host: str) -> None:
+        """``host``'s session answered: its failures are forgiven."""
+        self._failures.pop(host, None)
 
     def get(self, host: str, key: tuple[object, ...]) -> DigestSession | None:
         """``host``'s live session for ``key``, if any."""
@@ -441,7 +450,14 @@ class DigestSessions:
         if found is None:
             return
         if why is not None:
+            failures = self._failures[host] = self._failures.get(host, 0) + 1
             logger.warning("fence: {}: digest session dropped: {}", host, why)
+            if failures == self.MAX_FAILURES:
+                logger.warning(
+                    "fence: {}: {} digest sessions in a row failed; one-shot digests from now on",
+                    host,
+                    failures,
+                )
         task = asyncio.ensure_future(found[1].close(grace=0.5))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
@@ -452,6 +468,8 @@ class DigestSessions:
         """``host``'s session for ``key``, started with ``argv`` when there is none (a dead
         or differently configured one is dropped first). None when ``argv`` cannot start."""
         found = self._sessions.get(host)
+        if found is None and self._failures.get(host, 0) >= self.MAX_FAILURES:
+            return None
         if found is not None:
             if found[0] == key and found[1].alive:
                 return found[1]
@@ -533,8 +551,15 @@ class _Digester:
         return (target.alias, target.workspace, self.ignores, target.exec_bits, inotify)
 
     def session_for(self, host: str) -> DigestSession | None:
-        """``host``'s live warm session, if the fence keeps one."""
+        """``host``'s live warm session, if the fence keeps one (one that ended since the
+        fence began is dropped here, with its reason logged)."""
         if self.sessions is None or self.targets[host].os is OsKind.WINDOWS:
+            return None
+        found = self.sessions.session(host)
+        if found is not None and not found.alive:
+            self.sessions.forget(
+                host, f"it ended ({found.reason}); digesting with a one-shot command"
+            )
             return None
         return self.sessions.get(host, self._session_key(host))
 
@@ -596,6 +621,8 @@ class _Digester:
             raise TimeoutError(
                 f"{where} on {host} did not answer in time; its digest session was killed"
             ) from None
+        assert self.sessions is not None
+        self.sessions.answered(host)
         logger.debug(
             "fence: {}: session digest ({}{}, {} hashed, {:.1f} ms on the follower)",
             host,

@@ -63,12 +63,18 @@ class _Protocol(asyncio.SubprocessProtocol):
     def __init__(self, session: DigestSession) -> None:
         self.session = session
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.SubprocessTransport)
+        self.session._transport = transport  # before anything can be received
+
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         self.session._received(fd, data)
 
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
         if fd == 1:
             self.session._died("its output ended")
+        elif fd == 2:
+            self.session._stderr_closed.set()
 
     def process_exited(self) -> None:
         self.session._exited()
@@ -80,8 +86,7 @@ class DigestSession:
 
     def __init__(self, what: str) -> None:
         self.what = what
-        self.reason: str | None = None
-        """Why the session is dead; None while it is alive."""
+        self._reason: str | None = None
         self.hello: dict[str, Any] = {}
         self.started = time.monotonic()
         self._transport: asyncio.SubprocessTransport | None = None
@@ -91,6 +96,7 @@ class DigestSession:
         self._lock = asyncio.Lock()
         self._dead = asyncio.Event()
         self._exit = asyncio.Event()
+        self._stderr_closed = asyncio.Event()
 
     @classmethod
     async def start(cls, argv: Sequence[str], *, what: str) -> DigestSession:
@@ -101,15 +107,27 @@ class DigestSession:
         """
         session = cls(what)
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.subprocess_exec(
-            lambda: _Protocol(session), *argv, start_new_session=True
-        )
-        session._transport = transport
+        await loop.subprocess_exec(lambda: _Protocol(session), *argv, start_new_session=True)
         return session
 
     @property
     def alive(self) -> bool:
-        return self.reason is None
+        return self._reason is None
+
+    @property
+    def reason(self) -> str | None:
+        """Why the session is dead (with the exit status and the end of its standard error
+        when known); None while it is alive."""
+        if self._reason is None:
+            return None
+        parts = [self._reason]
+        code = self._transport.get_returncode() if self._transport is not None else None
+        if code is not None and "exited" not in self._reason:
+            parts.append(f"exit status {code}")
+        tail = self.stderr_tail()
+        if tail:
+            parts.append(tail)
+        return "; ".join(parts)
 
     @property
     def pid(self) -> int | None:
@@ -135,9 +153,8 @@ class DigestSession:
             self._frames.put_nowait(frame)
 
     def _died(self, reason: str) -> None:
-        if self.reason is None:
-            tail = self.stderr_tail()
-            self.reason = reason + (f" ({tail})" if tail else "")
+        if self._reason is None:
+            self._reason = reason
         self._dead.set()
 
     def _exited(self) -> None:
@@ -166,6 +183,14 @@ class DigestSession:
 
     # -- requests ---------------------------------------------------------------------------
 
+    async def _last_words(self) -> None:
+        """Its output ended: let the exit status and the end of its standard error arrive
+        (briefly), so the reason names them."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await self._exit.wait()
+                await self._stderr_closed.wait()
+
     async def _next_frame(self) -> tuple[str, bytes]:
         if not self._frames.empty():
             return self._frames.get_nowait()
@@ -179,6 +204,7 @@ class DigestSession:
                 getter.cancel()
         if getter.done() and not getter.cancelled():
             return getter.result()
+        await self._last_words()
         raise DigestSessionError(f"{self.what}: the digest session ended: {self.reason}")
 
     async def request(
@@ -191,7 +217,8 @@ class DigestSession:
             DigestSessionError: the session is or went dead (the reason is in the message).
             SessionTimeout: no reply within ``timeout`` seconds (the session was killed).
         """
-        if self.reason is not None:
+        if self._reason is not None:
+            await self._last_words()
             raise DigestSessionError(f"{self.what}: the digest session ended: {self.reason}")
         header = json.dumps({"manifest": manifest, "apply": change_set is not None, "walk": walk})
         body = header.encode("utf-8") + b"\n" + (change_set or b"")
