@@ -25,7 +25,7 @@ from ah_mutagen_project.digest_script import FrameDecoder, FrameError, LiveTree,
 from ah_mutagen_project.digest_session import DigestSession, DigestSessionError, SessionTimeout
 from ah_mutagen_project.incremental import ChangeSet, encode_change_set, plan_changes
 from ah_mutagen_project.remote_digest import remote_digest_command
-from ah_mutagen_project.snapshot import take_snapshot
+from ah_mutagen_project.snapshot import LiveSnapshots, take_snapshot
 
 LINUX = sys.platform.startswith("linux")
 
@@ -425,3 +425,37 @@ def test_a_change_set_with_nothing_in_it_is_just_a_digest(tmp_path: Path) -> Non
             await session.close()
 
     _run(scenario())
+
+
+@pytest.mark.parametrize("watch", [True, False])
+def test_live_snapshots_match_fresh_ones_and_reuse_what_did_not_change(
+    tmp_path: Path, watch: bool
+) -> None:
+    root = tmp_path / "ws"
+    (root / "src").mkdir(parents=True)
+    (root / "src" / "a.py").write_text("a")
+    (root / "src" / "b.py").write_text("b")
+    (root / "node_modules").mkdir()
+    cache = tmp_path / "snapshot.cache"
+    live = LiveSnapshots(root, ["node_modules"], cache_path=cache, watch=watch, racy_window_s=0.0)
+    try:
+        first = live.snapshot()
+        fresh = take_snapshot(root, ["node_modules"])
+        assert first.id == fresh.id and first.manifest == fresh.manifest
+        assert live.mode == ("inotify" if watch and LINUX else "walk")
+        again = live.snapshot()
+        assert again.manifest is first.manifest and again.id == first.id
+        (root / "src" / "a.py").write_text("changed")
+        (root / "node_modules" / "ignored").write_text("x")
+        (root / "src" / "new").mkdir()
+        changed = live.snapshot()
+        fresh = take_snapshot(root, ["node_modules"])
+        assert changed.id == fresh.id and changed.manifest == fresh.manifest
+        by_path = {e.path: e for e in first.manifest.entries}
+        for entry in changed.manifest.entries:
+            if entry.path == "src/b.py":
+                assert entry is by_path["src/b.py"]  # the same object: cheap to diff
+    finally:
+        live.close()
+    # The stat cache was written for the next process (the CLI, a restart).
+    assert cache.stat().st_size > 0

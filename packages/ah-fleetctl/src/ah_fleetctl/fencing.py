@@ -129,6 +129,7 @@ from ah_mutagen_project.incremental import (
     plan_changes,
 )
 from ah_mutagen_project.rsync_engine import RemoteCommandError
+from ah_mutagen_project.snapshot import LiveSnapshots
 
 if TYPE_CHECKING:
     from .dataplane import FleetLinks
@@ -432,6 +433,18 @@ class DigestSessions:
         self._sessions: dict[str, tuple[tuple[object, ...], DigestSession]] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._failures: dict[str, int] = {}
+        self._leaders: dict[tuple[Path, tuple[str, ...]], LiveSnapshots] = {}
+
+    def leader(self, root: Path, ignores: tuple[str, ...], cache_path: Path) -> LiveSnapshots:
+        """The leader workspace's live snapshots (kept current by the same watcher code as
+        the followers' servers), created on first use; closed with the sessions."""
+        key = (root, ignores)
+        found = self._leaders.get(key)
+        if found is None:
+            found = self._leaders[key] = LiveSnapshots(
+                root, list(ignores), cache_path=cache_path, watch=self.inotify
+            )
+        return found
 
     def answered(self, host: str) -> None:
         """``host``'s session answered: its failures are forgiven."""
@@ -497,6 +510,11 @@ class DigestSessions:
         """End every session (idempotent)."""
         sessions = [s for _, s in self._sessions.values()]
         self._sessions.clear()
+        leaders = list(self._leaders.values())
+        self._leaders.clear()
+        for leader in leaders:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(leader.close)
         await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
@@ -994,9 +1012,15 @@ async def _fence(
         prestarted.clear()
 
     try:
-        snapshot: Snapshot = await asyncio.to_thread(
-            take_snapshot, leader_root, list(ignores), cache_path=cache / "snapshot.cache"
-        )
+        snapshot: Snapshot
+        if digester.sessions is not None:
+            # A process that keeps sessions keeps the leader's tree in memory too.
+            live = digester.sessions.leader(leader_root, ignores, cache / "snapshot.cache")
+            snapshot = await asyncio.to_thread(live.snapshot)
+        else:
+            snapshot = await asyncio.to_thread(
+                take_snapshot, leader_root, list(ignores), cache_path=cache / "snapshot.cache"
+            )
     except SnapshotError as exc:
         await cancel_early()
         raise CliError(

@@ -1011,6 +1011,7 @@ class LiveTree:
         self._wd_dirs: "dict[int, str]" = {}
         self._dir_wds: "dict[str, int]" = {}
         self._unsaved = False
+        self._previous: "dict[str, tuple[Entry, bytes]]" = {}
         if cache_path:
             loaded = _read_cache(cache_path, self.root)
             # Persisted rows were stored by the stat cache's rule: they count as settled.
@@ -1076,8 +1077,13 @@ class LiveTree:
         if self.entries.get(rel) != entry:
             if rel not in self.entries:
                 self._order = None
-            self.entries[rel] = entry
-            self.rendered[rel] = _render(entry, self.exec_bits)
+            previous = self._previous.get(rel)
+            if previous is not None and previous[0] == entry:
+                # A full walk met it unchanged: the same objects (cheap to compare later).
+                self.entries[rel], self.rendered[rel] = previous
+            else:
+                self.entries[rel] = entry
+                self.rendered[rel] = _render(entry, self.exec_bits)
             self._id = None
 
     def _drop(self, rel: str) -> None:
@@ -1089,6 +1095,8 @@ class LiveTree:
         self._order = None
         self._id = None
         self.linked.discard(rel)
+        if self.rows.pop(rel, None) is not None:
+            self._unsaved = True
         if entry[1] != KIND_DIR:
             return
         prefix = rel + "/"
@@ -1097,6 +1105,8 @@ class LiveTree:
             del self.entries[path]
             del self.rendered[path]
             self.linked.discard(path)
+            self.rows.pop(path, None)
+        self._unsaved = True
         for directory in [rel, *(d for d in self._dir_wds if d.startswith(prefix))]:
             wd = self._dir_wds.pop(directory, None)
             if wd is not None and self._wd_dirs.get(wd) == directory:
@@ -1156,7 +1166,8 @@ class LiveTree:
             raise TreeError(f"tree root {self.root!r} is not a directory (or does not exist)")
         if self._watcher is not None:
             self._watcher.read()  # what it says is superseded by the walk that follows
-        old = self.entries
+        old, old_id, old_order = self.entries, self._id, self._order
+        self._previous = {rel: (entry, self.rendered[rel]) for rel, entry in old.items()}
         self.entries, self.rendered = {}, {}
         self.linked = set()
         self._wd_dirs.clear()
@@ -1164,7 +1175,12 @@ class LiveTree:
         self._order = None
         self._id = None
         seen_rows = self.rows
-        self._scan("", now_ns)
+        try:
+            self._scan("", now_ns)
+        finally:
+            self._previous = {}
+        if self.entries == old:  # nothing changed (the same objects: compared by identity)
+            self._id, self._order = old_id, old_order
         if self.entries.keys() != old.keys():
             self._unsaved = True
         # Rows of files no longer there: forget them (as the stat cache does).
