@@ -99,7 +99,7 @@ def test_bad_kinds_and_oversized_frames_are_refused() -> None:
 
 needs_inotify = pytest.mark.skipif(not LINUX, reason="inotify is Linux only")
 
-NAMES = ["a", "b", "c", "node_modules", "x.pyc"]
+NAMES = ["a", "b", "c", "one", "node_modules", "x.pyc"]
 IGNORES = ["node_modules", "*.pyc"]
 
 OPS = (
@@ -180,6 +180,7 @@ def test_inotify_and_the_full_walk_agree_with_a_fresh_scan(
     root = live_root()
     rules = ds.IgnoreRules(IGNORES)
     events = LiveTree(str(root), rules)
+    events.CHECKPOINT_EVERY = 1  # small trees: resuming from hash checkpoints is exercised
     walk = LiveTree(str(root), rules, watch=False)
     assert events.mode == "inotify", events.reason
     assert walk.mode == "walk" and walk.reason == "--no-inotify"
@@ -195,6 +196,23 @@ def test_inotify_and_the_full_walk_agree_with_a_fresh_scan(
             assert events.content_id() == walk.content_id() == ds.content_id(fresh, presorted=True)
     finally:
         events.close()
+
+
+@pytest.mark.parametrize("watch", [True, False])
+def test_the_id_resumes_from_the_checkpoint_before_the_first_change(
+    tmp_path: Path, watch: bool
+) -> None:
+    for index in range(10):
+        (tmp_path / f"f{index}").write_text("x")
+    tree = LiveTree(str(tmp_path), ds.IgnoreRules([]), watch=watch)
+    tree.CHECKPOINT_EVERY = 3
+    for changed in ("f9", "f0", "f4", "f3"):
+        tree.refresh()
+        assert tree.content_id() == take_snapshot(tmp_path, []).id
+        (tmp_path / changed).write_text(f"{changed} changed")
+    tree.refresh()
+    assert tree.content_id() == take_snapshot(tmp_path, []).id
+    tree.close()
 
 
 @needs_inotify

@@ -51,6 +51,19 @@ tree; everything before it only has to make that digest likely to match:
   A leader process that fences again keeps the cache rows and proven manifests in memory.
 * The digest runs ``python3 -I -S`` (no site import; the script imports only cheap modules
   on this path) and reuses each ControlMaster.
+* **Warm sessions** (:class:`DigestSessions`, for a process that fences again and again:
+  the benchmark, later ``ah-fleetctl agent``; :func:`keep_digest_sessions` attaches them to
+  the :class:`~ah_fleetctl.dataplane.FleetLinks`, closing the links ends them): one
+  long-lived ``digest_script.py --serve`` per POSIX follower over its ControlMaster, which
+  keeps the tree in memory (``digest_script.LiveTree``: inotify on Linux followers, else a
+  stat walk against the rows in memory) and answers each request — apply this change set,
+  then your id (and manifest) — with its own reading of its whole tree, as the one-shot
+  command would. The leader's snapshot comes from the same code
+  (:class:`~ah_mutagen_project.snapshot.LiveSnapshots`). A session that ended (ssh or the
+  server died, its output was not the protocol) is dropped with the reason logged and the
+  host is digested the one-shot way; one that does not answer by the deadline is killed and
+  the host is ``timeout``, named. After three failed sessions in a row a host gets only
+  one-shot digests. Without kept sessions (the CLI) everything is as above.
 
 Selected followers the links could not reach are part of the result, never dropped: a
 connect timeout is ``timeout``, any other failure ``error``, with the reason.

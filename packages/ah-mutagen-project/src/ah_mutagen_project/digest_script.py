@@ -979,6 +979,9 @@ class LiveTree:
     joined rows without building them again.
     """
 
+    CHECKPOINT_EVERY = 256
+    """Entries per hashed chunk (see :meth:`content_id`)."""
+
     def __init__(
         self,
         root: str,
@@ -1012,6 +1015,9 @@ class LiveTree:
         self._dir_wds: "dict[str, int]" = {}
         self._unsaved = False
         self._previous: "dict[str, tuple[Entry, bytes]]" = {}
+        self._index: "dict[str, int]" = {}
+        self._checkpoints: "list[hashlib._Hash]" = []
+        self._changed_from = 0
         if cache_path:
             loaded = _read_cache(cache_path, self.root)
             # Persisted rows were stored by the stat cache's rule: they count as settled.
@@ -1077,6 +1083,11 @@ class LiveTree:
         if self.entries.get(rel) != entry:
             if rel not in self.entries:
                 self._order = None
+            elif self._order is not None:
+                # Same paths: the hash is resumed from the checkpoint before this entry.
+                index = self._index[rel]
+                if index < self._changed_from:
+                    self._changed_from = index
             previous = self._previous.get(rel)
             if previous is not None and previous[0] == entry:
                 # A full walk met it unchanged: the same objects (cheap to compare later).
@@ -1295,14 +1306,33 @@ class LiveTree:
             else:
                 order.sort()
             self._order = order
+            self._index = {rel: index for index, rel in enumerate(order)}
+            self._checkpoints = []
+            self._changed_from = 0
         return self._order
 
     def content_id(self) -> str:
-        """The id of the entries as of the last :meth:`refresh` (:func:`content_id`'s)."""
+        """The id of the entries as of the last :meth:`refresh` (:func:`content_id`'s).
+
+        The manifest is hashed in chunks of :attr:`CHECKPOINT_EVERY` entries and the hash
+        state after each chunk is kept: when only entries changed (no path came or went),
+        hashing resumes from the chunk of the first changed one."""
         if self._id is None:
-            header = FORMAT if self.exec_bits else FORMAT + " no-exec-bit"
-            digest = hashlib.sha256(header.encode("ascii") + b"\n")
-            digest.update(b"".join(map(self.rendered.__getitem__, self._sorted())))
+            order = self._sorted()
+            step = self.CHECKPOINT_EVERY
+            checkpoints = self._checkpoints
+            if not checkpoints:
+                header = FORMAT if self.exec_bits else FORMAT + " no-exec-bit"
+                checkpoints.append(hashlib.sha256(header.encode("ascii") + b"\n"))
+            chunk = min(self._changed_from // step, len(checkpoints) - 1)
+            del checkpoints[chunk + 1 :]
+            digest = checkpoints[chunk].copy()
+            rendered = self.rendered.__getitem__
+            for start in range(chunk * step, len(order), step):
+                digest.update(b"".join(map(rendered, order[start : start + step])))
+                if start + step < len(order):
+                    checkpoints.append(digest.copy())
+            self._changed_from = len(order)
             self._id = ID_PREFIX + digest.hexdigest()[:ID_HEX_DIGITS]
         return self._id
 
