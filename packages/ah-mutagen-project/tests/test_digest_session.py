@@ -477,3 +477,87 @@ def test_live_snapshots_match_fresh_ones_and_reuse_what_did_not_change(
         live.close()
     # The stat cache was written for the next process (the CLI, a restart).
     assert cache.stat().st_size > 0
+
+
+# --------------------------------------------------------------------------- verification walks
+
+
+def _mmap_write(path: Path, data: bytes) -> tuple[Any, int]:
+    """Overwrite the start of ``path`` through a shared mapping and keep the file open (no
+    ``IN_MODIFY``; ``IN_CLOSE_WRITE`` only comes when the descriptor closes)."""
+    import mmap
+
+    fd = os.open(path, os.O_RDWR)
+    mapping = mmap.mmap(fd, len(data))
+    mapping[: len(data)] = data
+    mapping.flush()
+    return mapping, fd
+
+
+@pytest.mark.skipif(not LINUX, reason="inotify is Linux-only")
+def test_a_verification_walk_catches_what_no_event_announced(tmp_path: Path) -> None:
+    root = tmp_path / "tree"
+    root.mkdir()
+    (root / "db").write_bytes(b"a" * 4096)
+    (root / "other").write_text("x")
+    tree = LiveTree(str(root), ds.IgnoreRules([]), verify_every_s=3600.0, racy_window_s=0.0)
+    tree.refresh()
+    assert tree.mode == "inotify"
+    assert tree.verify_due() is not None and tree.verify_due() > 0  # type: ignore[operator]
+    mapping, fd = _mmap_write(root / "db", b"b" * 4096)
+    try:
+        fresh = take_snapshot(root, []).id
+        tree.refresh()
+        stale = tree.content_id() != fresh
+        missed = tree.verify()
+        assert tree.content_id() == fresh
+        # verify() reports the difference exactly when the events had left one.
+        assert (missed >= 1) == stale
+    finally:
+        mapping.close()
+        os.close(fd)
+
+    # With a short period the next refresh itself walks, once the period has passed.
+    tree.verify_every_s = 0.2
+    mapping, fd = _mmap_write(root / "db", b"c" * 4096)
+    try:
+        fresh = take_snapshot(root, []).id
+        wait_for(lambda: tree.verify_due() == 0.0, timeout=10, what="a due verification walk")
+        tree.refresh()
+        assert tree.content_id() == fresh
+    finally:
+        mapping.close()
+        os.close(fd)
+    tree.close()
+
+
+@pytest.mark.skipif(not LINUX, reason="inotify is Linux-only")
+def test_an_idle_server_runs_the_verification_walk_itself(tmp_path: Path) -> None:
+    root = tmp_path / "tree"
+    root.mkdir()
+    (root / "db").write_bytes(b"a" * 4096)
+    argv = [sys.executable, "-I", "-S", ds.__file__, "--serve", "--root", str(root),
+            "--verify-every", "0.3"]  # fmt: skip
+
+    async def scenario() -> None:
+        session = await DigestSession.start(argv, what="local session")
+        try:
+            reply = await session.request(change_set=None, manifest=False, timeout=20)
+            assert reply.status == 0 and reply.mode == "inotify", reply
+            mapping, fd = _mmap_write(root / "db", b"b" * 4096)
+            try:
+                fresh = take_snapshot(root, []).id
+                # Idle: the server walks on its own and says what the events had missed.
+                deadline = asyncio.get_running_loop().time() + 20
+                while "verification walk found" not in session.stderr_tail():
+                    assert asyncio.get_running_loop().time() < deadline, session.stderr_tail()
+                    await asyncio.sleep(0.05)  # polling the condition, bounded by the deadline
+                reply = await session.request(change_set=None, manifest=False, timeout=20)
+                assert reply.status == 0 and reply.output.decode().strip() == fresh
+            finally:
+                mapping.close()
+                os.close(fd)
+        finally:
+            await session.close()
+
+    _run(scenario())

@@ -133,6 +133,9 @@ KIND_LINK = "l"
 
 CACHE_FORMAT = "ah-tree-digest-cache/2"
 RACY_WINDOW_S = 2.0
+VERIFY_EVERY_S = 60.0
+"""A live tree (``--serve``, a warm leader) walks the whole tree at least this often, to
+catch what inotify cannot see (see ``LiveTree``)."""
 _GLOB_CHARS = frozenset("*?[")
 _CHUNK = 1 << 20
 
@@ -801,8 +804,11 @@ _IN_ONLYDIR = 0x1000000
 _IN_DONT_FOLLOW = 0x2000000
 _IN_NONBLOCK = 0o4000
 _IN_CLOEXEC = 0o2000000
+_IN_CLOSE_WRITE = 0x8
+# IN_CLOSE_WRITE as well as IN_MODIFY: a writer that goes through a shared mmap (linkers do)
+# raises no IN_MODIFY, but closing its descriptor afterwards does raise IN_CLOSE_WRITE.
 _WATCH_MASK = (
-    _IN_MODIFY | _IN_ATTRIB | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE
+    _IN_MODIFY | _IN_CLOSE_WRITE | _IN_ATTRIB | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE
     | _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_ONLYDIR | _IN_DONT_FOLLOW
 )  # fmt: skip
 _NEW_NAME = _IN_CREATE | _IN_MOVED_TO
@@ -964,9 +970,12 @@ class LiveTree:
       Known blind spots of inotify, closed here by stat-checking on every refresh: files
       with more than one hard link (written through a link outside a watched directory, no
       watch of ours sees it) — their rows follow the stat cache's rule every time. Not
-      covered: writes through a shared ``mmap`` (no event; the file's mtime moves without
-      one) — a fence following such a writer sees the change only at the next event on the
-      file or full walk (``--no-inotify`` makes every refresh a full walk).
+      covered by events: writes through a shared ``mmap`` while the writer keeps the file
+      open (no event until it closes it: ``IN_CLOSE_WRITE`` is watched). Those are bounded
+      by the **verification walk**: when the last full walk is ``verify_every_s`` old (60 s),
+      the next refresh is a full walk, and the ``--serve`` loop runs it ahead of time while
+      idle (:meth:`verify`, which reports on stderr what the walk found that no event had
+      announced). ``--no-inotify`` makes every refresh a full walk.
     * **full stat walk** with the in-memory rows as stat cache: everywhere else (no inotify,
       a network or FUSE filesystem, ``--no-inotify``) and whenever the events cannot be
       trusted: the queue overflowed (``IN_Q_OVERFLOW``), a watch could not be added (ENOSPC:
@@ -990,8 +999,12 @@ class LiveTree:
         cache_path: "str | None" = None,
         watch: bool = True,
         racy_window_s: float = RACY_WINDOW_S,
+        verify_every_s: float = VERIFY_EVERY_S,
     ) -> None:
         self.root = os.path.abspath(root)
+        self.verify_every_s = verify_every_s
+        self.walked_at: "float | None" = None
+        """``time.monotonic()`` when the last full walk started."""
         self.rules = rules
         self.exec_bits = exec_bits
         self.racy_ns = int(racy_window_s * 1e9)
@@ -1175,6 +1188,7 @@ class LiveTree:
     def _full_walk(self, now_ns: int) -> None:
         if not os.path.isdir(self.root):
             raise TreeError(f"tree root {self.root!r} is not a directory (or does not exist)")
+        self.walked_at = time.monotonic()
         if self._watcher is not None:
             self._watcher.read()  # what it says is superseded by the walk that follows
         old, old_id, old_order = self.entries, self._id, self._order
@@ -1266,15 +1280,35 @@ class LiveTree:
             rel = directory + "/" + name if directory else name
             self._dirty[rel] = self._dirty.get(rel, 0) | mask
 
-    def refresh(self, force_walk: bool = False) -> None:
-        """Bring the entries up to date (see the class docstring).
+    def verify_due(self) -> "float | None":
+        """Seconds until the next verification walk is due (0.0: now); None when there is
+        none to schedule (no watcher: every refresh walks anyway, or verification is off)."""
+        if self._watcher is None or self.verify_every_s <= 0 or self.walked_at is None:
+            return None
+        return max(0.0, self.walked_at + self.verify_every_s - time.monotonic())
+
+    def verify(self) -> int:
+        """A verification walk: bring the entries up to date from the events, then walk the
+        whole tree. Returns how many entries the walk found different from what the events
+        had left (writes no event announced — or changes made during the walk itself)."""
+        self.refresh(verifying=False)
+        before = dict(self.entries)
+        self.refresh(force_walk=True)
+        after = self.entries
+        return sum(1 for rel in before.keys() | after.keys() if before.get(rel) != after.get(rel))
+
+    def refresh(self, force_walk: bool = False, verifying: bool = True) -> None:
+        """Bring the entries up to date (see the class docstring): from the events, or by a
+        full walk when ``force_walk``, when events cannot be trusted, or when a verification
+        walk is due (unless ``verifying`` is False).
 
         Raises:
             TreeError: the root is gone or something in the tree cannot be read.
         """
         now_ns = time.time_ns() if hasattr(time, "time_ns") else int(time.time() * 1e9)
         self._drain()
-        if self._full or force_walk or self._watcher is None:
+        due = verifying and self.verify_due() == 0.0
+        if self._full or force_walk or self._watcher is None or due:
             self._dirty.clear()
             self._full_walk(now_ns)
             return
@@ -1382,13 +1416,31 @@ def serve(
     if args.cache:
         cache_path = default_cache_path(args.root) if args.cache == "auto" else args.cache
         cache_path = os.path.expanduser(cache_path)
-    tree = LiveTree(args.root, rules, exec_bits, cache_path, watch=not args.no_inotify)
+    tree = LiveTree(
+        args.root, rules, exec_bits, cache_path, watch=not args.no_inotify,
+        verify_every_s=args.verify_every,
+    )  # fmt: skip
     hello = {"format": SERVE_FORMAT, "pid": os.getpid(), "mode": tree.mode, "reason": tree.reason}
     _write_frame(stdout, "H", json.dumps(hello).encode("utf-8"))
     decoder = FrameDecoder()
     saved_at = time.monotonic()
     try:
         while True:
+            due = tree.verify_due()
+            if due is not None and not _readable(stdin, due):
+                # Idle, and a verification walk is due: run it now rather than in the
+                # next request.
+                try:
+                    missed = tree.verify()
+                except TreeError:
+                    tree._full = True
+                    continue
+                if missed:
+                    sys.stderr.write(
+                        f"ah-tree-digest: verification walk found {missed} entries changed "
+                        "without an inotify event (mmap writers, or changes during the walk)\n"
+                    )
+                continue
             data = os.read(stdin, 1 << 20)
             if not data:
                 return 0
@@ -1439,6 +1491,13 @@ def serve(
     finally:
         tree.save()
         tree.close()
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    """True when ``fd`` has data (or its end) within ``timeout`` seconds."""
+    import select
+
+    return bool(select.select([fd], [], [], timeout)[0])
 
 
 def _error_json(kind: str, message: str) -> str:
@@ -1493,6 +1552,14 @@ def _parser() -> "argparse.ArgumentParser":
         action="store_true",
         help="with --serve: a full stat walk for every request instead of inotify events",
     )
+    parser.add_argument(
+        "--verify-every",
+        type=float,
+        default=VERIFY_EVERY_S,
+        metavar="SECONDS",
+        help="with --serve and inotify: walk the whole tree at least this often, while idle "
+        "(0: never; default %(default)s)",
+    )
     parser.add_argument("--version", action="version", version=FORMAT)
     return parser
 
@@ -1515,6 +1582,7 @@ class _Args:
     apply: "str | None" = None
     serve = False
     no_inotify = False
+    verify_every = VERIFY_EVERY_S
 
 
 def _parse_fast(argv: "Sequence[str]") -> "_Args | None":
