@@ -52,7 +52,7 @@ import msgspec
 from ah_config import ResolvedConfig, load_config
 from ah_domain_types import ConfigFile, FollowerStatus
 from ah_fleetctl.dataplane import DirectConnector, FleetLinks, ssh_alias, stop_control_masters
-from ah_fleetctl.fencing import fence_selected
+from ah_fleetctl.fencing import fence_selected, keep_digest_sessions
 from ah_harness_local.fleet import FollowerSpec, LocalFleet
 
 
@@ -186,6 +186,9 @@ async def run(args: argparse.Namespace, fleet: LocalFleet, leader: Path, scratch
     followers = msgspec.convert(fleet.list_followers(), list[FollowerStatus])
     connector = DirectConnector(fleet.ssh_user, fleet.leader_key)
     links = await FleetLinks.open(followers, connector, leader_root=leader)
+    if args.sessions != "off":
+        # This process fences again and again: keep one warm digest server per follower.
+        keep_digest_sessions(links, inotify=args.sessions == "inotify")
     config = links.ssh_config(scratch / "bench_ssh_config")
     cache_root = scratch / "cache"
     try:
@@ -323,6 +326,13 @@ def main() -> None:
     parser.add_argument("--followers", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--profile", metavar="FILE", help="cProfile one one-file-change fence")
+    parser.add_argument(
+        "--sessions",
+        choices=["inotify", "walk", "off"],
+        default="inotify",
+        help="warm digest sessions on the followers: inotify (default), a full stat walk per "
+        "digest, or none (a digest process per fence, as the CLI does)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ah-fence-bench-") as tmp:
         scratch = Path(tmp)

@@ -9,7 +9,15 @@ from pathlib import Path
 import click
 import msgspec
 
-from ah_config import AhGroup, CliError, duration_callback, echo_json, is_json, tags_callback
+from ah_config import (
+    AhGroup,
+    CliError,
+    daemon_log_config,
+    duration_callback,
+    echo_json,
+    is_json,
+    tags_callback,
+)
 from ah_domain_types import (
     DomainValidationError,
     ExitCode,
@@ -18,7 +26,7 @@ from ah_domain_types import (
 from ah_logging import LogSettings, configure_logging_from_click, log_options
 
 from . import __version__
-from .state import ApState, StateError, check_trust_domain, init_state, load_state
+from .state import SETTINGS_FILE, ApState, StateError, check_trust_domain, init_state, load_state
 
 __all__ = ["main"]
 
@@ -29,11 +37,33 @@ _SCOPES = ("exec", "ssh", "read-logs")
 # ------------------------------------------------------------------------------ helpers
 
 
+def _configure_logging(ctx: click.Context, state: ApState | None = None) -> None:
+    """Log flags, then ``AH_LOG_*``, then ``[log]`` of ``ap.toml``, then the user and system
+    configuration files, then the daemon defaults."""
+    configured = daemon_log_config(
+        state.settings.log if state is not None else None,
+        str(state.state_dir / SETTINGS_FILE) if state is not None else None,
+    )
+    configure_logging_from_click(ctx, BINARY, "daemon", LogSettings.from_config(configured))
+
+
 def _state(state_dir: Path) -> ApState:
     try:
         return load_state(state_dir)
     except StateError as exc:
         raise CliError(exc.exit_code, exc.message, details={"stateDir": str(state_dir)}) from None
+
+
+def _state_and_logging(ctx: click.Context, state_dir: Path) -> ApState:
+    """Load the state directory, then set up logging with its ``[log]`` (without it, and
+    still loudly, when the state cannot be loaded)."""
+    try:
+        state = _state(state_dir)
+    except CliError:
+        _configure_logging(ctx)
+        raise
+    _configure_logging(ctx, state)
+    return state
 
 
 _state_dir_option = click.option(
@@ -102,7 +132,7 @@ def init(
 ) -> None:
     """Create the fleet CA, the server identity and the token-signing key; print the CA
     fingerprint (give it to followers and leaders out of band)."""
-    configure_logging_from_click(ctx, BINARY, "daemon")
+    _configure_logging(ctx)
     try:
         check_trust_domain(trust_domain)
     except ValueError as exc:
@@ -212,9 +242,7 @@ def serve(
     **_: object,
 ) -> int:
     """Serve the QUIC control plane and the REST API until SIGTERM/SIGINT."""
-    state = _state(state_dir)
-    configured = LogSettings.from_config(state.settings.log)
-    configure_logging_from_click(ctx, BINARY, "daemon", configured)
+    state = _state_and_logging(ctx, state_dir)
     from .serve import ServeOptions, run_serve
 
     options = ServeOptions(
@@ -283,12 +311,11 @@ def token_enroll(
     **_: object,
 ) -> None:
     """Print a one-time enrollment token for follower NAME (it pins the CA fingerprint)."""
-    configure_logging_from_click(ctx, BINARY, "daemon")
     try:
         validate_host_name(name)
     except DomainValidationError as exc:
         raise click.BadParameter(str(exc), ctx=ctx, param_hint="--name") from None
-    state = _state(state_dir)
+    state = _state_and_logging(ctx, state_dir)
     now = int(time.time())
     jwt = state.signer.issue_enroll(
         name,
@@ -341,10 +368,9 @@ def token_user(
     **_: object,
 ) -> None:
     """Print a user token (JWT) for the leader."""
-    configure_logging_from_click(ctx, BINARY, "daemon")
     if not subject.strip():
         raise click.BadParameter("must not be empty", ctx=ctx, param_hint="--subject")
-    state = _state(state_dir)
+    state = _state_and_logging(ctx, state_dir)
     now = int(time.time())
     jwt = state.signer.issue_user(subject, scopes=scopes or _SCOPES, hosts=hosts, ttl=ttl, now=now)
     _print_token(ctx, jwt, "user", subject, now + int(ttl))

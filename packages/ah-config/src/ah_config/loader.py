@@ -12,7 +12,7 @@ from typing import Any, TypeVar, overload
 
 import msgspec
 
-from ah_domain_types.config_schema import DEFAULTS, ConfigFile
+from ah_domain_types.config_schema import DEFAULTS, ConfigFile, LogConfig
 
 from .errors import ConfigError
 from .keys import KeyPath, format_key, parse_key
@@ -32,6 +32,8 @@ __all__ = [
     "DEFAULT_ENV_ALIASES",
     "ENV_PREFIX",
     "NON_CONFIG_ENV_VARS",
+    "StateLayer",
+    "daemon_log_config",
     "environment_layer",
     "flag_layer",
     "load_config",
@@ -56,6 +58,15 @@ NON_CONFIG_ENV_VARS: frozenset[str] = frozenset(
 
 DEFAULT_ENV_ALIASES: Mapping[str, str] = {"AH_ACCESS_POINT": "remote-server"}
 """Extra spellings: variable → dotted key. The canonical variable wins when both are set."""
+
+
+class StateLayer(msgspec.Struct, frozen=True):
+    """A daemon's own settings, as a configuration layer: TOML-shaped ``data`` (only the keys
+    that belong to the layered configuration) read from ``source`` (the file's path)."""
+
+    source: str
+    data: Mapping[str, Any]
+
 
 _TOML_POSITION = re.compile(r"\s*\(at line (?P<line>\d+), column (?P<column>\d+)\)$")
 _TOML_AT_END = re.compile(r"\s*\(at end of document\)$")
@@ -239,6 +250,8 @@ def load_config(
     defaults: ConfigFile | None = None,
     env_aliases: Mapping[str, str] = ...,
     env_allowlist: Collection[str] = ...,
+    repo: bool = ...,
+    state_layer: StateLayer | None = ...,
 ) -> ResolvedConfig[ConfigFile]: ...
 
 
@@ -256,6 +269,8 @@ def load_config(
     defaults: S | None = None,
     env_aliases: Mapping[str, str] = ...,
     env_allowlist: Collection[str] = ...,
+    repo: bool = ...,
+    state_layer: StateLayer | None = ...,
 ) -> ResolvedConfig[S]: ...
 
 
@@ -272,6 +287,8 @@ def load_config(
     defaults: msgspec.Struct | None = None,
     env_aliases: Mapping[str, str] = DEFAULT_ENV_ALIASES,
     env_allowlist: Collection[str] = NON_CONFIG_ENV_VARS,
+    repo: bool = True,
+    state_layer: StateLayer | None = None,
 ) -> ResolvedConfig[Any]:
     """Load and merge every layer, lowest precedence first:
 
@@ -285,6 +302,10 @@ def load_config(
     supplies ``AH_*``, ``HOME``, ``XDG_CONFIG_HOME``...; ``platform`` (default
     ``sys.platform``) picks the file locations. Each layer is validated on its own, so an
     error names the file (or variable, or flag) at fault.
+
+    Daemons pass ``repo=False`` (their working directory is no workspace, so no repo
+    layers) and their own settings file as ``state_layer``, which sits between the user
+    layer and the environment: flags > ``AH_*`` > the state directory's file > user > system.
     """
     schema_type: type[msgspec.Struct] = schema if schema is not None else ConfigFile
     env = os.environ if env is None else env
@@ -316,11 +337,20 @@ def load_config(
 
     add_file(Layer.SYSTEM, paths.system, required=False)
     add_file(Layer.USER, paths.user, required=False)
-    repo_root = find_repo_root(cwd)
+    repo_root = find_repo_root(cwd) if repo else None
     if repo_root is not None:
         repo_file, repo_user_file = repo_config_paths(repo_root)
         add_file(Layer.REPO, repo_file, required=False)
         add_file(Layer.REPO_USER, repo_user_file, required=False)
+
+    if state_layer is not None:
+        consulted.append(LayerSource(Layer.STATE_DIR, state_layer.source, bool(state_layer.data)))
+        if state_layer.data:
+            entry = LayerInput(Layer.STATE_DIR, state_layer.source, state_layer.data)
+            validate_layer(
+                state_layer.data, schema_type, entry.source_of, layer=Layer.STATE_DIR.value
+            )
+            layers.append(entry)
 
     env_input, unknown_env = environment_layer(
         env, schema_type, aliases=env_aliases, allowlist=env_allowlist
@@ -344,3 +374,27 @@ def load_config(
         consulted=consulted,
         unknown_env=unknown_env,
     )
+
+
+def daemon_log_config(
+    state_log: LogConfig | None = None,
+    state_source: str | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    platform: str | None = None,
+    home: Path | None = None,
+) -> LogConfig | None:
+    """The ``[log]`` settings of a daemon: the system and user files, then the daemon's own
+    state-directory file (``state_log``, read from ``state_source``), then ``AH_LOG_*``.
+    The log flags win over all of them (:func:`ah_logging.configure_logging_from_click`).
+
+    The whole of each layer is validated, as for ``ah-fleetctl``: a malformed user file is a
+    :class:`ConfigError` naming it, not a silently ignored one.
+    """
+    state = None
+    if state_log is not None:
+        state = StateLayer(state_source or "state directory", {"log": struct_to_raw(state_log)})
+    resolved = load_config(
+        env=env, platform=platform, home=home, repo=False, state_layer=state, cwd=Path("/")
+    )
+    return resolved.typed.log

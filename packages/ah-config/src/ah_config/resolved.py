@@ -50,6 +50,8 @@ class Layer(enum.StrEnum):
     USER = "user"
     REPO = "repo"
     REPO_USER = "repo-user"
+    STATE_DIR = "state-dir"
+    """A daemon's own settings file in its state directory (daemons only; no repo layers)."""
     ENV = "env"
     CONFIG_FILE = "config-file"
     FLAG = "flag"

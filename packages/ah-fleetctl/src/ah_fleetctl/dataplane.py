@@ -63,6 +63,7 @@ from ah_ssh_bridge import (
 
 if TYPE_CHECKING:
     from .context import FleetContext
+    from .fencing import DigestSessions
 
 __all__ = [
     "SSH_ALIAS_PREFIX",
@@ -441,6 +442,10 @@ class FleetLinks:
         self.host_keys: dict[str, str] = {}
         """Follower → the host public key line its transport verified."""
         self._locks: dict[str, asyncio.Lock] = {}
+        self.digest_sessions: DigestSessions | None = None
+        """Warm fence digest sessions over these links, when a caller that fences again and
+        again keeps them (:func:`ah_fleetctl.fencing.keep_digest_sessions`); closed with
+        the links."""
 
     @classmethod
     async def open(
@@ -551,7 +556,11 @@ class FleetLinks:
             return self.transport(name)
 
     async def close(self) -> None:
-        """Close every transport (idempotent)."""
+        """Close every transport and the digest sessions kept (idempotent)."""
+        if self.digest_sessions is not None:
+            sessions, self.digest_sessions = self.digest_sessions, None
+            with contextlib.suppress(Exception):
+                await sessions.close()
         transports = list(self.transports.values())
         self.transports.clear()
         for transport in transports:

@@ -51,6 +51,19 @@ tree; everything before it only has to make that digest likely to match:
   A leader process that fences again keeps the cache rows and proven manifests in memory.
 * The digest runs ``python3 -I -S`` (no site import; the script imports only cheap modules
   on this path) and reuses each ControlMaster.
+* **Warm sessions** (:class:`DigestSessions`, for a process that fences again and again:
+  the benchmark, later ``ah-fleetctl agent``; :func:`keep_digest_sessions` attaches them to
+  the :class:`~ah_fleetctl.dataplane.FleetLinks`, closing the links ends them): one
+  long-lived ``digest_script.py --serve`` per POSIX follower over its ControlMaster, which
+  keeps the tree in memory (``digest_script.LiveTree``: inotify on Linux followers, else a
+  stat walk against the rows in memory) and answers each request — apply this change set,
+  then your id (and manifest) — with its own reading of its whole tree, as the one-shot
+  command would. The leader's snapshot comes from the same code
+  (:class:`~ah_mutagen_project.snapshot.LiveSnapshots`). A session that ended (ssh or the
+  server died, its output was not the protocol) is dropped with the reason logged and the
+  host is digested the one-shot way; one that does not answer by the deadline is killed and
+  the host is ``timeout``, named. After three failed sessions in a row a host gets only
+  one-shot digests. Without kept sessions (the CLI) everything is as above.
 
 Selected followers the links could not reach are part of the result, never dropped: a
 connect timeout is ``timeout``, any other failure ``error``, with the reason.
@@ -112,6 +125,12 @@ from ah_mutagen_project import (
     user_ignores,
     write_mutagen_project,
 )
+from ah_mutagen_project.digest_session import (
+    DigestReply,
+    DigestSession,
+    DigestSessionError,
+    SessionTimeout,
+)
 from ah_mutagen_project.incremental import (
     DEFAULT_MAX_APPLY_BYTES,
     ChangeSet,
@@ -123,6 +142,7 @@ from ah_mutagen_project.incremental import (
     plan_changes,
 )
 from ah_mutagen_project.rsync_engine import RemoteCommandError
+from ah_mutagen_project.snapshot import LiveSnapshots
 
 if TYPE_CHECKING:
     from .dataplane import FleetLinks
@@ -130,6 +150,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_FENCE_TIMEOUT_S",
     "MAX_APPLY_BYTES",
+    "DigestSessions",
     "EngineName",
     "FenceEmit",
     "FenceTarget",
@@ -142,6 +163,7 @@ __all__ = [
     "fence_targets",
     "fence_timeout_s",
     "fence_workspace",
+    "keep_digest_sessions",
     "user_cache_dir",
     "workspace_cache_dir",
 ]
@@ -403,15 +425,138 @@ def _encode_change_set(leader_root: Path, change_set: ChangeSet) -> bytes | None
 # --------------------------------------------------------------------------- engines
 
 
+class DigestSessions:
+    """Warm digest sessions (:class:`~ah_mutagen_project.digest_session.DigestSession`), one
+    per follower, kept by a process that fences again and again (the benchmark, an agent)
+    so that a fence asks a running server for the follower's id instead of starting a
+    digest process. Held by the :class:`~ah_fleetctl.dataplane.FleetLinks` they run over
+    (:func:`keep_digest_sessions`); closing the links closes them (the servers end).
+
+    A session is reused only for the same follower, workspace, ignores and executable-bit
+    rule; a dead one (ssh or the server ended, it did not answer in time) is dropped with
+    its reason logged, and the fence digests that host the one-shot way meanwhile.
+    ``inotify=False`` makes every digest a full stat walk on the follower."""
+
+    MAX_FAILURES = 3
+    """After this many sessions in a row failed on a host (its python cannot serve, ssh
+    refuses the long-lived command...), only one-shot digests go there."""
+
+    def __init__(self, *, inotify: bool = True) -> None:
+        self.inotify = inotify
+        self._sessions: dict[str, tuple[tuple[object, ...], DigestSession]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        self._failures: dict[str, int] = {}
+        self._leaders: dict[tuple[Path, tuple[str, ...]], LiveSnapshots] = {}
+
+    def leader(self, root: Path, ignores: tuple[str, ...], cache_path: Path) -> LiveSnapshots:
+        """The leader workspace's live snapshots (kept current by the same watcher code as
+        the followers' servers), created on first use; closed with the sessions."""
+        key = (root, ignores)
+        found = self._leaders.get(key)
+        if found is None:
+            found = self._leaders[key] = LiveSnapshots(
+                root, list(ignores), cache_path=cache_path, watch=self.inotify
+            )
+        return found
+
+    def answered(self, host: str) -> None:
+        """``host``'s session answered: its failures are forgiven."""
+        self._failures.pop(host, None)
+
+    def get(self, host: str, key: tuple[object, ...]) -> DigestSession | None:
+        """``host``'s live session for ``key``, if any."""
+        found = self._sessions.get(host)
+        if found is None or found[0] != key or not found[1].alive:
+            return None
+        return found[1]
+
+    def forget(self, host: str, why: str | None = None) -> None:
+        """Drop ``host``'s session (closing it in the background); ``why`` is logged."""
+        found = self._sessions.pop(host, None)
+        if found is None:
+            return
+        if why is not None:
+            failures = self._failures[host] = self._failures.get(host, 0) + 1
+            logger.warning("fence: {}: digest session dropped: {}", host, why)
+            if failures == self.MAX_FAILURES:
+                logger.warning(
+                    "fence: {}: {} digest sessions in a row failed; one-shot digests from now on",
+                    host,
+                    failures,
+                )
+        task = asyncio.ensure_future(found[1].close(grace=0.5))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def ensure(
+        self, host: str, key: tuple[object, ...], argv: Sequence[str]
+    ) -> DigestSession | None:
+        """``host``'s session for ``key``, started with ``argv`` when there is none (a dead
+        or differently configured one is dropped first). None when ``argv`` cannot start."""
+        found = self._sessions.get(host)
+        if found is None and self._failures.get(host, 0) >= self.MAX_FAILURES:
+            return None
+        if found is not None:
+            if found[0] == key and found[1].alive:
+                return found[1]
+            if found[0] != key:
+                self.forget(host)
+            else:
+                self.forget(host, f"it had ended ({found[1].reason}); starting a new one")
+        try:
+            session = await DigestSession.start(argv, what=f"digest session on {host}")
+        except OSError as exc:
+            logger.warning("fence: {}: cannot start a digest session: {}", host, exc)
+            return None
+        self._sessions[host] = (key, session)
+        return session
+
+    @property
+    def hosts(self) -> list[str]:
+        return list(self._sessions)
+
+    def session(self, host: str) -> DigestSession | None:
+        found = self._sessions.get(host)
+        return found[1] if found is not None else None
+
+    async def close(self) -> None:
+        """End every session (idempotent)."""
+        sessions = [s for _, s in self._sessions.values()]
+        self._sessions.clear()
+        leaders = list(self._leaders.values())
+        self._leaders.clear()
+        for leader in leaders:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(leader.close)
+        await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+def keep_digest_sessions(links: FleetLinks, *, inotify: bool = True) -> DigestSessions:
+    """Let the fences over ``links`` keep warm digest sessions (see :class:`DigestSessions`)
+    until ``links`` is closed; returns them (the existing ones when already kept)."""
+    if links.digest_sessions is None:
+        links.digest_sessions = DigestSessions(inotify=inotify)
+    return links.digest_sessions
+
+
 class _Digester:
-    """Digests followers' trees over OpenSSH (the same config and ControlMaster as rsync)."""
+    """Digests followers' trees over OpenSSH (the same config and ControlMaster as rsync):
+    through a warm session when ``sessions`` keeps one for the host, else one digest
+    command per call."""
 
     def __init__(
-        self, engine: RsyncEngine, targets: Mapping[str, FenceTarget], ignores: Sequence[str]
+        self,
+        engine: RsyncEngine,
+        targets: Mapping[str, FenceTarget],
+        ignores: Sequence[str],
+        sessions: DigestSessions | None = None,
     ) -> None:
         self.engine = engine
         self.targets = targets
         self.ignores = tuple(ignores)
+        self.sessions = sessions
 
     def _command(self, host: str, *, with_manifest: bool, apply: bool) -> tuple[FenceTarget, str]:
         target = self.targets[host]
@@ -431,6 +576,51 @@ class _Digester:
         )
         return target, command
 
+    def _session_key(self, host: str) -> tuple[object, ...]:
+        target = self.targets[host]
+        inotify = self.sessions.inotify if self.sessions is not None else True
+        return (target.alias, target.workspace, self.ignores, target.exec_bits, inotify)
+
+    def session_for(self, host: str) -> DigestSession | None:
+        """``host``'s live warm session, if the fence keeps one (one that ended since the
+        fence began is dropped here, with its reason logged)."""
+        if self.sessions is None or self.targets[host].os is OsKind.WINDOWS:
+            return None
+        found = self.sessions.session(host)
+        if found is not None and not found.alive:
+            self.sessions.forget(
+                host, f"it ended ({found.reason}); digesting with a one-shot command"
+            )
+            return None
+        return self.sessions.get(host, self._session_key(host))
+
+    async def start_sessions(self) -> set[str]:
+        """Make sure every POSIX host has a session (when sessions are kept); returns the
+        hosts that have one. A new server starts reading its tree at once, in parallel
+        with the leader's snapshot."""
+        sessions = self.sessions
+        if sessions is None:
+            return set()
+        hosts = [h for h, t in self.targets.items() if t.os is not OsKind.WINDOWS]
+
+        async def one(host: str) -> DigestSession | None:
+            target = self.targets[host]
+            command = remote_digest_command(
+                target.workspace,
+                self.ignores,
+                exec_bits=target.exec_bits,
+                style="inline-posix",
+                cache=True,
+                isolated=True,
+                serve=True,
+                inotify=sessions.inotify,
+            )
+            argv = self.engine.transport.ssh_argv(target.alias, command)
+            return await sessions.ensure(host, self._session_key(host), argv)
+
+        started = await asyncio.gather(*(one(h) for h in hosts))
+        return {h for h, s in zip(hosts, started, strict=True) if s is not None}
+
     async def prestart(self, host: str, *, with_manifest: bool = False) -> FedCommand:
         """Start ``host``'s digest command that first applies a change set from its standard
         input (POSIX followers): SSH, the remote shell and the interpreter start while the
@@ -440,6 +630,46 @@ class _Digester:
         return await FedCommand.start(
             self.engine.transport.ssh_argv(target.alias, command), what=f"ssh to {host}"
         )
+
+    async def _ask_session(
+        self,
+        session: DigestSession,
+        host: str,
+        *,
+        with_manifest: bool,
+        timeout: float,
+        change_set: bytes | None,
+    ) -> RemoteDigest:
+        target = self.targets[host]
+        where = f"digest of {target.workspace!r}"
+        try:
+            reply: DigestReply = await session.request(
+                change_set=change_set, manifest=with_manifest, timeout=_step_timeout(timeout)
+            )
+        except SessionTimeout:
+            assert self.sessions is not None
+            self.sessions.forget(host)
+            raise TimeoutError(
+                f"{where} on {host} did not answer in time; its digest session was killed"
+            ) from None
+        assert self.sessions is not None
+        self.sessions.answered(host)
+        logger.debug(
+            "fence: {}: session digest ({}{}, {} hashed, {:.1f} ms on the follower)",
+            host,
+            reply.mode,
+            f": {reply.reason}" if reply.reason else "",
+            reply.hashed,
+            reply.took_ms,
+        )
+        if reply.status != 0:
+            raise RemoteCommandError(
+                f"{where}: digest session on {host} answered status {reply.status}: "
+                f"{reply.output.decode('utf-8', 'replace').strip()[:2000]}",
+                reply.status,
+            )
+        found = parse_digest_output(reply.output, manifest=with_manifest, where=host)
+        return found if target.exec_bits else msgspec.structs.replace(found, exec_bits=False)
 
     async def digest(
         self,
@@ -452,7 +682,40 @@ class _Digester:
     ) -> RemoteDigest:
         """``change_set``: a stream (``encode_change_set``) for the command to apply before
         it digests (POSIX followers only), through ``started`` (from :meth:`prestart`) when
-        given."""
+        given. A warm session answers when there is one; when it fails (it ended, or its
+        output is not the protocol) the reason is logged and a one-shot command answers."""
+        session = self.session_for(host) if started is None else None
+        if session is not None:
+            deadline = time.monotonic() + timeout
+            try:
+                return await self._ask_session(
+                    session,
+                    host,
+                    with_manifest=with_manifest,
+                    timeout=timeout,
+                    change_set=change_set,
+                )
+            except DigestSessionError as exc:
+                assert self.sessions is not None
+                self.sessions.forget(host, f"{exc}; digesting with a one-shot command")
+                timeout = max(0.0, deadline - time.monotonic())
+        return await self._digest_once(
+            host,
+            with_manifest=with_manifest,
+            timeout=timeout,
+            change_set=change_set,
+            started=started,
+        )
+
+    async def _digest_once(
+        self,
+        host: str,
+        *,
+        with_manifest: bool,
+        timeout: float,
+        change_set: bytes | None = None,
+        started: FedCommand | None = None,
+    ) -> RemoteDigest:
         target, command = self._command(
             host, with_manifest=with_manifest, apply=change_set is not None
         )
@@ -640,6 +903,7 @@ async def fence_workspace(
     engine: EngineName | None = None,
     unreachable: Mapping[str, tuple[FenceHostState, str]] | None = None,
     mutagen_binary: str = "mutagen",
+    sessions: DigestSessions | None = None,
 ) -> FenceMetadata:
     """Fence ``targets`` (reached through ``ssh_config``) to the tree at ``leader_root``.
 
@@ -647,6 +911,7 @@ async def fence_workspace(
     (they are in the events and the result, and nothing is attempted on them).
     ``cache_dir``: where the snapshot's stat cache and the :class:`VerifiedHosts` live
     (default :func:`workspace_cache_dir`). ``engine``: default :func:`choose_engine`.
+    ``sessions``: warm digest sessions to use and keep (:class:`DigestSessions`).
     Never raises for a host's failure (see :func:`ah_mutagen_project.require_consistent`).
     """
     leader_root = leader_root.resolve()
@@ -657,7 +922,7 @@ async def fence_workspace(
     engine_name = engine or choose_engine(mutagen_binary)
     ignore_list = tuple(ignores)
     rsync = RsyncEngine(ssh_config_path=ssh_config)
-    digester = _Digester(rsync, by_name, ignore_list)
+    digester = _Digester(rsync, by_name, ignore_list, sessions)
     session_dir = Path(tempfile.mkdtemp(prefix="session-", dir=cache))
     syncer: RsyncSync | MutagenSync
     try:
@@ -728,6 +993,9 @@ async def _fence(
     # Hosts with nothing proven get a full rsync at once, while the snapshot is taken (the
     # digest afterwards proves what arrived, whatever the order). The others wait for the
     # snapshot and are sent just what differs from the manifest last proven there.
+    # Warm digest sessions (when kept): started now for hosts without one, so a new server
+    # reads its tree while the leader takes its snapshot.
+    with_session = await digester.start_sessions()
     early_sync: dict[str, asyncio.Task[object]] = {}
     if isinstance(syncer, RsyncSync):
         early_sync = {
@@ -736,12 +1004,13 @@ async def _fence(
             if host not in proven
         }
 
-    # Proven POSIX hosts get their digest command started now too: it waits for the change
-    # set (empty when nothing changed) and reads the tree only after applying it.
+    # Proven POSIX hosts without a session get their digest command started now too: it
+    # waits for the change set (empty when nothing changed) and reads the tree only after
+    # applying it.
     prestarted: dict[str, asyncio.Task[FedCommand]] = {
         host: asyncio.ensure_future(digester.prestart(host))
         for host in proven
-        if targets[host].os is not OsKind.WINDOWS
+        if targets[host].os is not OsKind.WINDOWS and host not in with_session
     }
 
     async def cancel_early() -> None:
@@ -756,9 +1025,15 @@ async def _fence(
         prestarted.clear()
 
     try:
-        snapshot: Snapshot = await asyncio.to_thread(
-            take_snapshot, leader_root, list(ignores), cache_path=cache / "snapshot.cache"
-        )
+        snapshot: Snapshot
+        if digester.sessions is not None:
+            # A process that keeps sessions keeps the leader's tree in memory too.
+            live = digester.sessions.leader(leader_root, ignores, cache / "snapshot.cache")
+            snapshot = await asyncio.to_thread(live.snapshot)
+        else:
+            snapshot = await asyncio.to_thread(
+                take_snapshot, leader_root, list(ignores), cache_path=cache / "snapshot.cache"
+            )
     except SnapshotError as exc:
         await cancel_early()
         raise CliError(
@@ -971,7 +1246,8 @@ async def fence_selected(
     ``timeout``: seconds (default config ``timeouts.fence``, else 120). Hosts the links
     could not reach are in the result as ``timeout`` (connect timeout) or ``error``.
     ``engine``: default :func:`choose_engine`; ``cache_root``: default
-    :func:`user_cache_dir`. Never raises for a host's failure: check
+    :func:`user_cache_dir`. Warm digest sessions are used and kept when the links keep them
+    (:func:`keep_digest_sessions`). Never raises for a host's failure: check
     ``metadata.lagging_hosts()`` or use :func:`ah_mutagen_project.require_consistent`.
     """
     config = ctx.config.typed
@@ -1004,6 +1280,7 @@ async def fence_selected(
         else:
             unreachable[name] = (FenceHostState.ERROR, f"unreachable: {failure.reason}")
     targets = fence_targets(links, names)
+    # The config file goes when the fence ends; warm sessions' ssh processes read it at start.
     with tempfile.TemporaryDirectory(prefix="ssh-", dir=cache) as scratch:
         ssh_config = links.ssh_config(Path(scratch) / "ssh_config")
         return await fence_workspace(
@@ -1017,4 +1294,5 @@ async def fence_selected(
             cache_dir=cache,
             engine=engine,
             unreachable=unreachable,
+            sessions=links.digest_sessions,
         )

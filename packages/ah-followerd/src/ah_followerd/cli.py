@@ -8,7 +8,15 @@ from pathlib import Path
 import click
 import msgspec
 
-from ah_config import AhGroup, CliError, duration_callback, echo_json, is_json, tags_callback
+from ah_config import (
+    AhGroup,
+    CliError,
+    daemon_log_config,
+    duration_callback,
+    echo_json,
+    is_json,
+    tags_callback,
+)
 from ah_domain_types import (
     DomainValidationError,
     ExitCode,
@@ -28,11 +36,21 @@ from .agent import (
     run_agent,
 )
 from .enroll import EnrollError, enroll
-from .state import FollowerStateError, load_follower_state
+from .state import SETTINGS_FILE, FollowerState, FollowerStateError, load_follower_state
 
 __all__ = ["main"]
 
 BINARY = "ah-followerd"
+
+
+def _configure_logging(ctx: click.Context, state: FollowerState | None = None) -> None:
+    """Log flags, then ``AH_LOG_*``, then ``[log]`` of ``follower.toml``, then the user and
+    system configuration files, then the daemon defaults."""
+    configured = daemon_log_config(
+        state.settings.log if state is not None else None,
+        str(state.state_dir / SETTINGS_FILE) if state is not None else None,
+    )
+    configure_logging_from_click(ctx, BINARY, "daemon", LogSettings.from_config(configured))
 
 
 def _host_port(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -108,7 +126,7 @@ def enroll_command(
     **_: object,
 ) -> None:
     """Join the fleet with a one-time TOKEN: pin the CA, get a certificate, store it."""
-    configure_logging_from_click(ctx, BINARY, "daemon")
+    _configure_logging(ctx)
     if name is not None:
         try:
             validate_host_name(name)
@@ -250,9 +268,9 @@ def run_command(
     try:
         state = load_follower_state(state_dir)
     except FollowerStateError as exc:
-        configure_logging_from_click(ctx, BINARY, "daemon")
+        _configure_logging(ctx)
         raise CliError(exc.exit_code, exc.message, details={"stateDir": str(state_dir)}) from None
-    configure_logging_from_click(ctx, BINARY, "daemon", LogSettings.from_config(state.settings.log))
+    _configure_logging(ctx, state)
     try:
         fingerprint = host_key_fingerprint(ssh_host_key_file)
     except HostKeyError as exc:

@@ -97,21 +97,29 @@ if TYPE_CHECKING:
 __all__ = [
     "APPLY_FORMAT",
     "FORMAT",
+    "FRAME_MAGIC",
     "ID_PREFIX",
     "KIND_DIR",
     "KIND_FILE",
     "KIND_LINK",
+    "MAX_FRAME_BODY",
     "VCS_IGNORES",
     "ApplyError",
+    "FrameDecoder",
+    "FrameError",
     "IgnorePatternError",
     "IgnoreRules",
+    "Inotify",
+    "LiveTree",
     "StatCache",
     "TreeError",
     "apply_changes",
     "content_id",
     "default_cache_path",
+    "encode_frame",
     "main",
     "scan_tree",
+    "serve",
     "sha256_file",
 ]
 
@@ -125,6 +133,9 @@ KIND_LINK = "l"
 
 CACHE_FORMAT = "ah-tree-digest-cache/2"
 RACY_WINDOW_S = 2.0
+VERIFY_EVERY_S = 60.0
+"""A live tree (``--serve``, a warm leader) walks the whole tree at least this often, to
+catch what inotify cannot see (see ``LiveTree``)."""
 _GLOB_CHARS = frozenset("*?[")
 _CHUNK = 1 << 20
 
@@ -686,6 +697,816 @@ def content_id(entries: "Iterable[Entry]", exec_bits: bool = True, presorted: bo
     return ID_PREFIX + digest.hexdigest()[:ID_HEX_DIGITS]
 
 
+# --------------------------------------------------------------------------- warm sessions
+#
+# ``--serve`` keeps one digest process per follower alive across fences (the leader's
+# ``ah_mutagen_project.digest_session``): it reads requests from its standard input and
+# answers on its standard output, both in the frames below, and keeps what it knows of the
+# tree in memory (:class:`LiveTree`) between requests.
+
+FRAME_MAGIC = b"AH"
+FRAME_HEADER = 7
+"""``AH``, the kind (one ASCII capital letter), the body length (4 bytes, big-endian)."""
+MAX_FRAME_BODY = 1 << 29
+"""512 MiB: far above any change set the leader sends (16 MiB) or manifest it asks for."""
+SERVE_FORMAT = "ah-tree-digest-serve/1"
+
+
+class FrameError(ValueError):
+    """The byte stream is not a sequence of frames (the message says what was found)."""
+
+
+def encode_frame(kind: str, body: bytes) -> bytes:
+    """One frame: ``AH`` + ``kind`` (a capital letter) + the body's length + the body."""
+    if len(kind) != 1 or not ("A" <= kind <= "Z"):
+        raise FrameError(f"frame kind {kind!r}: expected one capital letter")
+    if len(body) > MAX_FRAME_BODY:
+        raise FrameError(f"frame body of {len(body)} bytes exceeds {MAX_FRAME_BODY}")
+    return FRAME_MAGIC + kind.encode("ascii") + len(body).to_bytes(4, "big") + bytes(body)
+
+
+class FrameDecoder:
+    """Splits a byte stream, fed in chunks of any size, into ``(kind, body)`` frames.
+
+    After a :class:`FrameError` (anything that is not a frame: a login banner, a traceback,
+    a length beyond ``max_body``) the decoder stays broken: every later :meth:`feed` raises
+    the same error. Sans-I/O: both ends of a session use it."""
+
+    def __init__(self, max_body: int = MAX_FRAME_BODY) -> None:
+        self.max_body = max_body
+        self._buffer = bytearray()
+        self._error: "FrameError | None" = None
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not complete a frame yet."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> "list[tuple[str, bytes]]":
+        """Add ``data``; return the frames it completes, in order.
+
+        Raises:
+            FrameError: the stream is not made of frames.
+        """
+        if self._error is not None:
+            raise self._error
+        self._buffer += data
+        frames: "list[tuple[str, bytes]]" = []
+        buffer = self._buffer
+        offset = 0
+        try:
+            while True:
+                available = len(buffer) - offset
+                if not available:
+                    break
+                probe = bytes(buffer[offset : offset + min(available, 2)])
+                if probe != FRAME_MAGIC[: len(probe)]:
+                    raise FrameError(
+                        f"expected a frame (b'AH'...), got {bytes(buffer[offset : offset + 40])!r}"
+                    )
+                if available < 3:
+                    break
+                kind = chr(buffer[offset + 2])
+                if not ("A" <= kind <= "Z"):
+                    raise FrameError(f"bad frame kind {bytes(buffer[offset + 2 : offset + 3])!r}")
+                if available < FRAME_HEADER:
+                    break
+                size = int.from_bytes(buffer[offset + 3 : offset + FRAME_HEADER], "big")
+                if size > self.max_body:
+                    raise FrameError(
+                        f"frame {kind!r} announces {size} bytes, more than {self.max_body}"
+                    )
+                if available < FRAME_HEADER + size:
+                    break
+                end = offset + FRAME_HEADER + size
+                frames.append((kind, bytes(buffer[offset + FRAME_HEADER : end])))
+                offset = end
+        except FrameError as exc:
+            self._error = exc
+            self._buffer = bytearray()
+            raise
+        del buffer[:offset]
+        return frames
+
+
+_IN_MODIFY = 0x2
+_IN_ATTRIB = 0x4
+_IN_MOVED_FROM = 0x40
+_IN_MOVED_TO = 0x80
+_IN_CREATE = 0x100
+_IN_DELETE = 0x200
+_IN_DELETE_SELF = 0x400
+_IN_MOVE_SELF = 0x800
+_IN_UNMOUNT = 0x2000
+_IN_Q_OVERFLOW = 0x4000
+_IN_IGNORED = 0x8000
+_IN_ONLYDIR = 0x1000000
+_IN_DONT_FOLLOW = 0x2000000
+_IN_NONBLOCK = 0o4000
+_IN_CLOEXEC = 0o2000000
+_IN_CLOSE_WRITE = 0x8
+# IN_CLOSE_WRITE as well as IN_MODIFY: a writer that goes through a shared mmap (linkers do)
+# raises no IN_MODIFY, but closing its descriptor afterwards does raise IN_CLOSE_WRITE.
+_WATCH_MASK = (
+    _IN_MODIFY | _IN_CLOSE_WRITE | _IN_ATTRIB | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE
+    | _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_ONLYDIR | _IN_DONT_FOLLOW
+)  # fmt: skip
+_NEW_NAME = _IN_CREATE | _IN_MOVED_TO
+_ROOT_GONE = _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_UNMOUNT | _IN_IGNORED
+_LOCAL_FILESYSTEMS = frozenset(
+    [
+        "ext2",
+        "ext3",
+        "ext4",
+        "xfs",
+        "btrfs",
+        "tmpfs",
+        "ramfs",
+        "f2fs",
+        "bcachefs",
+        "jfs",
+        "reiserfs",
+        "zfs",
+        "overlay",
+    ]
+)
+"""Filesystems whose every change is made by this kernel (so it queues the event). Network
+and FUSE filesystems can change without one: there the full stat walk runs every time."""
+
+
+class WatchError(OSError):
+    """inotify is unusable here, or a directory could not be watched (reason in message)."""
+
+
+def _filesystem_type(path: str) -> "str | None":
+    """The type of the filesystem ``path`` is on, from ``/proc/self/mountinfo``."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as handle:
+            lines = handle.read().decode("utf-8", "surrogateescape").splitlines()
+    except OSError:
+        return None
+    target = os.path.realpath(path)
+    best, found = -1, None
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if len(fields) < 5 or not right:
+            continue
+        mount = fields[4]
+        for escape, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+            mount = mount.replace(escape, char)
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= best:  # later mounts over the same point win
+            best, found = len(mount), right.split()[0]
+    return found
+
+
+class Inotify:
+    """inotify(7) through ctypes on the C library (Linux; no other dependency).
+
+    :meth:`add` watches one directory (never following a symlink), :meth:`read` drains the
+    queue without blocking. Raises :class:`WatchError` when inotify is unavailable."""
+
+    def __init__(self) -> None:
+        if not sys.platform.startswith("linux"):
+            raise WatchError("inotify needs Linux")
+        try:
+            import ctypes
+            import ctypes.util
+        except ImportError as exc:  # a Python built without ctypes
+            raise WatchError(f"no ctypes: {exc}") from None
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            self._init1 = libc.inotify_init1
+            self._add = libc.inotify_add_watch
+            self._rm = libc.inotify_rm_watch
+        except (OSError, AttributeError) as exc:
+            raise WatchError(f"no inotify in the C library: {exc}") from None
+        self._ctypes = ctypes
+        self._add.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+        self._rm.argtypes = [ctypes.c_int, ctypes.c_int]
+        fd = self._init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        if fd < 0:
+            errno = ctypes.get_errno()
+            raise WatchError(f"inotify_init1: {os.strerror(errno)}")
+        self.fd = fd
+        import struct
+
+        self._event = struct.Struct("iIII")
+
+    def add(self, path: str) -> int:
+        """Watch the directory ``path``; returns the watch descriptor (the same one when
+        the directory, by inode, is watched already).
+
+        Raises:
+            WatchError: ENOSPC (``fs.inotify.max_user_watches`` reached) and the like;
+                FileNotFoundError / NotADirectoryError when it is gone or not a directory.
+        """
+        wd = self._add(self.fd, path_bytes(path), _WATCH_MASK)
+        if wd >= 0:
+            return int(wd)
+        errno = self._ctypes.get_errno()
+        import errno as codes
+
+        if errno == codes.ENOENT:
+            raise FileNotFoundError(errno, os.strerror(errno), path)
+        if errno == codes.ENOTDIR:
+            raise NotADirectoryError(errno, os.strerror(errno), path)
+        raise WatchError(f"cannot watch {path!r}: {os.strerror(errno)}")
+
+    def remove(self, wd: int) -> None:
+        self._rm(self.fd, wd)  # EINVAL for a watch the kernel dropped already: fine
+
+    def read(self) -> "list[tuple[int, int, str]]":
+        """Every queued event as ``(wd, mask, name)``, without blocking."""
+        events: "list[tuple[int, int, str]]" = []
+        unpack = self._event.unpack_from
+        size = self._event.size
+        while True:
+            try:
+                data = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                return events
+            offset = 0
+            while offset + size <= len(data):
+                wd, mask, _cookie, length = unpack(data, offset)
+                raw = data[offset + size : offset + size + length].rstrip(b"\0")
+                events.append((wd, mask, os.fsdecode(raw)))
+                offset += size + length
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _render(entry: "Entry", exec_bits: bool) -> bytes:
+    """An entry's bytes in the canonical manifest (see :func:`content_id`)."""
+    path, kind, executable, size, data = entry
+    exec_field = "1" if executable and exec_bits else "0"
+    try:
+        return f"{path}\0{kind}\0{exec_field}\0{size}\0{data}\0".encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return b"\0".join(
+            (path_bytes(path), kind.encode("ascii"), exec_field.encode("ascii"),
+             str(size).encode("ascii"), path_bytes(data), b"")
+        )  # fmt: skip
+
+
+class LiveTree:
+    """A tree's entries kept in memory between digests (the ``--serve`` mode).
+
+    Each :meth:`refresh` brings them up to date and :meth:`content_id` hashes the result —
+    always the whole tree, as :func:`scan_tree` would see it now. How it learns what changed:
+
+    * **inotify** (Linux, local filesystems): every directory of the tree that is not ignored
+      is watched (the watch is added *before* the directory is listed, so an entry created
+      meanwhile is either listed or reported). A refresh drains the queue and re-reads only
+      the paths the events name; a new or moved-in directory is watched and scanned. Why
+      that is the whole truth: the kernel queues an event inside the very system call that
+      changes a directory entry, a file's content (``write``, ``truncate``) or its metadata
+      (``chmod``, ``utime``), so a change made before the request reached us is in the queue
+      when we drain it; a change made after that belongs to the next request.
+      Known blind spots of inotify, closed here by stat-checking on every refresh: files
+      with more than one hard link (written through a link outside a watched directory, no
+      watch of ours sees it) — their rows follow the stat cache's rule every time. Not
+      covered by events: writes through a shared ``mmap`` while the writer keeps the file
+      open (no event until it closes it: ``IN_CLOSE_WRITE`` is watched). Those are bounded
+      by the **verification walk**: when the last full walk is ``verify_every_s`` old (60 s),
+      the next refresh is a full walk, and the ``--serve`` loop runs it ahead of time while
+      idle (:meth:`verify`, which reports on stderr what the walk found that no event had
+      announced). ``--no-inotify`` makes every refresh a full walk.
+    * **full stat walk** with the in-memory rows as stat cache: everywhere else (no inotify,
+      a network or FUSE filesystem, ``--no-inotify``) and whenever the events cannot be
+      trusted: the queue overflowed (``IN_Q_OVERFLOW``), a watch could not be added (ENOSPC:
+      ``fs.inotify.max_user_watches``), the root itself moved.
+
+    Hashes are reused by the stat cache's rule: a file whose ``(size, mtime, inode, ctime)``
+    equal those of its row, and whose row was hashed when both times were already
+    ``racy_window_s`` old; any other file named by an event or met by a walk is read again.
+    Each entry's manifest bytes are kept, so a digest after a small change hashes the
+    joined rows without building them again.
+    """
+
+    CHECKPOINT_EVERY = 256
+    """Entries per hashed chunk (see :meth:`content_id`)."""
+
+    def __init__(
+        self,
+        root: str,
+        rules: "IgnoreRules",
+        exec_bits: bool = True,
+        cache_path: "str | None" = None,
+        watch: bool = True,
+        racy_window_s: float = RACY_WINDOW_S,
+        verify_every_s: float = VERIFY_EVERY_S,
+    ) -> None:
+        self.root = os.path.abspath(root)
+        self.verify_every_s = verify_every_s
+        self.walked_at: "float | None" = None
+        """``time.monotonic()`` when the last full walk started."""
+        self.rules = rules
+        self.exec_bits = exec_bits
+        self.racy_ns = int(racy_window_s * 1e9)
+        self.cache_path = cache_path
+        self.entries: "dict[str, Entry]" = {}
+        self.rendered: "dict[str, bytes]" = {}
+        self.rows: "dict[str, tuple[tuple[int, int, int, int], str, bool]]" = {}
+        """Files: (stat key, sha256 hex, settled when hashed)."""
+        self.linked: "set[str]" = set()
+        """Files with more than one hard link: stat-checked on every refresh."""
+        self.hashed = 0
+        self.restatted = 0
+        self.mode = "walk"
+        self.reason = "" if watch else "--no-inotify"
+        self._order: "list[str] | None" = None
+        self._id: "str | None" = None
+        self._full = True
+        self._dirty: "dict[str, int]" = {}
+        self._watcher: "Inotify | None" = None
+        self._wd_dirs: "dict[int, str]" = {}
+        self._dir_wds: "dict[str, int]" = {}
+        self._unsaved = False
+        self._previous: "dict[str, tuple[Entry, bytes]]" = {}
+        self._index: "dict[str, int]" = {}
+        self._checkpoints: "list[hashlib._Hash]" = []
+        self._changed_from = 0
+        if cache_path:
+            loaded = _read_cache(cache_path, self.root)
+            # Persisted rows were stored by the stat cache's rule: they count as settled.
+            self.rows = {rel: (row[0], row[1], True) for rel, row in loaded.items()}
+        if watch:
+            fs_type = _filesystem_type(self.root)
+            if fs_type not in _LOCAL_FILESYSTEMS:
+                self.reason = f"filesystem {fs_type or 'unknown'} may change without events"
+            else:
+                try:
+                    self._watcher = Inotify()
+                    self.mode = "inotify"
+                except WatchError as exc:
+                    self.reason = str(exc)
+
+    # -- the walk --------------------------------------------------------------------------
+
+    def _stop_watching(self, reason: str) -> None:
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
+            self._wd_dirs.clear()
+            self._dir_wds.clear()
+        self.mode = "walk"
+        self.reason = reason
+        self._full = True
+
+    def _watch(self, rel: str, path: str) -> None:
+        watcher = self._watcher
+        if watcher is None:
+            return
+        try:
+            wd = watcher.add(path)
+        except WatchError as exc:
+            self._stop_watching(str(exc))
+            return
+        except (FileNotFoundError, NotADirectoryError):
+            return  # gone meanwhile: listing it fails next and drops it
+        self._wd_dirs[wd] = rel
+        self._dir_wds[rel] = wd
+
+    def _file(self, rel: str, path: str, st: "os.stat_result", now_ns: int) -> None:
+        key = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+        row = self.rows.get(rel)
+        if row is not None and row[0] == key and row[2]:
+            sha = row[1]
+        else:
+            sha = sha256_file(path)
+            self.hashed += 1
+            settled = (key[1] if key[1] > key[3] else key[3]) <= now_ns - self.racy_ns
+            if settled:
+                after = os.lstat(path)
+                settled = key == (after.st_size, after.st_mtime_ns, after.st_ino, after.st_ctime_ns)
+            self.rows[rel] = (key, sha, settled)
+            self._unsaved = True
+        if st.st_nlink > 1:
+            self.linked.add(rel)
+        else:
+            self.linked.discard(rel)
+        self._set(rel, (rel, KIND_FILE, 1 if st.st_mode & stat.S_IXUSR else 0, st.st_size, sha))
+
+    def _set(self, rel: str, entry: "Entry") -> None:
+        if self.entries.get(rel) != entry:
+            if rel not in self.entries:
+                self._order = None
+            elif self._order is not None:
+                # Same paths: the hash is resumed from the checkpoint before this entry.
+                index = self._index[rel]
+                if index < self._changed_from:
+                    self._changed_from = index
+            previous = self._previous.get(rel)
+            if previous is not None and previous[0] == entry:
+                # A full walk met it unchanged: the same objects (cheap to compare later).
+                self.entries[rel], self.rendered[rel] = previous
+            else:
+                self.entries[rel] = entry
+                self.rendered[rel] = _render(entry, self.exec_bits)
+            self._id = None
+
+    def _drop(self, rel: str) -> None:
+        """Forget ``rel`` and, if it was a directory, everything below it."""
+        entry = self.entries.pop(rel, None)
+        if entry is None:
+            return
+        del self.rendered[rel]
+        self._order = None
+        self._id = None
+        self.linked.discard(rel)
+        if self.rows.pop(rel, None) is not None:
+            self._unsaved = True
+        if entry[1] != KIND_DIR:
+            return
+        prefix = rel + "/"
+        below = [p for p in self.entries if p.startswith(prefix)]
+        for path in below:
+            del self.entries[path]
+            del self.rendered[path]
+            self.linked.discard(path)
+            self.rows.pop(path, None)
+        self._unsaved = True
+        for directory in [rel, *(d for d in self._dir_wds if d.startswith(prefix))]:
+            wd = self._dir_wds.pop(directory, None)
+            if wd is not None and self._wd_dirs.get(wd) == directory:
+                del self._wd_dirs[wd]
+                if self._watcher is not None:
+                    self._watcher.remove(wd)
+
+    def _scan(self, rel: str, now_ns: int) -> None:
+        """(Re)read the directory ``rel`` ("" the root) and everything below it."""
+        names_only = self.rules.names_only
+        matches = self.rules.matches
+        pending = [rel]
+        while pending:
+            directory = pending.pop()
+            path = os.path.join(self.root, directory) if directory else self.root
+            self._watch(directory, path)  # before listing: see the class docstring
+            try:
+                with os.scandir(path) as listing:
+                    children = list(listing)
+            except (FileNotFoundError, NotADirectoryError):
+                if not directory:
+                    raise TreeError(f"tree root {self.root!r} vanished while being read") from None
+                self._drop(directory)
+                continue
+            except OSError as exc:
+                raise TreeError(f"cannot list directory {path!r}: {exc.strerror or exc}") from exc
+            prefix = directory + "/" if directory else ""
+            for child in children:
+                name = child.name
+                if names_only is not None and name in names_only:
+                    continue
+                child_rel = prefix + name
+                try:
+                    if child.is_file(follow_symlinks=False):
+                        if names_only is None and matches(child_rel, name, False):
+                            continue
+                        st = child.stat(follow_symlinks=False)
+                        if stat.S_ISREG(st.st_mode):
+                            self._file(child_rel, child.path, st, now_ns)
+                    elif child.is_dir(follow_symlinks=False):
+                        if names_only is None and matches(child_rel, name, True):
+                            continue
+                        self._set(child_rel, (child_rel, KIND_DIR, 0, 0, ""))
+                        pending.append(child_rel)
+                    elif child.is_symlink():
+                        if names_only is None and matches(child_rel, name, False):
+                            continue
+                        target = os.readlink(child.path)
+                        self._set(child_rel, (child_rel, KIND_LINK, 0, 0, target))
+                except FileNotFoundError:
+                    continue  # vanished between listing and reading (its event follows)
+                except OSError as exc:
+                    raise TreeError(f"cannot read {child.path!r}: {exc.strerror or exc}") from exc
+
+    def _full_walk(self, now_ns: int) -> None:
+        if not os.path.isdir(self.root):
+            raise TreeError(f"tree root {self.root!r} is not a directory (or does not exist)")
+        self.walked_at = time.monotonic()
+        if self._watcher is not None:
+            self._watcher.read()  # what it says is superseded by the walk that follows
+        old, old_id, old_order = self.entries, self._id, self._order
+        self._previous = {rel: (entry, self.rendered[rel]) for rel, entry in old.items()}
+        self.entries, self.rendered = {}, {}
+        self.linked = set()
+        self._wd_dirs.clear()
+        self._dir_wds.clear()
+        self._order = None
+        self._id = None
+        seen_rows = self.rows
+        try:
+            self._scan("", now_ns)
+        finally:
+            self._previous = {}
+        if self.entries == old:  # nothing changed (the same objects: compared by identity)
+            self._id, self._order = old_id, old_order
+        if self.entries.keys() != old.keys():
+            self._unsaved = True
+        # Rows of files no longer there: forget them (as the stat cache does).
+        gone = [rel for rel in seen_rows if rel not in self.entries]
+        for rel in gone:
+            del self.rows[rel]
+        self._full = False
+
+    def _update(self, rel: str, now_ns: int, structural: bool) -> bool:
+        """Bring the entry at ``rel`` (named by an event) up to date; True when everything
+        below it was dealt with too (dropped or scanned again)."""
+        parent, _, name = rel.rpartition("/")
+        if parent and (self.entries.get(parent) or ("", ""))[1] != KIND_DIR:
+            self._drop(rel)  # its directory is gone or not one any more
+            return True
+        path = os.path.join(self.root, rel)
+        try:
+            st = os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            self._drop(rel)
+            return True
+        except OSError as exc:
+            raise TreeError(f"cannot read {path!r}: {exc.strerror or exc}") from exc
+        mode = st.st_mode
+        is_dir = stat.S_ISDIR(mode)
+        names_only = self.rules.names_only
+        if (
+            (name in names_only)
+            if names_only is not None
+            else self.rules.matches(rel, name, is_dir)
+        ):
+            self._drop(rel)
+            return True
+        old = self.entries.get(rel)
+        if is_dir:
+            if old is None or old[1] != KIND_DIR or structural or rel not in self._dir_wds:
+                self._drop(rel)
+                self._set(rel, (rel, KIND_DIR, 0, 0, ""))
+                self._scan(rel, now_ns)
+                return True
+            return False
+        if old is not None and old[1] == KIND_DIR:
+            self._drop(rel)
+        try:
+            if stat.S_ISREG(mode):
+                self._file(rel, path, st, now_ns)
+            elif stat.S_ISLNK(mode):
+                self._set(rel, (rel, KIND_LINK, 0, 0, os.readlink(path)))
+            else:
+                self._drop(rel)
+        except FileNotFoundError:
+            self._drop(rel)  # gone meanwhile (its event follows)
+        except OSError as exc:
+            raise TreeError(f"cannot read {path!r}: {exc.strerror or exc}") from exc
+        return True
+
+    def _drain(self) -> None:
+        watcher = self._watcher
+        if watcher is None:
+            return
+        for wd, mask, name in watcher.read():
+            if mask & _IN_Q_OVERFLOW:
+                self._full = True
+                continue
+            directory = self._wd_dirs.get(wd)
+            if directory is None:
+                continue  # a watch we gave up (its directory left the tree)
+            if not name:
+                if not directory and mask & _ROOT_GONE:
+                    self._full = True  # the root itself moved or went away
+                continue  # the parent's watch reports the rest by name
+            rel = directory + "/" + name if directory else name
+            self._dirty[rel] = self._dirty.get(rel, 0) | mask
+
+    def verify_due(self) -> "float | None":
+        """Seconds until the next verification walk is due (0.0: now); None when there is
+        none to schedule (no watcher: every refresh walks anyway, or verification is off)."""
+        if self._watcher is None or self.verify_every_s <= 0 or self.walked_at is None:
+            return None
+        return max(0.0, self.walked_at + self.verify_every_s - time.monotonic())
+
+    def verify(self) -> int:
+        """A verification walk: bring the entries up to date from the events, then walk the
+        whole tree. Returns how many entries the walk found different from what the events
+        had left (writes no event announced — or changes made during the walk itself)."""
+        self.refresh(verifying=False)
+        before = dict(self.entries)
+        self.refresh(force_walk=True)
+        after = self.entries
+        return sum(1 for rel in before.keys() | after.keys() if before.get(rel) != after.get(rel))
+
+    def refresh(self, force_walk: bool = False, verifying: bool = True) -> None:
+        """Bring the entries up to date (see the class docstring): from the events, or by a
+        full walk when ``force_walk``, when events cannot be trusted, or when a verification
+        walk is due (unless ``verifying`` is False).
+
+        Raises:
+            TreeError: the root is gone or something in the tree cannot be read.
+        """
+        now_ns = time.time_ns() if hasattr(time, "time_ns") else int(time.time() * 1e9)
+        self._drain()
+        due = verifying and self.verify_due() == 0.0
+        if self._full or force_walk or self._watcher is None or due:
+            self._dirty.clear()
+            self._full_walk(now_ns)
+            return
+        dirty = sorted(self._dirty.items())
+        self._dirty.clear()
+        rescanned: "list[str]" = []
+        for rel, mask in dirty:
+            if any(rel.startswith(d + "/") for d in rescanned):
+                continue  # read again with its directory
+            handled = self._update(rel, now_ns, bool(mask & _NEW_NAME))
+            if self._full:  # a watch failed meanwhile
+                self._full_walk(now_ns)
+                return
+            if handled:
+                rescanned.append(rel)
+        for rel in list(self.linked):
+            self.restatted += 1
+            self._update(rel, now_ns, False)
+        if self._full:
+            self._full_walk(now_ns)
+
+    def _sorted(self) -> "list[str]":
+        if self._order is None:
+            order = list(self.entries)
+            try:
+                "".join(order).encode("utf-8")
+            except UnicodeEncodeError:
+                order.sort(key=path_bytes)
+            else:
+                order.sort()
+            self._order = order
+            self._index = {rel: index for index, rel in enumerate(order)}
+            self._checkpoints = []
+            self._changed_from = 0
+        return self._order
+
+    def content_id(self) -> str:
+        """The id of the entries as of the last :meth:`refresh` (:func:`content_id`'s).
+
+        The manifest is hashed in chunks of :attr:`CHECKPOINT_EVERY` entries and the hash
+        state after each chunk is kept: when only entries changed (no path came or went),
+        hashing resumes from the chunk of the first changed one."""
+        if self._id is None:
+            order = self._sorted()
+            step = self.CHECKPOINT_EVERY
+            checkpoints = self._checkpoints
+            if not checkpoints:
+                header = FORMAT if self.exec_bits else FORMAT + " no-exec-bit"
+                checkpoints.append(hashlib.sha256(header.encode("ascii") + b"\n"))
+            chunk = min(self._changed_from // step, len(checkpoints) - 1)
+            del checkpoints[chunk + 1 :]
+            digest = checkpoints[chunk].copy()
+            rendered = self.rendered.__getitem__
+            for start in range(chunk * step, len(order), step):
+                digest.update(b"".join(map(rendered, order[start : start + step])))
+                if start + step < len(order):
+                    checkpoints.append(digest.copy())
+            self._changed_from = len(order)
+            self._id = ID_PREFIX + digest.hexdigest()[:ID_HEX_DIGITS]
+        return self._id
+
+    def manifest(self) -> "list[Entry]":
+        """The entries in manifest order."""
+        return [self.entries[rel] for rel in self._sorted()]
+
+    def save(self) -> bool:
+        """Write the settled rows to the ``--cache`` file (a restart then hashes only what
+        changed); returns whether it was written. Failing to write only costs speed."""
+        if not self.cache_path or not self._unsaved:
+            return False
+        cache = StatCache(None, self.root)
+        cache.path = self.cache_path
+        cache.new = {rel: (row[0], row[1]) for rel, row in self.rows.items() if row[2]}
+        cache.old = {}
+        written = cache.save()
+        self._unsaved = not written
+        return written
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
+
+
+def _write_frame(fd: int, kind: str, body: bytes) -> None:
+    _write_all(fd, encode_frame(kind, body))
+
+
+def serve(
+    args: "_Args | argparse.Namespace", rules: "IgnoreRules", stdin: int = 0, stdout: int = 1
+) -> int:
+    """The ``--serve`` loop: a hello frame ``H``, then one reply ``R`` per request ``Q``
+    until the standard input ends (then the cache is saved and the status is 0).
+
+    A request's body is one line of JSON — ``{"manifest": bool, "apply": bool, "walk":
+    bool}`` — then, with ``apply``, a change set (:func:`apply_changes`). A reply's body is
+    one line of JSON (``status`` as the one-shot command's exit status: 0, 1 unreadable
+    tree, 3 change set not applied; ``mode``, ``hashed``, ``took_ms``), then what the
+    one-shot command would print."""
+    import io
+    import json
+
+    exec_bits = not args.no_exec_bit
+    cache_path = None
+    if args.cache:
+        cache_path = default_cache_path(args.root) if args.cache == "auto" else args.cache
+        cache_path = os.path.expanduser(cache_path)
+    tree = LiveTree(
+        args.root, rules, exec_bits, cache_path, watch=not args.no_inotify,
+        verify_every_s=args.verify_every,
+    )  # fmt: skip
+    hello = {"format": SERVE_FORMAT, "pid": os.getpid(), "mode": tree.mode, "reason": tree.reason}
+    _write_frame(stdout, "H", json.dumps(hello).encode("utf-8"))
+    decoder = FrameDecoder()
+    saved_at = time.monotonic()
+    try:
+        while True:
+            due = tree.verify_due()
+            if due is not None and not _readable(stdin, due):
+                # Idle, and a verification walk is due: run it now rather than in the
+                # next request.
+                try:
+                    missed = tree.verify()
+                except TreeError:
+                    tree._full = True
+                    continue
+                if missed:
+                    sys.stderr.write(
+                        f"ah-tree-digest: verification walk found {missed} entries changed "
+                        "without an inotify event (mmap writers, or changes during the walk)\n"
+                    )
+                continue
+            data = os.read(stdin, 1 << 20)
+            if not data:
+                return 0
+            for kind, body in decoder.feed(data):
+                if kind != "Q":
+                    raise FrameError(f"unexpected frame {kind!r} from the leader")
+                started = time.monotonic()
+                header, _, rest = body.partition(b"\n")
+                request = json.loads(header.decode("utf-8"))
+                status, output = 0, ""
+                tree.hashed = 0
+                if request.get("apply"):
+                    try:
+                        apply_changes(args.root, io.BytesIO(rest))
+                    except OSError as exc:
+                        status = 3
+                        output = _error_json("apply", f"cannot apply the change set: {exc}")
+                if status == 0:
+                    try:
+                        tree.refresh(force_walk=bool(request.get("walk")))
+                    except TreeError as exc:
+                        status, output = 1, _error_json("tree", str(exc))
+                        tree._full = True
+                if status == 0:
+                    tree_id = tree.content_id()
+                    if request.get("manifest"):
+                        document = {
+                            "format": FORMAT,
+                            "id": tree_id,
+                            "execBits": exec_bits,
+                            "entries": [list(entry) for entry in tree.manifest()],
+                        }
+                        output = json.dumps(document, ensure_ascii=True, separators=(",", ":"))
+                    else:
+                        output = tree_id
+                info = {
+                    "status": status,
+                    "mode": tree.mode,
+                    "reason": tree.reason,
+                    "hashed": tree.hashed,
+                    "entries": len(tree.entries),
+                    "took_ms": round((time.monotonic() - started) * 1000, 1),
+                }
+                reply = json.dumps(info).encode("utf-8") + b"\n" + output.encode("utf-8") + b"\n"
+                _write_frame(stdout, "R", reply)
+                if time.monotonic() - saved_at > 30.0 and tree.save():
+                    saved_at = time.monotonic()
+    finally:
+        tree.save()
+        tree.close()
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    """True when ``fd`` has data (or its end) within ``timeout`` seconds."""
+    import select
+
+    return bool(select.select([fd], [], [], timeout)[0])
+
+
+def _error_json(kind: str, message: str) -> str:
+    import json
+
+    sys.stderr.write("ah-tree-digest: " + message + "\n")
+    return json.dumps({"error": {"kind": kind, "message": message}})
+
+
 def _parser() -> "argparse.ArgumentParser":
     import argparse
 
@@ -721,6 +1542,24 @@ def _parser() -> "argparse.ArgumentParser":
         metavar="FILE",
         help="first apply the change set in FILE ('-': standard input) to the tree",
     )
+    parser.add_argument(
+        "--serve",
+        action="store_true",
+        help="answer digest requests framed on standard input until it ends (a warm session)",
+    )
+    parser.add_argument(
+        "--no-inotify",
+        action="store_true",
+        help="with --serve: a full stat walk for every request instead of inotify events",
+    )
+    parser.add_argument(
+        "--verify-every",
+        type=float,
+        default=VERIFY_EVERY_S,
+        metavar="SECONDS",
+        help="with --serve and inotify: walk the whole tree at least this often, while idle "
+        "(0: never; default %(default)s)",
+    )
     parser.add_argument("--version", action="version", version=FORMAT)
     return parser
 
@@ -741,6 +1580,9 @@ class _Args:
     no_exec_bit = False
     cache: "str | None" = None
     apply: "str | None" = None
+    serve = False
+    no_inotify = False
+    verify_every = VERIFY_EVERY_S
 
 
 def _parse_fast(argv: "Sequence[str]") -> "_Args | None":
@@ -772,6 +1614,12 @@ def _parse_fast(argv: "Sequence[str]") -> "_Args | None":
         elif word == "--no-exec-bit":
             args.no_exec_bit = True
             index += 1
+        elif word == "--serve":
+            args.serve = True
+            index += 1
+        elif word == "--no-inotify":
+            args.no_inotify = True
+            index += 1
         else:
             return None
     return args if args.root else None
@@ -779,7 +1627,7 @@ def _parse_fast(argv: "Sequence[str]") -> "_Args | None":
 
 def main(argv: "Sequence[str] | None" = None) -> int:
     """Run the digest command; returns the exit status (0 ok, 1 unreadable tree, 2 usage,
-    3 the change set could not be applied)."""
+    3 the change set could not be applied). With ``--serve``: :func:`serve`."""
     # A short-lived process whose objects form no cycles: the collector would only walk the
     # tens of thousands of entries it creates, again and again.
     gc.disable()
@@ -790,6 +1638,9 @@ def main(argv: "Sequence[str] | None" = None) -> int:
         rules = IgnoreRules(args.ignore)
     except IgnorePatternError as exc:
         return _fail(args.json, "usage", str(exc), 2)
+    if args.serve:
+        # Long-lived, but what it allocates forms no cycles either: the collector stays off.
+        return serve(args, rules)
     # The cache is loaded before a change set is read: a fence starts this command early
     # and sends the change set later, so the load overlaps the leader's snapshot. (Its rows
     # are only ever used when a file's stat still matches, and the racy window is measured

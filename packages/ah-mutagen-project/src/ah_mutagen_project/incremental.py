@@ -105,7 +105,19 @@ def change_list(proven: Manifest, wanted: Manifest) -> list[str]:
     every path removed whose parent is neither removed nor changed itself (a removed
     directory goes with its contents; a directory that became a file is replaced as a
     whole). Sorted, so a directory comes before what goes into it. On the fence's critical
-    path, so built from whole-column operations: a few milliseconds for 10,000 entries."""
+    path: about a millisecond for 10,000 entries with the same paths, a few otherwise."""
+    before_entries, after_entries = proven.entries, wanted.entries
+    if len(before_entries) == len(after_entries):
+        # The usual case: the same paths, a few entries changed. Compared in step (C-level
+        # struct equality, and an identity shortcut for the entries a warm leader reuses
+        # from one snapshot to the next); any path that moved takes the general way below.
+        changed_at = [
+            index
+            for index, (before, after) in enumerate(zip(before_entries, after_entries, strict=True))
+            if before is not after and before != after
+        ]
+        if all(before_entries[i].path == after_entries[i].path for i in changed_at):
+            return sorted([after_entries[i].path for i in changed_at])
     before_paths, before_columns = _columns(proven)
     after_paths, after_columns = _columns(wanted)
     if before_paths == after_paths:  # the same paths (the usual case): compare in step

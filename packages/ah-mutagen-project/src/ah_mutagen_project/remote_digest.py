@@ -92,6 +92,8 @@ def remote_digest_command(
     cache: bool = False,
     isolated: bool = False,
     apply: bool = False,
+    serve: bool = False,
+    inotify: bool = True,
 ) -> str:
     """A command line that prints the digest of ``root`` on a follower (see module doc).
 
@@ -104,6 +106,9 @@ def remote_digest_command(
     ``apply=True`` first applies the change set the command reads on its standard input
     (``--apply -``, see ``digest_script.apply_changes``); the heredoc style, whose standard
     input is the script, cannot.
+    ``serve=True`` starts a warm session instead (``--serve``: framed requests on standard
+    input, see :mod:`ah_mutagen_project.digest_session`; inline styles only);
+    ``inotify=False`` makes its every digest a full stat walk (``--no-inotify``).
     """
     args = ["--root", root]
     for pattern in user_ignores(ignores):
@@ -118,6 +123,12 @@ def remote_digest_command(
         if style == "heredoc":
             raise ValueError("a digest that applies a change set needs an inline style")
         args += ["--apply", "-"]
+    if serve:
+        if style == "heredoc" or apply or manifest:
+            raise ValueError("a digest session needs an inline style, and no --apply or --json")
+        args.append("--serve")
+        if not inotify:
+            args.append("--no-inotify")
     flags = ["-I", "-S"] if isolated else []
     source = digest_script_source()
     if style == "heredoc":

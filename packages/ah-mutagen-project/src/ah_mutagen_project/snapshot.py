@@ -29,6 +29,7 @@ from __future__ import annotations
 import enum
 import gc
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -42,6 +43,7 @@ from ah_mutagen_project.ignores import user_ignores
 __all__ = [
     "RACY_WINDOW_S",
     "EntryKind",
+    "LiveSnapshots",
     "Manifest",
     "ManifestDiff",
     "ManifestEntry",
@@ -270,3 +272,113 @@ def take_snapshot(
         files_cached=cache.cached,
         took_s=time.monotonic() - started,
     )
+
+
+class LiveSnapshots:
+    """Snapshots of one workspace for a process that takes them again and again (a benchmark,
+    an agent): the tree is kept in memory by ``digest_script.LiveTree`` — the followers'
+    warm digest server's code — so a snapshot re-reads only what inotify events named (a
+    full stat walk where inotify is unavailable or overflowed; see ``LiveTree`` for what
+    inotify cannot see). Entries unchanged since the last snapshot are the same
+    :class:`ManifestEntry` objects, and an unchanged tree gives the same :class:`Manifest`.
+
+    The stat cache file (``cache_path``) seeds the first walk and is written back by
+    :meth:`save` (at most every ``save_every_s`` seconds from :meth:`snapshot`, and on
+    :meth:`close`). Thread-safe: one snapshot at a time."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        ignores: Sequence[str] | None = None,
+        *,
+        cache_path: Path | None = None,
+        watch: bool = True,
+        save_every_s: float = 30.0,
+        racy_window_s: float = RACY_WINDOW_S,
+    ) -> None:
+        self.root = os.path.abspath(os.fspath(root))
+        self.ignores = user_ignores(ignores)
+        self.tree = digest_script.LiveTree(
+            self.root,
+            digest_script.IgnoreRules(self.ignores),
+            cache_path=str(cache_path) if cache_path is not None else None,
+            watch=watch,
+            racy_window_s=racy_window_s,
+        )
+        self.save_every_s = save_every_s
+        self._lock = threading.Lock()
+        self._made: dict[str, tuple[digest_script.Entry, ManifestEntry]] = {}
+        self._last: Snapshot | None = None
+        self._saved_at = time.monotonic()
+
+    @property
+    def mode(self) -> str:
+        """``inotify`` or ``walk`` (:attr:`reason` says why)."""
+        return self.tree.mode
+
+    @property
+    def reason(self) -> str:
+        return self.tree.reason
+
+    def snapshot(self) -> Snapshot:
+        """The workspace as it is now.
+
+        Raises:
+            SnapshotError: the root is not a directory, or an entry could not be read.
+        """
+        with self._lock:
+            started = time.monotonic()
+            tree = self.tree
+            tree.hashed = 0
+            try:
+                tree.refresh()
+            except digest_script.TreeError as exc:
+                raise SnapshotError(str(exc)) from exc
+            tree_id = tree.content_id()
+            last = self._last
+            if last is not None and last.id == tree_id:
+                manifest = last.manifest
+            else:
+                manifest = Manifest(tuple(self._entries(tree.manifest())))
+            files = len(tree.rows)
+            snapshot = Snapshot(
+                id=tree_id,
+                root=self.root,
+                ignores=self.ignores,
+                manifest=manifest,
+                files_hashed=tree.hashed,
+                files_cached=max(0, files - tree.hashed),
+                took_s=time.monotonic() - started,
+            )
+            self._last = snapshot
+            if time.monotonic() - self._saved_at > self.save_every_s:
+                tree.save()
+                self._saved_at = time.monotonic()
+            return snapshot
+
+    def _entries(self, rows: list[digest_script.Entry]) -> list[ManifestEntry]:
+        made = self._made
+        kinds = {kind.value: kind for kind in EntryKind}
+        entries: list[ManifestEntry] = []
+        fresh: dict[str, tuple[digest_script.Entry, ManifestEntry]] = {}
+        for row in rows:
+            known = made.get(row[0])
+            if known is None or known[0] is not row:
+                path, kind, executable, size, data = row
+                known = (row, ManifestEntry(path, kinds[kind], executable == 1, size, data))
+            fresh[row[0]] = known
+            entries.append(known[1])
+        self._made = fresh
+        return entries
+
+    def save(self) -> None:
+        """Write the stat cache now (when it changed)."""
+        with self._lock:
+            self.tree.save()
+            self._saved_at = time.monotonic()
+
+    def close(self) -> None:
+        """Save the stat cache and stop watching (idempotent)."""
+        with self._lock:
+            self.tree.save()
+            self.tree.close()

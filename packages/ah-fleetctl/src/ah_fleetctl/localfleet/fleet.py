@@ -307,7 +307,13 @@ class LocalFleet:
         every follower's sshd."""
         self.log_dir = self.base_dir / "logs"
         self.group = ProcessGroup(self.log_dir)
-        self.daemon_env = _clean_env()
+        # The daemons read [log] from the layered configuration: point its user and system
+        # files at paths that do not exist, so a developer's own config cannot steer them.
+        self.daemon_env = {
+            **_clean_env(),
+            "AH_HOME": str(self.base_dir / "daemon-home"),
+            "AH_SYSTEM_CONFIG": str(self.base_dir / "daemon-home" / "no-system-config.toml"),
+        }
         self.access_point: ManagedProcess | None = None
         self.ready: dict[str, Any] = {}
         """The access point's ready file (pid, bind, quicPort, apiPort, caFingerprint...)."""
