@@ -17,6 +17,8 @@ What runs:
    - ``no change``: nothing edited (``--repeat`` rounds, median).
 4. For reference, the wall time of the whole ``ah-fleetctl fence`` command (interpreter
    start, API call, SSH links, fence) for the no-change case.
+5. ``ah-fleetctl run -- true`` (fenced), CLI wall time: the full CLI against the thin path
+   through a warm leader agent, no change and one-file change (``cli_run_via_agent``).
 
 Targets: one-file-change fence < 300 ms and <= 1.5 x bare rsync. The verdict is printed; the
 exit code is 0 either way (this is a measurement).
@@ -29,11 +31,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import os
 import pstats
 import random
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -253,6 +257,68 @@ async def run(args: argparse.Namespace, fleet: LocalFleet, leader: Path, scratch
     )
 
 
+def cli_run_via_agent(fleet: LocalFleet, leader: Path, scratch: Path, repeat: int) -> None:
+    """``ah-fleetctl run -- true`` (fenced, the default) as a user types it, CLI wall time:
+    the full CLI (no agent: every run imports the stack, links and fences cold) against the
+    thin path through a warm leader agent (ah_fleetctl.thin_fence), for no change and a
+    one-file change, ``repeat`` rounds each (median)."""
+    # Short: ControlMaster socket paths (<runtime>/agent-harbor/cm/<40 hex>.<16>) must fit
+    # in a sockaddr_un.
+    runtime = Path(tempfile.mkdtemp(prefix="ahb-", dir="/tmp"))
+    env_full = fleet.env()  # LocalFleet's config turns the agent off
+    env_agent = {
+        **env_full,
+        "AH_AGENT_ENABLED": "true",
+        "AH_AGENT_IDLE": "300s",
+        "XDG_RUNTIME_DIR": str(runtime),
+    }
+
+    def cli(env: dict[str, str], *args: str) -> float:
+        started = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, "-m", "ah_fleetctl", *args],
+            cwd=leader,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        took = time.perf_counter() - started
+        if done.returncode != 0:
+            raise RuntimeError(f"ah-fleetctl {' '.join(args)}: {done.stdout}{done.stderr}")
+        return took
+
+    rows: list[tuple[str, float, float]] = []
+    try:
+        cli(env_agent, "run", "--no-fence", "--", "true")  # starts the agent, records the index
+        cli(env_agent, "run", "--", "true")  # the agent's first fence: links, full proofs
+        index = runtime / "agent-harbor" / "thin"
+        if not list(index.glob("*.marshal")):
+            raise RuntimeError(f"no thin index entry in {index}: the agent path is not taken")
+        for label, edit in (("no change", False), ("one-file change", True)):
+            timings: dict[str, list[float]] = {"full": [], "agent": []}
+            for round_ in range(repeat):
+                for kind, env in (("full", env_full), ("agent", env_agent)):
+                    if edit:
+                        edit_one_file(leader, 10_000 + round_ * 2 + (kind == "agent"))
+                    timings[kind].append(cli(env, "run", "--", "true"))
+            rows.append(
+                (label, statistics.median(timings["full"]), statistics.median(timings["agent"]))
+            )
+    finally:
+        from ah_fleetctl.agent import AgentClient
+
+        for sock in (runtime / "agent-harbor" / "agents").glob("*.sock"):
+            with contextlib.suppress(OSError):
+                asyncio.run(AgentClient(sock).shutdown())
+        shutil.rmtree(runtime, ignore_errors=True)
+    print()
+    print(f"{'ah run -- true (fenced)':<26}{'full CLI ms':>12}{'via agent ms':>14}{'speed-up':>10}")
+    for label, full, agent in rows:
+        print(f"{label:<26}{full * 1000:>12.0f}{agent * 1000:>14.0f}{full / agent:>9.1f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, default=10_000)
@@ -282,6 +348,7 @@ def main() -> None:
             print(f"fleet: {args.followers} followers up in {fleet.startup_seconds:.1f}s")
             print(f"machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}")
             asyncio.run(run(args, fleet, leader, scratch))
+            cli_run_via_agent(fleet, leader, scratch, args.repeat)
             print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

@@ -419,6 +419,8 @@ class LeaderAgent:
                 self.socket_path.unlink()
             if self._background:
                 await asyncio.wait(set(self._background), timeout=30.0)
+            if "ah_fleetctl.thin_fence" in sys.modules:  # it served fences: end their sessions
+                await sys.modules["ah_fleetctl.thin_fence"].close_workspaces()
             await self.connector.close()
             self._client.close()
         return int(ExitCode.OK)

@@ -7,7 +7,7 @@ one request from the client, then the agent's replies: ``paths`` → one :class:
 connection cancels too). ``ping`` → :class:`PongReply`; ``shutdown`` → :class:`PongReply`,
 then the agent exits.
 
-The thin ``run`` path (:mod:`ah_fleetctl.thin`) speaks :mod:`marshal` (these Structs as
+The thin ``run``/``fence`` path (:mod:`ah_fleetctl.thin`) speaks :mod:`marshal` (these Structs as
 plain dicts) instead of msgpack on the same socket and framing (the agent tells them apart
 by the payload's first byte: a marshalled dict starts with ``{``, or ``0xfb``):
 :class:`ThinRunRequest`, then the agent's :class:`ThinOutReply` frames, one
@@ -154,6 +154,12 @@ class ThinDefaults(msgspec.Struct, frozen=True, rename="camel"):
     """``AH_JSON`` was set."""
     workspaces: dict[str, str] = {}
     """Config ``hosts.<name>.workspace`` overrides."""
+    sync_ignores: list[str] | None = None
+    """Config ``sync-ignores`` (the fence's ignores; the repo layer may replace them)."""
+    fence_timeout_s: float | None = None
+    """Config ``timeouts.fence``, else 120 s (a ``--timeout`` flag of ``fence`` wins)."""
+    cache_root: str | None = None
+    """The user cache directory the fence keeps its stat cache and proofs in."""
 
 
 class ThinIndexEntry(msgspec.Struct, frozen=True, rename="camel"):
@@ -173,10 +179,14 @@ class ThinIndexEntry(msgspec.Struct, frozen=True, rename="camel"):
 class ThinRunRequest(msgspec.Struct, frozen=True, rename="camel", tag_field="op", tag="thinRun"):
     version: int
     args: list[str]
-    """The arguments after ``run``, exactly as typed."""
+    """The arguments after the command name, exactly as typed."""
     cwd: str
     colour: bool
     defaults: ThinDefaults
+    command: Literal["run", "fence"] = "run"
+    path: str | None = None
+    """The CLI's ``PATH``: the fence runs ``rsync``/``ssh``/``mutagen`` from it, so the
+    agent serves a fence only when its own ``PATH`` is the same."""
 
 
 class ThinCancelRequest(msgspec.Struct, frozen=True, tag_field="op", tag="cancel"):

@@ -7,7 +7,7 @@ point for the follower list and starts a session-event connection; the leader ag
 holds all of that. So :func:`try_thin_run` — called by ``main()`` before anything else is
 imported — does only this, with the standard library alone:
 
-1. Only for ``run`` given as the first argument, without ``AH_NO_AGENT``.
+1. Only for ``run`` or ``fence`` given as the first argument, without ``AH_NO_AGENT``.
 2. Find this invocation's agent in the *thin index*: a private (0700) directory of small
    JSON files, one per (working directory, relevant environment) key. The full ``run``
    writes the entry when it ran through the agent with no configuration flags; it records
@@ -20,8 +20,9 @@ imported — does only this, with the standard library alone:
    speaks msgpack to everyone else and tells the two apart by the payload's first byte). The agent parses them
    with the real click command, so the options mean exactly what they mean in the full
    CLI; anything it does not serve itself (``--help``, a usage error, a configuration flag
-   such as ``--access-point``, a fenced run) comes back as ``fallback`` *before anything
-   ran*, and the full CLI handles it.
+   such as ``--access-point``, a fence when the agent's ``PATH`` is not the CLI's) comes
+   back as ``fallback`` *before anything ran*, and the full CLI handles it. A fenced run
+   (the default) and ``fence`` are fenced by the agent (:mod:`ah_fleetctl.thin_fence`).
 4. Write what the agent streams (host-prefixed lines, the summary, or the ``--json``
    envelope) to stdout/stderr and exit with its code. Ctrl-C sends ``cancel``: the agent
    stops the remote commands and still sends the summary (exit 130).
@@ -67,7 +68,7 @@ __all__ = [
     "try_thin_run",
 ]
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 THIN_ENV_NAMES = frozenset(
     {"HOME", "USERPROFILE", "APPDATA", "LOCALAPPDATA", "TMPDIR", "TEMP", "TMP"}
 )
@@ -226,7 +227,7 @@ def _write(fd: int, text: str) -> None:
 def try_thin_run(args: Sequence[str]) -> int | None:
     """Run ``ah-fleetctl ARGS`` through the leader agent and return the exit code, or None
     when this invocation is not one the thin path serves (the caller runs the full CLI)."""
-    if not args or args[0] != "run" or os.environ.get("AH_NO_AGENT"):
+    if not args or args[0] not in ("run", "fence") or os.environ.get("AH_NO_AGENT"):
         return None
     try:
         cwd = os.getcwd()
@@ -244,7 +245,7 @@ def try_thin_run(args: Sequence[str]) -> int | None:
             sock.connect(socket_path)
         except OSError:
             return None  # no agent there any more (a stale socket): the full CLI starts one
-        return _converse(_Connection(sock), socket_path, entry, list(args[1:]), cwd)
+        return _converse(_Connection(sock), socket_path, entry, list(args), cwd)
     finally:
         sock.close()
 
@@ -259,8 +260,10 @@ def _converse(
     request = {
         "op": "thinRun",
         "version": INDEX_VERSION,
-        "args": args,
+        "command": args[0],
+        "args": args[1:],
         "cwd": cwd,
+        "path": os.environ.get("PATH"),
         "colour": _colour(),
         "defaults": entry["defaults"],
     }

@@ -6,8 +6,10 @@ See :mod:`ah_fleetctl.thin` for the client and why it exists. Here:
   records the agent's socket, the configuration files the invocation consulted and the run
   settings from configuration, keyed by (cwd, environment).
 * :func:`serve_thin_run` — the agent runs the whole ``run`` (selection, rendering, the
+  fence unless ``--no-fence`` (:mod:`ah_fleetctl.thin_fence`), the
   :class:`~ah_run_everywhere.RunEngine` over its warm transports, per-host logs, session
-  events, the summary) and streams the text the CLI would have printed.
+  events, the summary) and streams the text the CLI would have printed; ``fence`` likewise
+  (:func:`ah_fleetctl.thin_fence.thin_fence_command`).
 """
 
 from __future__ import annotations
@@ -258,7 +260,12 @@ async def serve_thin_run(
         send(reply)
 
     try:
-        code = await _thin_run(agent, request, send_tracked, reader)
+        if request.command == "fence":
+            from .thin_fence import thin_fence_command
+
+            code = await thin_fence_command(agent, request, send_tracked, reader)
+        else:
+            code = await _thin_run(agent, request, send_tracked, reader)
     except _Fallback as exc:
         _log.debug("thin run declined: {}", exc.reason)
         send(ThinFallbackReply(reason=exc.reason))
@@ -279,12 +286,19 @@ async def _thin_run(
     send: Callable[[ThinReply], None],
     reader: asyncio.StreamReader,
 ) -> int:
-    from ah_run_everywhere import LinePrinter, RunDirectory, RunEngine, default_mode, format_summary
+    from ah_run_everywhere import (
+        LinePrinter,
+        RunDirectory,
+        RunEngine,
+        default_mode,
+        display_command,
+        format_summary,
+    )
 
     from .commands.fleet import select_followers
     from .commands.run import _check_renderable, _supplement, run_command
-    from .dataplane import FleetLinks
     from .options import selector_from_options
+    from .thin_fence import AgentLinks
 
     marks: list[tuple[str, float]] = [("received", time.perf_counter())]
     if request.version != INDEX_VERSION:
@@ -297,8 +311,13 @@ async def _thin_run(
     flags = config_flags_given(ctx)
     if flags:
         raise _Fallback(f"configuration flags given: {', '.join(flags)}")
-    if not params["no_fence"]:
-        raise _Fallback("a fenced run links the followers in the CLI process")
+    fence = not params["no_fence"]
+    if fence:
+        from .thin_fence import fence_fallback_reason
+
+        reason = fence_fallback_reason(request)
+        if reason is not None:
+            raise _Fallback(reason)
     argv: tuple[str, ...] = params["argv"]
     commands: tuple[str, ...] = params["commands"]
     if bool(argv) == bool(commands):
@@ -328,7 +347,7 @@ async def _thin_run(
         raise _Fallback(f"follower list: {exc}") from None
     try:
         selected = select_followers(selector, fleet)
-        links = FleetLinks(
+        links = AgentLinks(
             selected,
             agent.connector,  # type: ignore[arg-type]
             connect_timeout=agent.app.connect_timeout_s(),
@@ -358,18 +377,12 @@ async def _thin_run(
     send(ThinStartedReply())
     names = [t.name for t in targets]
     printer = None if json_mode else LinePrinter(_OutStream(send, 1), names, colour=request.colour)  # type: ignore[arg-type]
-    engine = RunEngine(
-        _ConnectorExecutor(agent, links.followers, links.connect_timeout),
-        targets,
-        logical,
-        mode=default_mode(len(logical)),
-        timeout=timeout,
-        sink=events.emit if events is not None else None,
-        printer=printer,
-        run_dir=RunDirectory(defaults.runs_base),
-        session_id=session_id,
-    )
+    run_dir = RunDirectory(defaults.runs_base)
     interrupted = False
+    engine: RunEngine | None = None
+    fencing: asyncio.Task[dict[str, str]] | None = None
+    fence_failed: dict[str, str] = {}
+    fence_cancelled = False
 
     async def watch_client() -> None:
         nonlocal interrupted
@@ -382,18 +395,71 @@ async def _thin_run(
                     _decode(frame, ThinCancelRequest)
                     break
         interrupted = True
-        engine.cancel("interrupted (SIGINT)")
+        if engine is not None:
+            engine.cancel("interrupted (SIGINT)")
+        elif fencing is not None:
+            fencing.cancel()
 
     watcher = loop.create_task(watch_client())
     try:
-        envelope = await engine.run()
+        if fence:
+            # As the full CLI: link, fence the linked hosts (ah_fleetctl.thin_fence); a host
+            # whose fence is not consistent gets no command.
+            from .thin_fence import fence_for_run
+
+            fencing = loop.create_task(
+                fence_for_run(links, defaults, events.emit if events is not None else None)
+            )
+            try:
+                fence_failed = await fencing
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+                fence_cancelled = True
+            except (CliError, DomainValidationError) as exc:
+                run_dir.close()
+                return finish_with(exc)
+            marks.append(("fence", time.perf_counter()))
+        engine_hosts = [t for t in targets if t.name not in fence_failed]
+        unreachable = {
+            t.name: f"unreachable: {links.unreachable[t.name].reason}"
+            for t in engine_hosts
+            if t.name in links.unreachable
+        }
+        if fence_cancelled or not engine_hosts:
+            run_dir.close()
+            envelope = RunEnvelope(
+                session_id=session_id,
+                commands=[display_command(c) for c in logical],
+                hosts=[],
+                summary=RunSummary.from_results([]),
+                run_dir=str(run_dir.path),
+            )
+        else:
+            engine = RunEngine(
+                _ConnectorExecutor(agent, links.followers, links.connect_timeout),
+                engine_hosts,
+                logical,
+                mode=default_mode(len(logical)),
+                timeout=timeout,
+                sink=events.emit if events is not None else None,
+                printer=printer,
+                run_dir=run_dir,
+                session_id=session_id,
+                unreachable=unreachable,
+            )
+            if interrupted:
+                engine.cancel("interrupted (SIGINT)")
+            envelope = await engine.run()
         marks.append(("engine", time.perf_counter()))
     finally:
         watcher.cancel()
         if events is not None:
             agent.in_background(agent.close_event_sink(events))
     # As the full CLI: a selected host that got no job (sharding) is reported, never dropped.
-    hosts = _supplement(list(envelope.hosts), links, {})
+    cancelled = "interrupted (SIGINT)" if fence_cancelled else None
+    hosts = _supplement(list(envelope.hosts), links, fence_failed, cancelled=cancelled)
     envelope = RunEnvelope(
         session_id=envelope.session_id,
         commands=envelope.commands,

@@ -46,11 +46,14 @@ async def _fence(
 ) -> FenceMetadata:
     from ..dataplane import open_links
     from ..fencing import fence_selected
-    from .run import _event_sink
+    from .run import _event_sink, finish_agent_for_thin_runs, start_agent_for_thin_runs
 
     events = _event_sink(app)
     if events is not None:
         events.start(session_id)
+    # As a fenced run: an agent started meanwhile lets the next fence or run here take the
+    # thin path (ah_fleetctl.thin_fence).
+    agent_for_next = start_agent_for_thin_runs(app)
     try:
         links = await open_links(app, selected)
         try:
@@ -68,6 +71,8 @@ async def _fence(
         if events is not None:
             # Bounded: waits a few seconds at most for the access point's acknowledgements.
             await asyncio.to_thread(events.close)
+        if agent_for_next is not None:
+            await finish_agent_for_thin_runs(app, agent_for_next)
 
 
 def _render(metadata: FenceMetadata, engine: str) -> str:

@@ -208,12 +208,15 @@ async def _run(
     if events is not None:
         session_id = events.start(session_id)
     # The leader agent (issue 4) keeps paths and transports between invocations; it runs
-    # the commands when no fence needs this process's own links.
+    # the commands when no fence needs this process's own links. A fenced run links and
+    # fences by itself, and meanwhile makes sure an agent runs, so the next run here takes
+    # the thin path (the agent fences then: ah_fleetctl.thin_fence).
     from ..agent import agent_executor
 
     via_agent = None if fence else await agent_executor(app)
     if via_agent is not None:
         _record_for_thin_runs(app, via_agent.client.socket_path)
+    agent_for_next = start_agent_for_thin_runs(app) if fence else None
     try:
         try:
             if via_agent is None:
@@ -288,6 +291,41 @@ async def _run(
         if events is not None:
             # Bounded: waits a few seconds at most for the access point's acknowledgements.
             await asyncio.to_thread(events.close)
+        if agent_for_next is not None:
+            await finish_agent_for_thin_runs(app, agent_for_next)
+
+
+def start_agent_for_thin_runs(app: FleetContext) -> asyncio.Task[object] | None:
+    """Find (or start) this configuration's leader agent while the caller works; see
+    :func:`finish_agent_for_thin_runs`. None when the agent is bypassed."""
+    from ..agent import agent_client, agent_enabled
+
+    if not agent_enabled(app):
+        return None
+    return asyncio.ensure_future(agent_client(app))
+
+
+async def finish_agent_for_thin_runs(app: FleetContext, task: asyncio.Task[object]) -> None:
+    """Record the agent :func:`start_agent_for_thin_runs` looked for, for the thin path. One
+    still starting is left to start (it runs in its own session) and recorded all the same
+    (its socket path is known): until it listens there, the thin path finds nobody and the
+    full CLI runs. Never fails the command."""
+    from ..agent import AgentClient, agent_socket_path
+
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        logger.debug("the leader agent is still starting; recorded where it will listen")
+        _record_for_thin_runs(app, agent_socket_path(app))
+        return
+    try:
+        client = task.result()
+    except Exception as exc:
+        logger.info("not using the leader agent: {}", exc)
+        return
+    if isinstance(client, AgentClient):
+        _record_for_thin_runs(app, client.socket_path)
 
 
 def _record_for_thin_runs(app: FleetContext, socket_path: Path) -> None:
@@ -295,6 +333,7 @@ def _record_for_thin_runs(app: FleetContext, socket_path: Path) -> None:
     (:mod:`ah_fleetctl.thin`): record the agent and the settings from configuration."""
     from ..agent_proto import ThinDefaults
     from ..dataplane import workspace_overrides
+    from ..fencing import fence_timeout_s, user_cache_dir
     from ..thin_server import write_thin_index
 
     json_env = os.environ.get("AH_JSON", "").strip().lower() in {"1", "true", "yes", "on"}
@@ -304,6 +343,9 @@ def _record_for_thin_runs(app: FleetContext, socket_path: Path) -> None:
         session=app.config.typed.session,
         json=json_env,
         workspaces=workspace_overrides(app),
+        sync_ignores=app.config.typed.sync_ignores,
+        fence_timeout_s=fence_timeout_s(app.config.typed),
+        cache_root=str(user_cache_dir()),
     )
     path = write_thin_index(app, socket_path, defaults)
     if path is not None:
@@ -321,18 +363,12 @@ async def _fence(
             err=True,
         )
         return {}
+    from ..thin_fence import fence_failures
+
     metadata = await fencing.fence_selected(
         app, links, links.linked, emit=events.emit if events is not None else None
     )
-    failed: dict[str, str] = {}
-    for name in links.linked:
-        result = metadata.hosts.get(name)
-        if result is None:
-            failed[name] = f"fence: no result for {name} (snapshot {metadata.snapshot_id})"
-        elif not result.consistent:
-            detail = f": {result.detail}" if result.detail else ""
-            failed[name] = f"fence {result.state.value} (snapshot {metadata.snapshot_id}){detail}"
-    return failed
+    return fence_failures(links, metadata)
 
 
 def _display(commands: Sequence[LogicalCommand]) -> list[str]:
