@@ -1,6 +1,8 @@
 """A :class:`HostExecutor` over persistent SSH transports (``ah_ssh_bridge.SshTransport``).
 
-Every job is a new exec channel on the host's one transport. The bridge hands out *lines*
+Every job runs on the host's one transport: on its warm executor when the engine gives the
+structured command (``warm=``, POSIX hosts) and the executor could start there, else on a
+new exec channel. The bridge hands out *lines*
 (decoded, terminator stripped, a final unterminated line at EOF) on the event loop; the
 engine wants *chunks that keep their newlines*, so each line goes back with ``\\n``.
 
@@ -28,6 +30,7 @@ from ah_ssh_bridge import (
     SshConnectError,
     SshConnectionLost,
     SshTransport,
+    WarmCommand,
 )
 
 from .engine import HostConnectionLost, HostUnreachable, OutputCallback
@@ -42,6 +45,9 @@ class SshExecutor:
     ``unreachable`` result's error). ``env`` is exported before every command (the adapter's
     ``env`` is usually the better place; this is for transport-level variables).
     """
+
+    accepts_warm_commands = True
+    """The engine passes ``warm=`` (the structured command) along with the rendered one."""
 
     def __init__(
         self,
@@ -62,13 +68,14 @@ class SshExecutor:
         on_stdout: OutputCallback,
         on_stderr: OutputCallback,
         timeout: float | None,
+        warm: WarmCommand | None = None,
     ) -> SshExecOutcome:
         transport = self._transports.get(host)
         if transport is None:
             reason = self._unreachable.get(host) or f"no SSH transport to {host}"
             raise HostUnreachable(host, reason)
         # A transport that died earlier raises SshConnectionLost at once: the host is lost.
-        return await self._run(transport, command, on_stdout, on_stderr, timeout)
+        return await self._run(transport, command, on_stdout, on_stderr, timeout, warm)
 
     async def _run(
         self,
@@ -77,6 +84,7 @@ class SshExecutor:
         on_stdout: OutputCallback,
         on_stderr: OutputCallback,
         timeout: float | None,
+        warm: WarmCommand | None,
     ) -> SshExecOutcome:
         host = transport.host
         try:
@@ -86,6 +94,7 @@ class SshExecutor:
                 on_stderr=lambda line: on_stderr(line + "\n"),
                 timeout=timeout,
                 env=self._env,
+                warm=warm,
             )
         except SshConnectionLost as exc:
             raise HostConnectionLost(host, str(exc)) from exc

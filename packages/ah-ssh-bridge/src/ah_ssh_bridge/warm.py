@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import select
 import threading
@@ -273,10 +274,9 @@ class WarmServer:
         return command_id
 
     def stop_blocking(self, command_id: int, grace_s: float) -> None:
-        try:
+        # A server that is gone cannot take it; its end fails the job instead.
+        with contextlib.suppress(OSError, EOFError):
             self._send(encode_json(SIGNAL, command_id, {"grace": grace_s}))
-        except (OSError, EOFError):
-            pass  # the server is gone; its end fails the job
 
     def forget(self, command_id: int) -> None:
         self._forget(command_id)
@@ -352,10 +352,8 @@ class WarmServer:
                 self._call(_settle, warm_job.done, None, error)
         self.ended.set()
         self.hello_seen.set()
-        try:
+        with contextlib.suppress(Exception):
             self.channel.close()
-        except Exception:
-            pass
         self._call(self._on_end, self)
 
     def _settled_alive(self) -> bool:
@@ -363,10 +361,9 @@ class WarmServer:
         return not self._transport_dead()
 
     def _call(self, fn: Callable[..., object], *args: object) -> None:
-        try:
+        # A closed loop raises RuntimeError: nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:
-            pass  # the loop is closed: nobody is listening any more
 
     def _dispatch(self, frame: Frame) -> None:
         kind = frame.kind

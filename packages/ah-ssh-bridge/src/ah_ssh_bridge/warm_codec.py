@@ -97,38 +97,37 @@ class Frame:
 
     def __repr__(self) -> str:
         name = KIND_NAMES.get(self.kind, str(self.kind))
-        return "Frame({}, id={}, {} bytes)".format(name, self.id, len(self.payload))
+        return f"Frame({name}, id={self.id}, {len(self.payload)} bytes)"
 
     def json(self) -> "dict[str, object]":
         """The payload as a JSON object; :class:`FrameError` if it is not one."""
         try:
             value = json.loads(self.payload.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
-            raise FrameError(
-                "{!r}: payload is not UTF-8 JSON: {}".format(self, exc)
-            ) from None
+            raise FrameError(f"{self!r}: payload is not UTF-8 JSON: {exc}") from None
         if not isinstance(value, dict):
-            raise FrameError("{!r}: payload is not a JSON object".format(self))
+            raise FrameError(f"{self!r}: payload is not a JSON object")
         return value
 
 
 def encode(kind: int, id: int, payload: bytes = b"") -> bytes:
     """One frame as bytes; ValueError for an unknown kind, a bad id or an oversized payload."""
     if kind not in KINDS:
-        raise ValueError("unknown frame kind {}".format(kind))
+        raise ValueError(f"unknown frame kind {kind}")
     if not 0 <= id <= MAX_ID:
-        raise ValueError("frame id {} is outside 0..{}".format(id, MAX_ID))
+        raise ValueError(f"frame id {id} is outside 0..{MAX_ID}")
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(
-            "frame payload of {} bytes exceeds the limit of {}".format(len(payload), MAX_PAYLOAD)
+            f"frame payload of {len(payload)} bytes exceeds the limit of {MAX_PAYLOAD}"
         )
     return HEADER.pack(kind, id, len(payload)) + bytes(payload)
 
 
 def encode_json(kind: int, id: int, value: "dict[str, object]") -> bytes:
-    """A frame whose payload is ``value`` as compact UTF-8 JSON."""
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    return encode(kind, id, text.encode("utf-8", "surrogatepass"))
+    """A frame whose payload is ``value`` as compact JSON."""
+    # ASCII JSON: lone surrogates (undecodable bytes in a file name) survive as JSON escapes.
+    text = json.dumps(value, separators=(",", ":"))
+    return encode(kind, id, text.encode("ascii"))
 
 
 class Decoder:
@@ -173,8 +172,8 @@ class Decoder:
                     del self._buffer[:-keep]
                 if len(self._preamble) > MAX_PREAMBLE:
                     self._error = FrameError(
-                        "no warm-executor greeting within the first {} bytes (the login shell "
-                        "printed: {!r})".format(MAX_PREAMBLE, bytes(self._preamble[:200]))
+                        f"no warm-executor greeting within the first {MAX_PREAMBLE} bytes (the login shell "
+                        f"printed: {bytes(self._preamble[:200])!r})"
                     )
                     raise self._error
                 return []
@@ -189,16 +188,12 @@ class Decoder:
             kind, id, length = HEADER.unpack_from(buffer, offset)
             if kind not in KINDS:
                 self._error = FrameError(
-                    "unknown frame kind {} (id {}, length {}) at stream offset +{}".format(
-                        kind, id, length, offset
-                    )
+                    f"unknown frame kind {kind} (id {id}, length {length}) at stream offset +{offset}"
                 )
                 raise self._error
             if length > MAX_PAYLOAD:
                 self._error = FrameError(
-                    "frame {} id {} announces {} payload bytes, more than the limit {}".format(
-                        KIND_NAMES[kind], id, length, MAX_PAYLOAD
-                    )
+                    f"frame {KIND_NAMES[kind]} id {id} announces {length} payload bytes, more than the limit {MAX_PAYLOAD}"
                 )
                 raise self._error
             end = offset + size + length

@@ -20,8 +20,8 @@ when its running ones end), so the leader starts a fresh one that reads the new 
 
 # ruff: noqa: UP037  (quoted annotations keep this file importable on Python 3.6)
 
+import contextlib
 import errno
-import json
 import os
 import selectors
 import signal
@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 
+from ah_ssh_bridge.warm_codec import ERROR as ERROR_FRAME
 from ah_ssh_bridge.warm_codec import (
     EXITED,
     HELLO,
@@ -45,7 +46,6 @@ from ah_ssh_bridge.warm_codec import (
     encode,
     encode_json,
 )
-from ah_ssh_bridge.warm_codec import ERROR as ERROR_FRAME
 
 VERSION = 1
 _READ_BYTES = 65536
@@ -232,11 +232,11 @@ class Server:
         """Report a command that could not start like the shell would, as its own output."""
         reason = exc.strerror or str(exc)
         if cwd is not None and exc.filename == cwd:
-            message, code = "cd: {}: {}".format(cwd, reason), 1
+            message, code = f"cd: {cwd}: {reason}", 1
         elif exc.errno == errno.ENOENT:
-            message, code = "{}: command not found".format(program), 127
+            message, code = f"{program}: command not found", 127
         else:
-            message, code = "{}: {}".format(program, reason), 126
+            message, code = f"{program}: {reason}", 126
         self.send(encode(STDERR, id, ("ah-warm-exec: " + message + "\n").encode("utf-8")))
         self.send(encode_json(EXITED, id, {"code": code}))
 
@@ -251,10 +251,8 @@ class Server:
 
     @staticmethod
     def signal_group(command: Command, signum: int) -> None:
-        try:
+        with contextlib.suppress(OSError):
             os.killpg(command.pgid, signum)
-        except OSError:
-            pass
 
     def stdin_data(self, id: int, data: bytes) -> None:
         command = self.commands.get(id)
@@ -320,10 +318,8 @@ class Server:
             fd = stdin.fileno()
             if fd in self.selector.get_map():
                 self.selector.unregister(fd)
-            try:
+            with contextlib.suppress(OSError):
                 stdin.close()
-            except OSError:
-                pass
         code = command.process.returncode
         if code is not None and code < 0:
             self.send(encode_json(EXITED, command.id, {"signal": -code}))
@@ -361,7 +357,7 @@ class Server:
                     pass
                 self.stop(frame.id, grace)
             else:
-                message = "unexpected frame kind {} from the leader".format(frame.kind)
+                message = f"unexpected frame kind {frame.kind} from the leader"
                 self.send(encode(ERROR_FRAME, frame.id, message.encode("utf-8")))
 
     def reap(self) -> None:
@@ -430,10 +426,8 @@ def _group_alive(pgid: int) -> bool:
     except OSError:
         return False
     # Reap the leader if it exited, so a zombie does not keep the group "alive".
-    try:
+    with contextlib.suppress(OSError):
         os.waitpid(pgid, os.WNOHANG)
-    except OSError:
-        pass
     try:
         os.killpg(pgid, 0)
     except OSError:
