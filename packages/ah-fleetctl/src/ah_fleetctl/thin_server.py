@@ -55,7 +55,7 @@ from .dataplane import FollowerUnreachable
 from .thin import INDEX_VERSION, file_signature, index_path, relevant_env, repo_root_of
 
 if TYPE_CHECKING:
-    from ah_ssh_bridge import ExecOutcome
+    from ah_ssh_bridge import ExecOutcome, WarmCommand
 
     from .agent import LeaderAgent
     from .context import FleetContext
@@ -185,7 +185,10 @@ class _OutStream:
 
 
 class _ConnectorExecutor:
-    """A ``HostExecutor`` on the agent's warm transports (linked on first use)."""
+    """A ``HostExecutor`` on the agent's warm transports (linked on first use), running
+    POSIX commands on each transport's warm executor (``ah_ssh_bridge.warm``)."""
+
+    accepts_warm_commands = True
 
     def __init__(
         self,
@@ -205,6 +208,7 @@ class _ConnectorExecutor:
         on_stdout: OutputCallback,
         on_stderr: OutputCallback,
         timeout: float | None,
+        warm: WarmCommand | None = None,
     ) -> ExecOutcome:
         connector = self.agent.connector
         assert connector is not None
@@ -218,7 +222,7 @@ class _ConnectorExecutor:
             raise HostUnreachable(host, f"no path within {deadline:g}s") from None
         executor = SshExecutor({host: transport})
         return await executor.run(
-            host, command, on_stdout=on_stdout, on_stderr=on_stderr, timeout=timeout
+            host, command, on_stdout=on_stdout, on_stderr=on_stderr, timeout=timeout, warm=warm
         )
 
 

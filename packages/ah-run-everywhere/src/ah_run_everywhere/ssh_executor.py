@@ -44,10 +44,12 @@ class SshExecutor:
     ``unreachable`` maps hosts that have no transport to the reason (reported as the
     ``unreachable`` result's error). ``env`` is exported before every command (the adapter's
     ``env`` is usually the better place; this is for transport-level variables).
-    """
 
-    accepts_warm_commands = True
-    """The engine passes ``warm=`` (the structured command) along with the rendered one."""
+    ``warm`` runs POSIX commands on each transport's warm executor (started on a transport's
+    first command, then reused). Worth it for transports that outlive one run (the leader
+    agent's); for one run over fresh transports, starting 16 servers costs more CPU than
+    16 exec channels, so one-shot callers pass ``warm=False``.
+    """
 
     def __init__(
         self,
@@ -55,7 +57,10 @@ class SshExecutor:
         *,
         unreachable: Mapping[str, str] | None = None,
         env: Mapping[str, str] | None = None,
+        warm: bool = True,
     ) -> None:
+        self.accepts_warm_commands = warm
+        """The engine passes ``warm=`` (the structured command) along with the rendered one."""
         self._transports = transports
         self._unreachable = unreachable if unreachable is not None else {}
         self._env = dict(env) if env else None
