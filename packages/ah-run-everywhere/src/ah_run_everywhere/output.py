@@ -91,14 +91,22 @@ class _LogWriter:
     the loop only enqueues; this thread writes in arrival order (so each log keeps its
     order) and flushes whenever it has caught up, so a log can still be followed live.
     The first I/O error is kept and raised by :meth:`drain`.
+
+    The thread starts writing ``start_delay_s`` after the first line, or at the first
+    :meth:`drain`, whichever comes first: a short run (a warm fan-out takes ~20 ms) then
+    writes its logs after its commands instead of while they run. Even a thread that only
+    opens files takes the GIL away from the loop and the SSH threads (each blocking call
+    costs up to a switch interval to get it back): measured ~10 ms more per 16-host run.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, start_delay_s: float = 0.1) -> None:
         self._queue: queue.SimpleQueue[tuple[HostLog, str | None] | threading.Event] = (
             queue.SimpleQueue()
         )
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._start_delay_s = start_delay_s
+        self._go = threading.Event()
         self.error: OSError | None = None
 
     def submit(self, log: HostLog, text: str | None) -> None:
@@ -113,6 +121,7 @@ class _LogWriter:
         """Wait until everything submitted so far is written; raise the first I/O error."""
         with self._lock:
             running = self._thread is not None
+        self._go.set()
         if running:
             done = threading.Event()
             self._queue.put(done)
@@ -122,6 +131,7 @@ class _LogWriter:
             raise error
 
     def _work(self) -> None:
+        self._go.wait(self._start_delay_s)
         dirty: set[HostLog] = set()
         while True:
             item = self._queue.get()
@@ -197,6 +207,11 @@ class RunDirectory:
     """``<base>/runs/<UTC timestamp>-<id>/`` holding one ``<host>.log`` per host.
 
     The directory is created on construction (never reused: a clash picks a new id).
+
+    With ``detach_writes`` :meth:`close` does not wait for the files to be written: a
+    long-lived process (the leader agent) answers the run first and calls
+    :meth:`wait_written` afterwards. Creating 16 log files costs 10-20 ms on a loaded
+    machine (ext4, measured), half a warm fan-out.
     """
 
     def __init__(
@@ -205,6 +220,7 @@ class RunDirectory:
         *,
         run_id: str | None = None,
         now: dt.datetime | None = None,
+        detach_writes: bool = False,
     ) -> None:
         stamp = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
         runs = Path(base) / "runs"
@@ -228,6 +244,7 @@ class RunDirectory:
         self._paths: dict[str, Path] = {}
         self._lock = threading.Lock()
         self._writer = _LogWriter()
+        self._detach_writes = detach_writes
 
     def log_path(self, host: str) -> Path:
         """Where ``host``'s log goes (the name is validated, so it cannot escape the dir)."""
@@ -250,11 +267,17 @@ class RunDirectory:
 
     def close(self) -> None:
         """Write out and close the open log files (the engine does this when its run ends);
-        raises the first I/O error any of them met."""
+        raises the first I/O error any of them met (with ``detach_writes``: only closes;
+        see :meth:`wait_written`)."""
         with self._lock:
             for log in self._logs.values():
                 log.close()
             self._logs.clear()
+        if not self._detach_writes:
+            self._writer.drain()
+
+    def wait_written(self) -> None:
+        """Block until everything logged so far is written; raise the first I/O error."""
         self._writer.drain()
 
 

@@ -989,7 +989,13 @@ class SshTransport:
         spec = warm.start_payload(env, stdin=chunks is not None)
         done: asyncio.Future[int | None] = loop.create_future()
         started = time.monotonic()
-        command_id = await self._in_thread(server.submit_blocking, job, done, spec, chunks)
+        if chunks is None:
+            # One small frame: written from the loop itself (no thread hop; paramiko blocks
+            # only when the server's window is full, which a command server never lets
+            # happen for long: it reads its stdin all the time).
+            command_id = server.submit_blocking(job, done, spec, None)
+        else:
+            command_id = await self._in_thread(server.submit_blocking, job, done, spec, chunks)
         try:
             reason = await self._wait_job(done, job, timeout, cancel)
         except asyncio.CancelledError:
