@@ -866,20 +866,19 @@ class SshTransport:
 
     async def _warm_server(self, shell: str) -> WarmServer | None:
         """The running warm server, started on first use; None when it cannot run here."""
-        while True:
-            if self._warm_disabled is not None:
-                return None
-            server = self._warm
-            if server is not None and server.usable:
-                return server
-            if self._warm_start is None:
-                self._warm_start = asyncio.ensure_future(self._start_warm(shell))
-            starting = self._warm_start
-            result = await asyncio.shield(starting)
-            if self._warm_start is starting:
-                self._warm_start = None
-            if result is None or result.usable:
-                return result
+        if self._warm_disabled is not None:
+            return None
+        server = self._warm
+        if server is not None and server.usable:
+            return server
+        if self._warm_start is None:
+            self._warm_start = asyncio.ensure_future(self._start_warm(shell))
+        starting = self._warm_start
+        result = await asyncio.shield(starting)
+        if self._warm_start is starting:
+            self._warm_start = None
+        # A server that ended right after its greeting: this command takes an exec channel.
+        return result if result is not None and result.usable else None
 
     async def _start_warm(self, shell: str) -> WarmServer | None:
         # The server's channel holds one command slot for its whole life.
