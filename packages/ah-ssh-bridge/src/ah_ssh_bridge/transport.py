@@ -903,6 +903,7 @@ class SshTransport:
         text = server_command(shell, grace_s=self.options.kill_grace_s)
         try:
             await self._in_thread(self._start_warm_blocking, server, text)
+            await server.start(max(self.options.connect_timeout_s, 10.0))
         except Exception as exc:
             if not server.reader_started:
                 # Otherwise the reader's end (_warm_ended) frees the channel and the slot.
@@ -924,11 +925,10 @@ class SshTransport:
 
     def _start_warm_blocking(self, server: WarmServer, text: str) -> None:
         try:
-            server.channel.fileno()  # creates the pipe the reader's select() waits on
+            server.channel.fileno()  # creates the pipe the loop watches
             server.channel.exec_command(text)
         except Exception as exc:
             raise self._channel_failure(exc, "start the warm executor") from None
-        server.start_blocking(max(self.options.connect_timeout_s, 10.0))
 
     def _disable_warm(self, reason: str) -> None:
         if self._warm_disabled is None:
@@ -941,7 +941,7 @@ class SshTransport:
             )
 
     def _warm_ended(self, server: WarmServer) -> None:
-        """On the loop, once the server's reader finished: free its channel and slot."""
+        """On the loop, once the server's channel ended: free its channel and slot."""
         if self._warm is server:
             self._warm = None
         with self._channels_lock:

@@ -6,9 +6,9 @@ The warm executor starts ``warm_server.py`` once per transport through the login
 (``<shell> -lc 'exec python3 -I -S -c <loader> <payload>'``), so the login environment is
 read once, and then runs every command as frames on that one channel (``warm_codec``).
 
-Threads: one reader thread per server reads the channel, decodes frames and hands output
-lines and results to the event loop (``call_soon_threadsafe``), like the exec path's worker
-threads do. Frames to the server are written from the transport's thread pool.
+Threads: none of its own. The event loop watches the channel's ``fileno()`` pipe (paramiko
+signals incoming data, EOF and close through it), decodes frames and hands lines and results
+to the callbacks. Small frames are written from the loop, stdin from the transport's pool.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import select
 import threading
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -53,6 +52,7 @@ __all__ = [
 ]
 
 _POLL_S = 0.5
+_LOSS_SETTLE_S = 0.2
 _RECV_BYTES = 65536
 _STDIN_CHUNK = 32768
 _STDERR_TAIL = 4096
@@ -166,7 +166,13 @@ def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None
 
 
 class WarmServer:
-    """Client of one running ``warm_server.py`` (one channel)."""
+    """Client of one running ``warm_server.py`` (one channel), read on the event loop.
+
+    No reader thread: paramiko signals a channel's incoming data (and its EOF or close)
+    through the channel's ``fileno()`` pipe, which the loop watches (``add_reader``), so a
+    command's end reaches the loop with one thread switch fewer per host (paramiko's own
+    transport thread to the loop) than a reader thread would cost.
+    """
 
     def __init__(
         self,
@@ -186,25 +192,27 @@ class WarmServer:
         self._on_end = on_end
         self._decoder = Decoder(expect_magic=True)
         self._jobs: dict[int, WarmJob] = {}
-        self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._next_id = 1
         self.hello: dict[str, object] | None = None
-        self.hello_seen = threading.Event()
-        self.ended = threading.Event()
+        self._hello_seen: asyncio.Future[None] = loop.create_future()
+        self._ended: asyncio.Future[None] = loop.create_future()
         self.end_reason: str | None = None
         self.retiring = False
         self.reader_started = False
         self._stderr_tail = bytearray()
-        self._reader = threading.Thread(
-            target=self._read_loop, name=f"ssh-warm-{host}", daemon=True
-        )
+        self._fd: int | None = None
+        self._safety: asyncio.TimerHandle | None = None
 
     # ---- state
 
     @property
     def usable(self) -> bool:
-        return self.hello is not None and not self.retiring and not self.ended.is_set()
+        return self.hello is not None and not self.retiring and not self._ended.done()
+
+    @property
+    def ended(self) -> bool:
+        return self._ended.done()
 
     @property
     def pid(self) -> int | None:
@@ -228,18 +236,23 @@ class WarmServer:
             parts.append(f"login shell printed: {preamble[-200:]}")
         return "; ".join(parts)
 
-    # ---- blocking parts (transport thread pool)
+    # ---- on the loop
 
-    def start_blocking(self, timeout: float) -> None:
-        """Wait for the greeting; raise SshChannelError (with the reason) if none comes."""
+    async def start(self, timeout: float) -> None:
+        """Watch the channel; wait for the greeting. SshChannelError (with the reason) if
+        none comes (the server did not start: no python3, a broken profile...)."""
         self.reader_started = True
-        self._reader.start()
-        self.hello_seen.wait(timeout)
+        self._fd = self.channel.fileno()
+        self.loop.add_reader(self._fd, self._readable)
+        self._arm_safety()
+        self._readable()  # anything that arrived before we watched
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._hello_seen)
         if self.hello is None:
-            if not self.ended.is_set():
+            if not self._ended.done():
                 self.end_reason = f"no greeting within {timeout}s"
-                self.channel.close()
-                self.ended.wait(timeout)
+                self._end()
             raise SshChannelError(
                 self.host, f"warm executor on {self.host} did not start: {self.describe_failure()}"
             )
@@ -251,13 +264,13 @@ class WarmServer:
         spec: dict[str, Any],
         stdin: Sequence[bytes] | None,
     ) -> int:
-        """Register the command and send its START (and stdin); its id."""
-        with self._lock:
-            if not self.usable:
-                raise ServerGone(self.end_reason or "retiring")
-            command_id = self._next_id
-            self._next_id += 1
-            self._jobs[command_id] = WarmJob(job, done)
+        """Register the command and send its START (and stdin); its id. Called on the loop
+        (no stdin) or from a worker thread (stdin to send)."""
+        if not self.usable:
+            raise ServerGone(self.end_reason or "retiring")
+        command_id = self._next_id
+        self._next_id += 1
+        self._jobs[command_id] = WarmJob(job, done)
         try:
             self._send(encode_json(START, command_id, spec))
             if stdin is not None:
@@ -269,7 +282,7 @@ class WarmServer:
                         self._send(encode(STDIN, command_id, bytes(view[at : at + _STDIN_CHUNK])))
                 self._send(encode(STDIN_CLOSE, command_id))
         except (OSError, EOFError) as exc:
-            self._forget(command_id)
+            self._jobs.pop(command_id, None)
             raise ServerGone(f"sending to the warm executor failed: {exc}") from None
         return command_id
 
@@ -279,11 +292,7 @@ class WarmServer:
             self._send(encode_json(SIGNAL, command_id, {"grace": grace_s}))
 
     def forget(self, command_id: int) -> None:
-        self._forget(command_id)
-
-    def close(self) -> None:
-        self.retiring = True
-        self.channel.close()
+        self._jobs.pop(command_id, None)
 
     def _send(self, data: bytes) -> None:
         with self._send_lock:
@@ -291,92 +300,102 @@ class WarmServer:
                 raise EOFError("warm executor channel closed")
             self.channel.sendall(data)
 
-    def _forget(self, command_id: int) -> WarmJob | None:
-        with self._lock:
-            return self._jobs.pop(command_id, None)
+    def _arm_safety(self) -> None:
+        # Every wake-up that matters comes through the pipe; this only re-checks a dead
+        # transport now and then, as the exec path's polling threads do.
+        self._safety = self.loop.call_later(_POLL_S, self._safety_check)
 
-    # ---- the reader thread
+    def _safety_check(self) -> None:
+        if self._ended.done():
+            return
+        if self._transport_dead():
+            self._readable()
+            if not self._ended.done():
+                self.end_reason = "the SSH connection is gone"
+                self._end()
+            return
+        self._arm_safety()
 
-    def _read_loop(self) -> None:
+    def _readable(self) -> None:
+        if self._ended.done():
+            return
         channel = self.channel
-        fd = channel.fileno()
         try:
-            while True:
-                select.select([fd], [], [], _POLL_S)
-                at_end = channel.eof_received or channel.closed
-                while channel.recv_stderr_ready():
-                    data = channel.recv_stderr(_RECV_BYTES)
-                    if not data:
-                        break
-                    self._stderr_tail += data
-                    del self._stderr_tail[:-_STDERR_TAIL]
-                while channel.recv_ready():
-                    data = channel.recv(_RECV_BYTES)
-                    if not data:
-                        break
-                    for frame in self._decoder.feed(data):
-                        self._dispatch(frame)
-                if at_end:
+            at_end = channel.eof_received or channel.closed
+            while channel.recv_stderr_ready():
+                data = channel.recv_stderr(_RECV_BYTES)
+                if not data:
                     break
-                if self._transport_dead():
+                self._stderr_tail += data
+                del self._stderr_tail[:-_STDERR_TAIL]
+            while channel.recv_ready():
+                data = channel.recv(_RECV_BYTES)
+                if not data:
                     break
+                for frame in self._decoder.feed(data):
+                    self._dispatch(frame)
         except FrameError as exc:
             self.end_reason = f"garbled stream from the warm executor: {exc}"
+            at_end = True
         except Exception as exc:  # a reader that dies silently would hang every job
             self.end_reason = f"warm executor reader failed: {type(exc).__name__}: {exc}"
-        finally:
-            self._finish()
+            at_end = True
+        if at_end:
+            self._end()
 
-    def _finish(self) -> None:
-        with self._lock:
-            jobs = list(self._jobs.values())
-            self._jobs.clear()
-            self.retiring = True
+    def _end(self) -> None:
+        """The channel ended (or must): fail what is still running, free everything."""
+        if self._ended.done():
+            return
+        self._ended.set_result(None)
+        self.retiring = True
+        if self._fd is not None:
+            self.loop.remove_reader(self._fd)
+        if self._safety is not None:
+            self._safety.cancel()
+        if not self._hello_seen.done():
+            self._hello_seen.set_result(None)
         if self.end_reason is None:
             self.end_reason = "the warm executor's channel closed"
-        if jobs:
-            # Let the transport thread notice a dead connection first (it unlinks channels
-            # before marking itself inactive), so a lost connection is reported as such.
-            transport_gone = self._transport_dead() or not self._settled_alive()
-            for warm_job in jobs:
-                if transport_gone:
-                    error: SshError = self._lost_error()
-                else:
-                    error = SshConnectionLost(
-                        self.host,
-                        f"warm executor on {self.host} ended while a command ran: "
-                        f"{self.describe_failure()}",
-                    )
-                self._call(warm_job.job.emit_stdout, warm_job.job.stdout_lines.finish())
-                self._call(warm_job.job.emit_stderr, warm_job.job.stderr_lines.finish())
-                self._call(_settle, warm_job.done, None, error)
-        self.ended.set()
-        self.hello_seen.set()
+        jobs = list(self._jobs.values())
+        self._jobs.clear()
         with contextlib.suppress(Exception):
             self.channel.close()
-        self._call(self._on_end, self)
+        if jobs:
+            # Let paramiko's transport thread notice a dead connection first (it unlinks
+            # channels before it marks itself inactive), so a lost connection is reported
+            # as such (the exec path's _LOSS_SETTLE_S).
+            self.loop.call_later(_LOSS_SETTLE_S, self._fail_jobs, jobs)
+        self._on_end(self)
 
-    def _settled_alive(self) -> bool:
-        self.ended.wait(0.2)  # a short settle, as the exec path's _LOSS_SETTLE_S
-        return not self._transport_dead()
-
-    def _call(self, fn: Callable[..., object], *args: object) -> None:
-        # A closed loop raises RuntimeError: nobody is listening any more.
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(fn, *args)
+    def _fail_jobs(self, jobs: list[WarmJob]) -> None:
+        transport_gone = self._transport_dead()
+        for warm_job in jobs:
+            if transport_gone:
+                error: SshError = self._lost_error()
+            else:
+                error = SshConnectionLost(
+                    self.host,
+                    f"warm executor on {self.host} ended while a command ran: "
+                    f"{self.describe_failure()}",
+                )
+            job = warm_job.job
+            job.emit_stdout(job.stdout_lines.finish())
+            job.emit_stderr(job.stderr_lines.finish())
+            _settle(warm_job.done, None, error)
 
     def _dispatch(self, frame: Frame) -> None:
         kind = frame.kind
         if kind == HELLO:
             self.hello = frame.json()
-            self.hello_seen.set()
+            if not self._hello_seen.done():
+                self._hello_seen.set_result(None)
             return
         if frame.id == 0:
             if kind == ERROR:
                 raise FrameError(frame.payload.decode("utf-8", "replace"))
             return
-        with self._lock:
-            warm_job = self._jobs.get(frame.id)
+        warm_job = self._jobs.get(frame.id)
         if warm_job is None:
             return  # a command we stopped waiting for
         job = warm_job.job
@@ -387,19 +406,21 @@ class WarmServer:
             if job.on_stderr is not None:
                 job.emit_stderr(job.stderr_lines.feed(frame.payload))
         elif kind == EXITED:
-            self._forget(frame.id)
+            del self._jobs[frame.id]
             job.emit_stdout(job.stdout_lines.finish())
             job.emit_stderr(job.stderr_lines.finish())
-            status = frame.json()
-            code = status.get("code")
-            self._call(_settle, warm_job.done, code if isinstance(code, int) else None, None)
+            code = frame.json().get("code")
+            # After the lines: they are delivered by callbacks already queued on the loop.
+            self.loop.call_soon(
+                _settle, warm_job.done, code if isinstance(code, int) else None, None
+            )
         elif kind == ERROR:
-            self._forget(frame.id)
+            del self._jobs[frame.id]
             message = frame.payload.decode("utf-8", "replace")
             error = SshChannelError(self.host, f"warm executor on {self.host}: {message}")
-            self._call(_settle, warm_job.done, None, error)
+            _settle(warm_job.done, None, error)
         elif kind == STALE:
-            self._forget(frame.id)
+            del self._jobs[frame.id]
             self.retiring = True
             reason = frame.payload.decode("utf-8", "replace")
-            self._call(_settle, warm_job.done, None, StaleServer(reason))
+            _settle(warm_job.done, None, StaleServer(reason))
