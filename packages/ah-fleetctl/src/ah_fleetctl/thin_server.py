@@ -55,7 +55,6 @@ from .dataplane import FollowerUnreachable
 from .thin import INDEX_VERSION, file_signature, index_path, relevant_env, repo_root_of
 
 if TYPE_CHECKING:
-    from ah_run_everywhere import RunDirectory
     from ah_ssh_bridge import ExecOutcome, WarmCommand
 
     from .agent import LeaderAgent
@@ -227,13 +226,6 @@ class _ConnectorExecutor:
         )
 
 
-async def _finish_logs(run_dir: RunDirectory) -> None:
-    try:
-        await asyncio.to_thread(run_dir.wait_written)
-    except OSError as exc:
-        _log.warning("could not write the run's logs in {}: {}", run_dir.path, exc)
-
-
 def _error_text(exc: CliError | DomainValidationError, json_mode: bool) -> tuple[str, str, int]:
     """(stdout, stderr, code) the full CLI prints for ``exc``."""
     code, kind, message = int(exc.exit_code), exc.kind, exc.message
@@ -369,14 +361,18 @@ async def _thin_run(
     marks.append(("events", time.perf_counter()))
     send(ThinStartedReply())
     names = [t.name for t in targets]
-    # The per-host logs are written after the answer (see RunDirectory.detach_writes).
-    run_dir = RunDirectory(defaults.runs_base, detach_writes=True)
+    mode = default_mode(len(logical))
+    # One command: every host gets a log, so a directory made after the last run over the
+    # same hosts fits (file creation off the hot path; see SpareRunDirectory).
+    spare_key = (defaults.runs_base, frozenset(names)) if mode == "every-host" else None
+    spare = agent.take_spare_run_dir(spare_key) if spare_key is not None else None
+    run_dir = RunDirectory(defaults.runs_base, spare=spare)
     printer = None if json_mode else LinePrinter(_OutStream(send, 1), names, colour=request.colour)  # type: ignore[arg-type]
     engine = RunEngine(
         _ConnectorExecutor(agent, links.followers, links.connect_timeout),
         targets,
         logical,
-        mode=default_mode(len(logical)),
+        mode=mode,
         timeout=timeout,
         sink=events.emit if events is not None else None,
         printer=printer,
@@ -404,7 +400,8 @@ async def _thin_run(
         marks.append(("engine", time.perf_counter()))
     finally:
         watcher.cancel()
-        agent.in_background(_finish_logs(run_dir))
+        if spare_key is not None:
+            agent.in_background(agent.prepare_spare_run_dir(spare_key))
         if events is not None:
             agent.in_background(agent.close_event_sink(events))
     # As the full CLI: a selected host that got no job (sharding) is reported, never dropped.
