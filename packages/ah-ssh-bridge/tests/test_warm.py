@@ -464,3 +464,22 @@ def test_arguments_reach_the_program_exactly(
     assert outcome.exit_code == 0
     assert json.loads(out[0]) == words
     assert t.warm_disabled_reason is None
+
+
+@pytest.mark.parametrize(
+    "options",
+    [SshOptions(warm_exec=False), SshOptions(max_sessions=3)],
+    ids=["warm_exec-off", "max_sessions-3"],
+)
+def test_structured_commands_use_exec_channels_when_the_warm_executor_is_off(
+    shared_sshd: RunningSshd, run: Run, options: SshOptions
+) -> None:
+    async def body() -> None:
+        async with await open_transport(shared_sshd, options=options) as t:
+            out: list[str] = []
+            outcome = await t.run("echo exec-channel", on_stdout=out.append, warm=argv("x"))
+            assert (outcome.exit_code, out) == (0, ["exec-channel"])
+            assert t.warm_server_pid is None
+            assert t.open_channels == 0
+
+    run(body())

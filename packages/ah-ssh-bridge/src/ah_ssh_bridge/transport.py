@@ -3,7 +3,10 @@
 Threads: paramiko's own transport thread reads packets; every blocking paramiko call
 (handshake, channel open, exec, reading a channel, sending stdin, closing) runs on this
 transport's thread pool; callbacks and results are delivered on the event loop that called
-:meth:`SshTransport.run`. Each command is a new ``session`` channel. Concurrency stays within
+:meth:`SshTransport.run`. Each command is a new ``session`` channel, except commands given
+in structured form (``run(..., warm=WarmCommand(...))``), which run on the transport's warm
+executor when it is up (``ah_ssh_bridge.warm``: one long-lived server channel, read on the
+event loop; it holds one command slot for its life). Concurrency stays within
 the server's ``MaxSessions``: ``max_sessions - 2`` slots for commands, one for liveness work
 (probe, keepalive) so a probe is never stuck behind long-running commands, and one for
 killing stopped commands (never waiting on the slot of the command it kills).
@@ -867,6 +870,13 @@ class SshTransport:
     async def _warm_server(self, shell: str) -> WarmServer | None:
         """The running warm server, started on first use; None when it cannot run here."""
         if self._warm_disabled is not None:
+            return None
+        if self.options.max_sessions < 4:
+            # The server holds a command slot for good; with one slot only, sftp and exec
+            # commands would wait for it forever.
+            self._disable_warm(
+                f"max_sessions {self.options.max_sessions} leaves no command slot beside it"
+            )
             return None
         server = self._warm
         if server is not None and server.usable:

@@ -53,6 +53,8 @@ __all__ = [
 
 _POLL_S = 0.5
 _LOSS_SETTLE_S = 0.2
+_EOF_POLL_S = 0.005
+_EOF_WAIT_S = 2.0
 _RECV_BYTES = 65536
 _STDIN_CHUNK = 32768
 _STDERR_TAIL = 4096
@@ -202,6 +204,7 @@ class WarmServer:
         self.reader_started = False
         self._stderr_tail = bytearray()
         self._fd: int | None = None
+        self._eof_deadline = 0.0
         self._safety: asyncio.TimerHandle | None = None
 
     # ---- state
@@ -321,7 +324,9 @@ class WarmServer:
             return
         channel = self.channel
         try:
-            at_end = channel.eof_received or channel.closed
+            # sshd sends EOF, then the exit status, then the close: wait for the status
+            # (it names why a server that never greeted ended, e.g. 127 without python3).
+            at_end = channel.closed or (channel.eof_received and channel.exit_status_ready())
             while channel.recv_stderr_ready():
                 data = channel.recv_stderr(_RECV_BYTES)
                 if not data:
@@ -342,6 +347,17 @@ class WarmServer:
             at_end = True
         if at_end:
             self._end()
+        elif channel.eof_received:
+            # The pipe stays readable after EOF: poll briefly for the status and the close
+            # instead of spinning on it (and give up waiting after _EOF_WAIT_S).
+            if self._fd is not None:
+                self.loop.remove_reader(self._fd)
+                self._fd = None
+                self._eof_deadline = self.loop.time() + _EOF_WAIT_S
+            if self.loop.time() >= self._eof_deadline:
+                self._end()
+            else:
+                self.loop.call_later(_EOF_POLL_S, self._readable)
 
     def _end(self) -> None:
         """The channel ended (or must): fail what is still running, free everything."""
