@@ -125,7 +125,7 @@ May be called from any thread."""
 class HostExecutor(Protocol):
     """Runs one rendered command on one host (e.g. an SSH exec channel).
 
-    An executor whose class sets ``accepts_warm_commands = True`` also gets ``warm=`` (an
+    An executor with ``accepts_warm_commands = True`` (attribute) also gets ``warm=`` (an
     ``ah_ssh_bridge.WarmCommand``, the same command in structured form, or None on
     Windows) as a keyword argument of :meth:`run`."""
 
