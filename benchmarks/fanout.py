@@ -211,8 +211,9 @@ async def ah_library(
 ) -> tuple[list[float], list[float]]:
     targets = [TargetHost(name=f.info.name, os=OsKind.LINUX) for f in followers]
 
-    async def once(links: FleetLinks) -> None:
-        envelope = await RunEngine(SshExecutor(links.transports), targets, [["true"]]).run()
+    async def once(links: FleetLinks, *, warm: bool = True) -> None:
+        executor = SshExecutor(links.transports, warm=warm)
+        envelope = await RunEngine(executor, targets, [["true"]]).run()
         if envelope.summary.succeeded != len(targets):
             raise RuntimeError(f"library run failed: {envelope.summary}")
 
@@ -223,7 +224,7 @@ async def ah_library(
         try:
             if links.unreachable:
                 raise RuntimeError(f"unreachable: {links.unreachable}")
-            await once(links)
+            await once(links, warm=False)  # one run per transport: exec channels, as the CLI
         finally:
             await links.close()
         cold.append(time.perf_counter() - started)

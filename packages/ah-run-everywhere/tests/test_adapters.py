@@ -9,6 +9,7 @@ import re
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 
 from ah_domain_types import DomainValidationError, OsKind
 from ah_run_everywhere import (
+    MAX_POSIX_COMMAND_BYTES,
     MAX_WINDOWS_COMMAND_CHARS,
     AdapterError,
     PathMapping,
@@ -24,6 +26,7 @@ from ah_run_everywhere import (
     display_command,
     posix_quote,
 )
+from ah_ssh_bridge import WarmCommand
 
 # Arbitrary Unicode without NUL (no command line can carry NUL) and without lone
 # surrogates (not text; hypothesis excludes them by default anyway).
@@ -439,3 +442,45 @@ def test_roots_must_be_absolute_for_their_os(
 ) -> None:
     with pytest.raises(AdapterError, match="must be an absolute"):
         PathMapping(leader_root, follower_root, os_kind)
+
+
+# --------------------------------------------------------------------------- warm commands
+
+
+def test_warm_command_carries_the_structured_command() -> None:
+    linux = adapter_for(OsKind.LINUX)
+    warm = linux.warm_command(
+        ["ls", "-l", "it's"], cwd="/ws/sub", env={"A": "1"}, path_prepend=["/opt/bin"]
+    )
+    assert warm == WarmCommand(
+        shell="bash",
+        argv=("ls", "-l", "it's"),
+        cwd="/ws/sub",
+        env={"A": "1"},
+        path_prepend=("/opt/bin",),
+    )
+    mac = adapter_for(OsKind.MACOS).warm_command("echo $HOME | wc -c")
+    assert mac == WarmCommand(shell="zsh", script="echo $HOME | wc -c")
+    # PowerShell stays on exec channels.
+    assert adapter_for(OsKind.WINDOWS).warm_command(["dir"]) is None
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"command": ["x"], "env": {"PATH": "/bin"}},
+        {"command": ["x"], "cwd": "relative"},
+        {"command": ["x"], "path_prepend": ["a:b"]},
+        {"command": ["nul\x00"]},
+        {"command": "   "},
+        {"command": ["x" * (MAX_POSIX_COMMAND_BYTES + 1)]},
+    ],
+)
+def test_warm_command_refuses_what_render_refuses(kwargs: dict[str, Any]) -> None:
+    linux = adapter_for(OsKind.LINUX)
+    command = kwargs.pop("command")
+    with pytest.raises(AdapterError) as rendered:
+        linux.render(command, **kwargs)
+    with pytest.raises(AdapterError) as warm:
+        linux.warm_command(command, **kwargs)
+    assert str(warm.value) == str(rendered.value)

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ah_domain_types import DomainValidationError, HostResult, HostState, OsKind, RunSummary
-from ah_run_everywhere import LinePrinter, RunDirectory, format_summary
+from ah_run_everywhere import LinePrinter, RunDirectory, SpareRunDirectory, format_summary
 
 
 class RecordingStream(io.StringIO):
@@ -120,6 +120,33 @@ def test_run_directory_layout_and_tagged_logs(tmp_path: Path) -> None:
     )
     with pytest.raises(FileExistsError, match="abc123"):
         RunDirectory(tmp_path, run_id="abc123", now=now)
+
+
+def test_a_spare_run_directory_is_renamed_into_place_once(tmp_path: Path) -> None:
+    spare = SpareRunDirectory(tmp_path, ["lin-1", "lin-2"])
+    made = spare.path
+    assert made is not None and made.parent == tmp_path / "runs"
+    assert sorted(p.name for p in made.iterdir()) == ["lin-1.log", "lin-2.log"]
+    now = dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.UTC)
+    run = RunDirectory(tmp_path, run_id="r1", now=now, spare=spare)
+    assert run.path == tmp_path / "runs" / "20240506T070809Z-r1"
+    assert not made.exists()
+    for host in ("lin-1", "lin-2"):
+        run.open_log(host).write_line("stdout", f"from {host}")
+    run.close()
+    assert (run.path / "lin-2.log").read_text() == "out | from lin-2\n"
+    # Used up: the next run makes its own directory; discarding it is then a no-op.
+    again = RunDirectory(tmp_path, run_id="r2", now=now, spare=spare)
+    assert list(again.path.iterdir()) == []
+    spare.discard()
+    # A spare for another base is not taken, and discard removes an unused one.
+    other = SpareRunDirectory(tmp_path / "elsewhere", ["lin-1"])
+    third = RunDirectory(tmp_path, run_id="r3", now=now, spare=other)
+    assert list(third.path.iterdir()) == []
+    assert other.path is not None and other.path.exists()
+    unused = other.path
+    other.discard()
+    assert not unused.exists()
 
 
 def test_run_directories_never_collide(tmp_path: Path) -> None:

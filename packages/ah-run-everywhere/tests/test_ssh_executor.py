@@ -141,3 +141,91 @@ def test_a_connection_lost_mid_command_is_host_connection_lost(sshd: RunningSshd
 
     with pytest.raises(HostConnectionLost, match="SSH connection to victim lost"):
         run_async(body())
+
+
+# --------------------------------------------------------------------------- warm executor
+
+WARM_CASES: list[tuple[str, Any]] = [
+    ("argv", ["printf", "%s|", "a b", "it's", '"q"', "$HOME", "*", "tab\there", ""]),
+    ("script", "printf 'x\\ny\\n' | wc -l; echo \"$AH_GREETING\"; echo err >&2; exit 4"),
+    ("path", "ah-warm-tool; command -v ah-warm-tool"),
+]
+
+
+@pytest.mark.parametrize(("label", "command"), WARM_CASES, ids=[c[0] for c in WARM_CASES])
+def test_the_warm_executor_gives_what_exec_channels_give(
+    shared_sshd: RunningSshd, tmp_path: Path, label: str, command: Any
+) -> None:
+    """The same run over exec channels and over the warm executor: same lines, same
+    states and exit codes; and the warm one really ran warm."""
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "ah-warm-tool").write_text('#!/bin/sh\necho "tool in $(pwd)"\n')
+    (tools / "ah-warm-tool").chmod(0o755)
+    workdir = tmp_path / "work dir"
+    workdir.mkdir()
+
+    async def once(warm: bool) -> tuple[Any, str, int | None]:
+        transport = await connect(shared_sshd, "box")
+        try:
+            out = io.StringIO()
+            engine = RunEngine(
+                SshExecutor({"box": transport}, warm=warm),
+                [TargetHost(name="box", os=OsKind.LINUX, cwd=str(workdir))],
+                [command],
+                env={"AH_GREETING": "hello there"},
+                path_prepend=[str(tools)],
+                printer=LinePrinter(out, ["box"]),
+            )
+            envelope = await engine.run()
+            return envelope, out.getvalue(), transport.warm_server_pid
+        finally:
+            await transport.close()
+
+    cold, cold_printed, cold_pid = run_async(once(False))
+    warm, warm_printed, warm_pid = run_async(once(True))
+    assert cold_pid is None and warm_pid is not None
+    assert warm_printed == cold_printed
+    assert [(h.state, h.exit_code) for h in warm.hosts] == [
+        (h.state, h.exit_code) for h in cold.hosts
+    ]
+    expected = {
+        "argv": 'box | a b|it\'s|"q"|$HOME|*|tab\there||',
+        "script": "box | 2\nbox | hello there\nbox | err",
+        "path": f"box | tool in {workdir}\nbox | {tools}/ah-warm-tool",
+    }[label]
+    assert sorted(warm_printed.splitlines()) == sorted(expected.splitlines())
+
+
+def test_a_follower_killed_mid_command_is_unreachable_on_the_warm_path(
+    sshd: RunningSshd,
+) -> None:
+    async def body() -> Any:
+        transport = await connect(sshd, "victim")
+        try:
+            started = asyncio.Event()
+
+            class Watch(io.StringIO):
+                def write(self, text: str) -> int:
+                    if "started" in text:
+                        started.set()
+                    return super().write(text)
+
+            engine = RunEngine(
+                SshExecutor({"victim": transport}),
+                [TargetHost(name="victim", os=OsKind.LINUX)],
+                ["echo started; sleep 30"],
+                printer=LinePrinter(Watch(), ["victim"]),
+            )
+            run = asyncio.ensure_future(engine.run())
+            await asyncio.wait_for(started.wait(), 20)
+            assert transport.warm_server_pid is not None
+            await asyncio.to_thread(sshd.process.kill)
+            return await asyncio.wait_for(run, 20)
+        finally:
+            await transport.close()
+
+    envelope = run_async(body())
+    (victim,) = envelope.hosts
+    assert victim.state == HostState.UNREACHABLE
+    assert victim.error is not None and "victim" in victim.error

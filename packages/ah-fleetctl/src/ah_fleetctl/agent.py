@@ -63,6 +63,8 @@ from .agent_proto import (
 from .dataplane import FollowerUnreachable
 
 if TYPE_CHECKING:
+    from ah_run_everywhere import SpareRunDirectory
+
     from .context import FleetContext
     from .events import SessionEventSink
     from .paths import PathConnector
@@ -82,6 +84,8 @@ DEFAULT_IDLE_S = 600.0
 _START_TIMEOUT_S = 20.0
 _FOLLOWERS_TTL_S = 2.0
 _EVENT_CONNECT_DELAY_S = 0.25
+_MAX_SPARE_RUN_DIRS = 4
+"""Spare run directories kept (one per recent host selection; see prepare_spare_run_dir)."""
 _log = logger.bind(component="ah-fleetctl.agent")
 
 _REQUEST_DECODER_TYPE: Any = AgentRequest
@@ -382,6 +386,7 @@ class LeaderAgent:
         self._background: set[asyncio.Task[None]] = set()
         self._event_tls: ssl.SSLContext | None = None
         self._push_target: tuple[str, int, str, str] | None = None
+        self._spare_run_dirs: dict[tuple[str, frozenset[str]], SpareRunDirectory] = {}
 
     async def serve(self) -> int:
         from .paths import make_path_connector
@@ -421,6 +426,9 @@ class LeaderAgent:
                 await asyncio.wait(set(self._background), timeout=30.0)
             if "ah_fleetctl.thin_fence" in sys.modules:  # it served fences: end their sessions
                 await sys.modules["ah_fleetctl.thin_fence"].close_workspaces()
+            for spare in self._spare_run_dirs.values():
+                with contextlib.suppress(OSError):
+                    spare.discard()
             await self.connector.close()
             self._client.close()
         return int(ExitCode.OK)
@@ -473,6 +481,27 @@ class LeaderAgent:
         the next run when every event got through, forget it otherwise."""
         report = await asyncio.to_thread(sink.close)
         self._push_target = sink.push_target if report.complete else None
+
+    def take_spare_run_dir(self, key: tuple[str, frozenset[str]]) -> SpareRunDirectory | None:
+        """The run directory prepared after the last run over these hosts (``key``: runs
+        base and host names), if any; see :meth:`prepare_spare_run_dir`."""
+        return self._spare_run_dirs.pop(key, None)
+
+    async def prepare_spare_run_dir(self, key: tuple[str, frozenset[str]]) -> None:
+        """Make the next run's directory and log files now, after the answer went out."""
+        from ah_run_everywhere import SpareRunDirectory
+
+        base, hosts = key
+        if key in self._spare_run_dirs:
+            return
+        spare = await asyncio.to_thread(SpareRunDirectory, base, hosts)
+        stale = [self._spare_run_dirs.pop(key, None)]
+        self._spare_run_dirs[key] = spare
+        while len(self._spare_run_dirs) > _MAX_SPARE_RUN_DIRS:  # oldest selection first
+            stale.append(self._spare_run_dirs.pop(next(iter(self._spare_run_dirs))))
+        for old in stale:
+            if old is not None:
+                await asyncio.to_thread(old.discard)
 
     def in_background(self, awaitable: Awaitable[object]) -> None:
         """Finish ``awaitable`` after the reply went out (awaited before the agent exits)."""

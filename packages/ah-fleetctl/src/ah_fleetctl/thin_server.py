@@ -57,7 +57,7 @@ from .dataplane import FollowerUnreachable
 from .thin import INDEX_VERSION, file_signature, index_path, relevant_env, repo_root_of
 
 if TYPE_CHECKING:
-    from ah_ssh_bridge import ExecOutcome
+    from ah_ssh_bridge import ExecOutcome, WarmCommand
 
     from .agent import LeaderAgent
     from .context import FleetContext
@@ -187,7 +187,10 @@ class _OutStream:
 
 
 class _ConnectorExecutor:
-    """A ``HostExecutor`` on the agent's warm transports (linked on first use)."""
+    """A ``HostExecutor`` on the agent's warm transports (linked on first use), running
+    POSIX commands on each transport's warm executor (``ah_ssh_bridge.warm``)."""
+
+    accepts_warm_commands = True
 
     def __init__(
         self,
@@ -207,6 +210,7 @@ class _ConnectorExecutor:
         on_stdout: OutputCallback,
         on_stderr: OutputCallback,
         timeout: float | None,
+        warm: WarmCommand | None = None,
     ) -> ExecOutcome:
         connector = self.agent.connector
         assert connector is not None
@@ -220,7 +224,7 @@ class _ConnectorExecutor:
             raise HostUnreachable(host, f"no path within {deadline:g}s") from None
         executor = SshExecutor({host: transport})
         return await executor.run(
-            host, command, on_stdout=on_stdout, on_stderr=on_stderr, timeout=timeout
+            host, command, on_stdout=on_stdout, on_stderr=on_stderr, timeout=timeout, warm=warm
         )
 
 
@@ -376,8 +380,9 @@ async def _thin_run(
     marks.append(("events", time.perf_counter()))
     send(ThinStartedReply())
     names = [t.name for t in targets]
+    mode = default_mode(len(logical))
     printer = None if json_mode else LinePrinter(_OutStream(send, 1), names, colour=request.colour)  # type: ignore[arg-type]
-    run_dir = RunDirectory(defaults.runs_base)
+    spare_key: tuple[str, frozenset[str]] | None = None
     interrupted = False
     engine: RunEngine | None = None
     fencing: asyncio.Task[dict[str, str]] | None = None
@@ -418,10 +423,16 @@ async def _thin_run(
                     raise
                 fence_cancelled = True
             except (CliError, DomainValidationError) as exc:
-                run_dir.close()
                 return finish_with(exc)
             marks.append(("fence", time.perf_counter()))
         engine_hosts = [t for t in targets if t.name not in fence_failed]
+        # One command: every host that runs gets a log, so a directory made after the last
+        # run over the same hosts fits (file creation off the hot path; SpareRunDirectory).
+        # Keyed on the hosts that run, after the fence: a host it failed gets no log file.
+        if mode == "every-host" and engine_hosts:
+            spare_key = (defaults.runs_base, frozenset(t.name for t in engine_hosts))
+        spare = agent.take_spare_run_dir(spare_key) if spare_key is not None else None
+        run_dir = RunDirectory(defaults.runs_base, spare=spare)
         unreachable = {
             t.name: f"unreachable: {links.unreachable[t.name].reason}"
             for t in engine_hosts
@@ -441,7 +452,7 @@ async def _thin_run(
                 _ConnectorExecutor(agent, links.followers, links.connect_timeout),
                 engine_hosts,
                 logical,
-                mode=default_mode(len(logical)),
+                mode=mode,
                 timeout=timeout,
                 sink=events.emit if events is not None else None,
                 printer=printer,
@@ -455,6 +466,8 @@ async def _thin_run(
         marks.append(("engine", time.perf_counter()))
     finally:
         watcher.cancel()
+        if spare_key is not None:
+            agent.in_background(agent.prepare_spare_run_dir(spare_key))
         if events is not None:
             agent.in_background(agent.close_event_sink(events))
     # As the full CLI: a selected host that got no job (sharding) is reported, never dropped.

@@ -42,6 +42,7 @@ from typing import Protocol, TypeAlias
 import msgspec
 
 from ah_domain_types import DomainValidationError, OsKind
+from ah_ssh_bridge import WarmCommand
 
 __all__ = [
     "MAX_POSIX_COMMAND_BYTES",
@@ -176,6 +177,18 @@ class CommandAdapter(Protocol):
         """The script the follower's shell runs (before the outer wrapping)."""
         ...
 
+    def warm_command(
+        self,
+        command: LogicalCommand,
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        path_prepend: Sequence[str] = (),
+    ) -> WarmCommand | None:
+        """The same command in structured form for the SSH bridge's warm executor (argv or
+        shell script, cwd, env), or None where it has none (Windows: exec channels)."""
+        ...
+
 
 class PosixShellAdapter:
     """bash (Linux) or zsh (macOS); see the module docstring."""
@@ -240,6 +253,29 @@ class PosixShellAdapter:
                 details={"bytes": str(size)},
             )
         return rendered
+
+    def warm_command(
+        self,
+        command: LogicalCommand,
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        path_prepend: Sequence[str] = (),
+    ) -> WarmCommand | None:
+        """What :meth:`render` runs, for the warm executor: same checks, same meaning,
+        except that a shell string runs as ``<shell> -c`` in the login environment the
+        executor read once, so the profile's functions and aliases are not defined."""
+        # The checks (and the size limit) are the rendered form's: fallback must be possible.
+        self.render(command, cwd=cwd, env=env, path_prepend=path_prepend)
+        argv = None if isinstance(command, str) else tuple(command)
+        return WarmCommand(
+            shell=self.shell,
+            argv=argv,
+            script=command if isinstance(command, str) else None,
+            cwd=cwd,
+            env=dict(env or {}),
+            path_prepend=tuple(path_prepend),
+        )
 
 
 class PowerShellAdapter:
@@ -327,6 +363,17 @@ class PowerShellAdapter:
                 details={"chars": str(len(rendered))},
             )
         return rendered
+
+    def warm_command(
+        self,
+        command: LogicalCommand,
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        path_prepend: Sequence[str] = (),
+    ) -> WarmCommand | None:
+        """None: PowerShell commands always use exec channels."""
+        return None
 
 
 _ADAPTERS: dict[OsKind, CommandAdapter] = {

@@ -55,6 +55,7 @@ from ah_domain_types import (
     SummaryEvent,
     validate_host_name,
 )
+from ah_ssh_bridge import WarmCommand
 
 from .adapters import LogicalCommand, PathMapping, adapter_for, display_command
 from .output import HostLog, LinePrinter, RunDirectory, StreamName
@@ -122,7 +123,11 @@ May be called from any thread."""
 
 
 class HostExecutor(Protocol):
-    """Runs one rendered command on one host (e.g. an SSH exec channel)."""
+    """Runs one rendered command on one host (e.g. an SSH exec channel).
+
+    An executor with ``accepts_warm_commands = True`` (attribute) also gets ``warm=`` (an
+    ``ah_ssh_bridge.WarmCommand``, the same command in structured form, or None on
+    Windows) as a keyword argument of :meth:`run`."""
 
     async def run(
         self,
@@ -251,12 +256,19 @@ class RunEngine:
         if unknown:
             raise ValueError(f"unreachable hosts {unknown} are not among the run's hosts")
         self._rendered: dict[tuple[str, int], str] = {}
+        self._warm: dict[tuple[str, int], WarmCommand | None] | None = (
+            {} if getattr(executor, "accepts_warm_commands", False) else None
+        )
         for host in hosts:
             adapter = adapter_for(host.os)
             for index, command in enumerate(self._commands):
                 self._rendered[(host.name, index)] = adapter.render(
                     command, cwd=host.cwd, env=env or {}, path_prepend=path_prepend
                 )
+                if self._warm is not None:
+                    self._warm[(host.name, index)] = adapter.warm_command(
+                        command, cwd=host.cwd, env=env or {}, path_prepend=path_prepend
+                    )
         self._timeout = timeout
         self._sink = sink
         self._printer = printer
@@ -414,13 +426,16 @@ class RunEngine:
 
         limit = None if self._timeout is None else self._timeout + self._timeout_grace
         try:
+            key = (host, assignment.command_index)
+            extra = {} if self._warm is None else {"warm": self._warm[key]}
             async with asyncio.timeout(limit) as deadline:
                 outcome = await self._executor.run(
                     host,
-                    self._rendered[(host, assignment.command_index)],
+                    self._rendered[key],
                     on_stdout=self._threadsafe(out),
                     on_stderr=self._threadsafe(err),
                     timeout=self._timeout,
+                    **extra,
                 )
         except TimeoutError as exc:
             if not deadline.expired():

@@ -18,6 +18,7 @@ __all__ = [
     "HostLog",
     "LinePrinter",
     "RunDirectory",
+    "SpareRunDirectory",
     "StreamName",
     "colour_enabled",
     "format_summary",
@@ -91,14 +92,22 @@ class _LogWriter:
     the loop only enqueues; this thread writes in arrival order (so each log keeps its
     order) and flushes whenever it has caught up, so a log can still be followed live.
     The first I/O error is kept and raised by :meth:`drain`.
+
+    The thread starts writing ``start_delay_s`` after the first line, or at the first
+    :meth:`drain`, whichever comes first: a short run (a warm fan-out takes ~20 ms) then
+    writes its logs after its commands instead of while they run. Even a thread that only
+    opens files takes the GIL away from the loop and the SSH threads (each blocking call
+    costs up to a switch interval to get it back): measured ~10 ms more per 16-host run.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, start_delay_s: float = 0.1) -> None:
         self._queue: queue.SimpleQueue[tuple[HostLog, str | None] | threading.Event] = (
             queue.SimpleQueue()
         )
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._start_delay_s = start_delay_s
+        self._go = threading.Event()
         self.error: OSError | None = None
 
     def submit(self, log: HostLog, text: str | None) -> None:
@@ -113,6 +122,7 @@ class _LogWriter:
         """Wait until everything submitted so far is written; raise the first I/O error."""
         with self._lock:
             running = self._thread is not None
+        self._go.set()
         if running:
             done = threading.Event()
             self._queue.put(done)
@@ -122,6 +132,7 @@ class _LogWriter:
             raise error
 
     def _work(self) -> None:
+        self._go.wait(self._start_delay_s)
         dirty: set[HostLog] = set()
         while True:
             item = self._queue.get()
@@ -197,6 +208,11 @@ class RunDirectory:
     """``<base>/runs/<UTC timestamp>-<id>/`` holding one ``<host>.log`` per host.
 
     The directory is created on construction (never reused: a clash picks a new id).
+
+    ``spare`` (a :class:`SpareRunDirectory` made earlier, off the hot path, for exactly
+    these hosts) is renamed into place instead: creating 16 log files costs 1-10 ms on a
+    loaded machine (ext4, measured), opening 16 existing ones ~0.5 ms. A spare that does
+    not fit (other base, already used) is ignored.
     """
 
     def __init__(
@@ -205,15 +221,28 @@ class RunDirectory:
         *,
         run_id: str | None = None,
         now: dt.datetime | None = None,
+        spare: SpareRunDirectory | None = None,
     ) -> None:
         stamp = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
         runs = Path(base) / "runs"
         runs.mkdir(parents=True, exist_ok=True)
         ident = run_id or secrets.token_hex(4)
+        adopt = spare.claim(runs) if spare is not None else None
         while True:
             candidate = runs / f"{stamp}-{ident}"
             try:
-                candidate.mkdir()
+                if adopt is not None:
+                    if candidate.exists():  # rename would replace an empty directory
+                        raise FileExistsError(candidate)
+                    try:
+                        adopt.rename(candidate)
+                    except FileExistsError:
+                        raise
+                    except OSError:
+                        adopt = None  # (gone, or not ours any more): make a new one
+                        continue
+                else:
+                    candidate.mkdir()
             except FileExistsError:
                 if run_id is not None:
                     raise FileExistsError(
@@ -256,6 +285,41 @@ class RunDirectory:
                 log.close()
             self._logs.clear()
         self._writer.drain()
+
+
+class SpareRunDirectory:
+    """A run directory made ahead of time (``<base>/runs/.spare-<id>/`` with an empty
+    ``<host>.log`` per host), for a long-lived process (the leader agent) to hand to the
+    next :class:`RunDirectory` over the same hosts. Blocking: make it in a worker thread."""
+
+    def __init__(self, base: Path | str, hosts: Iterable[str]) -> None:
+        self.hosts = frozenset(validate_host_name(h) for h in hosts)
+        runs = Path(base) / "runs"
+        runs.mkdir(parents=True, exist_ok=True)
+        self.runs = runs
+        self.path: Path | None = runs / f".spare-{secrets.token_hex(6)}"
+        self.path.mkdir()
+        for host in self.hosts:
+            (self.path / f"{host}.log").touch()
+        self._lock = threading.Lock()
+
+    def claim(self, runs: Path) -> Path | None:
+        """The directory to rename into ``runs`` (once; None if used or elsewhere)."""
+        with self._lock:
+            path, self.path = self.path, None
+        if path is None or runs != self.runs:
+            self.path = path
+            return None
+        return path
+
+    def discard(self) -> None:
+        """Remove it if it was never claimed."""
+        with self._lock:
+            path, self.path = self.path, None
+        if path is not None:
+            for host in self.hosts:
+                (path / f"{host}.log").unlink(missing_ok=True)
+            path.rmdir()
 
 
 def _describe(result: HostResult) -> str:

@@ -31,6 +31,7 @@ from ah_ssh_bridge.transport import (
     normalize_fingerprint,
     tcp_connect,
 )
+from ah_ssh_bridge.warm import WarmCommand
 
 __all__ = [
     "DEFAULT_CIPHERS",
@@ -55,6 +56,7 @@ __all__ = [
     "SshPool",
     "SshTransport",
     "StdinData",
+    "WarmCommand",
     "fingerprint_of_key_blob",
     "kill_group_script",
     "normalize_fingerprint",

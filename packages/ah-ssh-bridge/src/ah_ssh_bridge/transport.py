@@ -3,7 +3,10 @@
 Threads: paramiko's own transport thread reads packets; every blocking paramiko call
 (handshake, channel open, exec, reading a channel, sending stdin, closing) runs on this
 transport's thread pool; callbacks and results are delivered on the event loop that called
-:meth:`SshTransport.run`. Each command is a new ``session`` channel. Concurrency stays within
+:meth:`SshTransport.run`. Each command is a new ``session`` channel, except commands given
+in structured form (``run(..., warm=WarmCommand(...))``), which run on the transport's warm
+executor when it is up (``ah_ssh_bridge.warm``: one long-lived server channel, read on the
+event loop; it holds one command slot for its life). Concurrency stays within
 the server's ``MaxSessions``: ``max_sessions - 2`` slots for commands, one for liveness work
 (probe, keepalive) so a probe is never stuck behind long-running commands, and one for
 killing stopped commands (never waiting on the slot of the command it kills).
@@ -39,6 +42,13 @@ from ah_ssh_bridge.errors import (
 )
 from ah_ssh_bridge.lines import DEFAULT_MAX_LINE_CHARS, LineSplitter
 from ah_ssh_bridge.remote import kill_group_script, parse_marker, wrap_command
+from ah_ssh_bridge.warm import (
+    ServerGone,
+    StaleServer,
+    WarmCommand,
+    WarmServer,
+    server_command,
+)
 
 __all__ = [
     "DEFAULT_CIPHERS",
@@ -111,6 +121,11 @@ class SshOptions(msgspec.Struct, frozen=True, kw_only=True):
     process group. Turn off for non-POSIX followers (then stopping a command only closes its
     channel, and ``env`` is sent as SSH ``env`` requests, which sshd may refuse)."""
     max_line_chars: int = DEFAULT_MAX_LINE_CHARS
+    warm_exec: bool = True
+    """Run commands given in structured form (``run(..., warm=...)``) through the warm
+    executor (``ah_ssh_bridge.warm``): one long-lived server per transport instead of one
+    channel and one login shell per command. Falls back to exec channels if the server
+    cannot start (no ``python3``, not POSIX)."""
 
     def __post_init__(self) -> None:
         if self.connect_timeout_s <= 0 or self.keepalive_timeout_s <= 0:
@@ -347,6 +362,9 @@ class SshTransport:
         self._open_channels = 0
         self._peak_channels = 0
         self._keepalive: asyncio.Task[None] | None = None
+        self._warm: WarmServer | None = None
+        self._warm_start: asyncio.Future[WarmServer | None] | None = None
+        self._warm_disabled: str | None = None
         if options.keepalive_interval_s > 0:
             self._keepalive = asyncio.get_running_loop().create_task(
                 self._keepalive_loop(), name=f"ssh-keepalive-{host}"
@@ -489,6 +507,17 @@ class SshTransport:
         return self._open_channels
 
     @property
+    def warm_server_pid(self) -> int | None:
+        """The warm executor's process id on the follower while one is up (else None)."""
+        server = self._warm
+        return server.pid if server is not None and server.usable else None
+
+    @property
+    def warm_disabled_reason(self) -> str | None:
+        """Why this transport runs structured commands on exec channels (None: it does not)."""
+        return self._warm_disabled
+
+    @property
     def peak_channels(self) -> int:
         """The most channels that were open at once; never above ``options.max_sessions``."""
         return self._peak_channels
@@ -569,8 +598,14 @@ class SshTransport:
         env: Mapping[str, str] | None = None,
         stdin: StdinData | None = None,
         cancel: asyncio.Event | None = None,
+        warm: WarmCommand | None = None,
     ) -> ExecOutcome:
         """Run ``command`` on a new channel; stream its output line by line.
+
+        With ``warm`` (the same command in structured form, see :class:`WarmCommand`) the
+        command runs on this transport's warm executor instead, when it is up (started on
+        first use); ``command`` is then only the fallback. Outcomes, callbacks, timeouts,
+        cancellation and errors are the same either way.
 
         Callbacks run on the event loop, in order per stream, with lines decoded as UTF-8
         (invalid bytes replaced) and without terminators; a final unterminated line is
@@ -596,6 +631,7 @@ class SshTransport:
             stdin=stdin,
             cancel=cancel,
             control=False,
+            warm=warm,
         )
 
     async def capture(
@@ -689,10 +725,32 @@ class SshTransport:
         stdin: StdinData | None,
         cancel: asyncio.Event | None,
         control: bool,
+        warm: WarmCommand | None = None,
     ) -> ExecOutcome:
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive or None, got {timeout}")
         self._check_usable()
+        if warm is not None and self.options.warm_exec and self.options.process_control:
+            for _attempt in range(3):
+                server = await self._warm_server(warm.shell)
+                if server is None:
+                    break
+                try:
+                    return await self._run_warm(
+                        server,
+                        warm,
+                        on_stdout=on_stdout,
+                        on_stderr=on_stderr,
+                        timeout=timeout,
+                        env=env,
+                        stdin=stdin,
+                        cancel=cancel,
+                    )
+                except (StaleServer, ServerGone) as exc:
+                    # Not started: a fresh server (new login environment) takes it.
+                    logger.debug("ssh {}: warm executor retired ({}); restarting", self.host, exc)
+                    self._retire_warm(server)
+                    self._check_usable()
         if self.options.process_control:
             wrapped = wrap_command(command, env=env)
             text, nonce, env_requests = wrapped.text, wrapped.nonce, None
@@ -806,6 +864,186 @@ class SshTransport:
             with contextlib.suppress(SshError):
                 await self._in_thread(job.close_channel)
             await asyncio.wait({worker}, timeout=self.options.connect_timeout_s)
+
+    # ------------------------------------------------------------------ warm executor
+
+    async def _warm_server(self, shell: str) -> WarmServer | None:
+        """The running warm server, started on first use; None when it cannot run here."""
+        if self._warm_disabled is not None:
+            return None
+        if self.options.max_sessions < 4:
+            # The server holds a command slot for good; with one slot only, sftp and exec
+            # commands would wait for it forever.
+            self._disable_warm(
+                f"max_sessions {self.options.max_sessions} leaves no command slot beside it"
+            )
+            return None
+        server = self._warm
+        if server is not None and server.usable:
+            return server
+        if self._warm_start is None:
+            self._warm_start = asyncio.ensure_future(self._start_warm(shell))
+        starting = self._warm_start
+        result = await asyncio.shield(starting)
+        if self._warm_start is starting:
+            self._warm_start = None
+        # A server that ended right after its greeting: this command takes an exec channel.
+        return result if result is not None and result.usable else None
+
+    async def _start_warm(self, shell: str) -> WarmServer | None:
+        # The server's channel holds one command slot for its whole life.
+        await self._command_slots.acquire()
+        loop = asyncio.get_running_loop()
+        try:
+            channel = await self._in_thread(self._open_session, self.options.connect_timeout_s)
+        except Exception as exc:
+            self._command_slots.release()
+            if self._transport_dead():
+                return None  # the command itself reports the lost connection
+            self._disable_warm(f"could not open its channel: {_describe(exc)}")
+            return None
+        server = WarmServer(
+            self.host,
+            channel,
+            loop=loop,
+            transport_dead=self._transport_dead,
+            lost_error=self._lost_error,
+            on_end=self._warm_ended,
+        )
+        text = server_command(shell, grace_s=self.options.kill_grace_s)
+        try:
+            await self._in_thread(self._start_warm_blocking, server, text)
+            await server.start(max(self.options.connect_timeout_s, 10.0))
+        except Exception as exc:
+            if not server.reader_started:
+                # Otherwise the reader's end (_warm_ended) frees the channel and the slot.
+                with contextlib.suppress(Exception):
+                    await self._in_thread(self._release_channel, channel)
+                self._command_slots.release()
+            if self._transport_dead():
+                return None
+            self._disable_warm(str(exc))
+            return None
+        self._warm = server
+        logger.debug(
+            "ssh {}: warm executor up (pid {}, python {})",
+            self.host,
+            server.pid,
+            (server.hello or {}).get("python"),
+        )
+        return server
+
+    def _start_warm_blocking(self, server: WarmServer, text: str) -> None:
+        try:
+            server.channel.fileno()  # creates the pipe the loop watches
+            server.channel.exec_command(text)
+        except Exception as exc:
+            raise self._channel_failure(exc, "start the warm executor") from None
+
+    def _disable_warm(self, reason: str) -> None:
+        if self._warm_disabled is None:
+            self._warm_disabled = reason
+            logger.warning(
+                "ssh {}: warm executor unavailable, commands use one exec channel each "
+                "(slower, same results): {}",
+                self.host,
+                reason,
+            )
+
+    def _warm_ended(self, server: WarmServer) -> None:
+        """On the loop, once the server's channel ended: free its channel and slot."""
+        if self._warm is server:
+            self._warm = None
+        with self._channels_lock:
+            self._open_channels -= 1
+        self._command_slots.release()
+        if server.hello is not None:
+            logger.debug("ssh {}: warm executor ended: {}", self.host, server.end_reason)
+
+    def _retire_warm(self, server: WarmServer) -> None:
+        server.retiring = True
+        if self._warm is server:
+            self._warm = None
+
+    async def _run_warm(
+        self,
+        server: WarmServer,
+        warm: WarmCommand,
+        *,
+        on_stdout: OutputCallback | None,
+        on_stderr: OutputCallback | None,
+        timeout: float | None,
+        env: Mapping[str, str] | None,
+        stdin: StdinData | None,
+        cancel: asyncio.Event | None,
+    ) -> ExecOutcome:
+        loop = asyncio.get_running_loop()
+        job = _Job(
+            loop,
+            text="",
+            nonce=None,
+            env_requests=None,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+            stdin=None,
+            max_line_chars=self.options.max_line_chars,
+        )
+        chunks: list[bytes] | None = None
+        if stdin is not None:
+            chunks = (
+                [bytes(stdin)]
+                if isinstance(stdin, bytes | bytearray | memoryview)
+                else [bytes(c) for c in stdin]
+            )
+        spec = warm.start_payload(env, stdin=chunks is not None)
+        done: asyncio.Future[int | None] = loop.create_future()
+        started = time.monotonic()
+        if chunks is None:
+            # One small frame: written from the loop itself (no thread hop; paramiko blocks
+            # only when the server's window is full, which a command server never lets
+            # happen for long: it reads its stdin all the time).
+            command_id = server.submit_blocking(job, done, spec, None)
+        else:
+            command_id = await self._in_thread(server.submit_blocking, job, done, spec, chunks)
+        try:
+            reason = await self._wait_job(done, job, timeout, cancel)
+        except asyncio.CancelledError:
+            stopper = asyncio.ensure_future(self._stop_warm(server, command_id, job, done))
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(stopper)
+            raise
+        if reason is not None:
+            await self._stop_warm(server, command_id, job, done)
+        took_ms = (time.monotonic() - started) * 1000.0
+        if job.callback_error is not None:
+            raise job.callback_error
+        if reason is None:
+            return ExecOutcome(done.result(), False, False, took_ms)
+        failure = done.exception() if done.done() and not done.cancelled() else None
+        if isinstance(failure, SshConnectionLost):
+            raise failure
+        return ExecOutcome(None, reason == "timeout", reason == "cancel", took_ms)
+
+    async def _stop_warm(
+        self,
+        server: WarmServer,
+        command_id: int,
+        job: _Job,
+        done: asyncio.Future[int | None],
+    ) -> None:
+        """SIGTERM the command's process group (SIGKILL after the grace) and wait its end."""
+        job.request_stop()
+        if done.done():
+            return
+        grace = self.options.kill_grace_s
+        with contextlib.suppress(SshError):
+            await self._in_thread(server.stop_blocking, command_id, grace)
+        await asyncio.wait({done}, timeout=grace + self.options.connect_timeout_s)
+        if not done.done():
+            server.forget(command_id)
+            done.cancel()
+        elif not done.cancelled():
+            done.exception()  # retrieved
 
     # -- blocking parts (run in the executor) --
 

@@ -257,7 +257,9 @@ async def _run(
         executor: HostExecutor = (
             via_agent
             if via_agent is not None
-            else SshExecutor(links.transports, unreachable=unreachable)
+            # One run over fresh transports: exec channels (a warm executor per host would
+            # cost more to start than it saves; the agent's long-lived transports use it).
+            else SshExecutor(links.transports, unreachable=unreachable, warm=False)
         )
         engine = RunEngine(
             executor,
