@@ -41,8 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import click
-
 from ah_config import CliError, ResolvedConfig
 from ah_domain_types import (
     ConfigFile,
@@ -235,19 +233,9 @@ async def thin_fence_command(
     from .commands.fleet import select_followers
     from .fencing import choose_engine
     from .options import selector_from_options
-    from .thin import INDEX_VERSION
-    from .thin_server import _error_text, _Fallback, _json_encoder, config_flags_given
+    from .thin_server import _error_text, _Fallback, _json_encoder, parse_thin_request
 
-    if request.version != INDEX_VERSION:
-        raise _Fallback(f"thin protocol version {request.version}, agent speaks {INDEX_VERSION}")
-    try:
-        ctx = fence_command.make_context("fence", list(request.args))
-    except (click.ClickException, click.exceptions.Exit, click.Abort) as exc:
-        raise _Fallback(f"the full CLI reports this invocation ({type(exc).__name__})") from None
-    params = ctx.params
-    flags = config_flags_given(ctx)
-    if flags:
-        raise _Fallback(f"configuration flags given: {', '.join(flags)}")
+    params = parse_thin_request(request, fence_command).params
     reason = fence_fallback_reason(request)
     if reason is not None:
         raise _Fallback(reason)

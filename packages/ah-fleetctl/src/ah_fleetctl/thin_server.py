@@ -114,6 +114,22 @@ def config_flags_given(ctx: click.Context) -> list[str]:
     return given
 
 
+def parse_thin_request(request: ThinRunRequest, command: click.Command) -> click.Context:
+    """``request``'s arguments parsed by ``command`` as the full CLI would; :class:`_Fallback`
+    when the protocol version differs, the full CLI would report the invocation itself
+    (usage error, ``--help``), or configuration flags were given."""
+    if request.version != INDEX_VERSION:
+        raise _Fallback(f"thin protocol version {request.version}, agent speaks {INDEX_VERSION}")
+    try:
+        ctx = command.make_context(command.name or "run", list(request.args))
+    except (click.ClickException, click.exceptions.Exit, click.Abort) as exc:
+        raise _Fallback(f"the full CLI reports this invocation ({type(exc).__name__})") from None
+    flags = config_flags_given(ctx)
+    if flags:
+        raise _Fallback(f"configuration flags given: {', '.join(flags)}")
+    return ctx
+
+
 # --------------------------------------------------------------------------- the index
 
 
@@ -305,16 +321,7 @@ async def _thin_run(
     from .thin_fence import AgentLinks
 
     marks: list[tuple[str, float]] = [("received", time.perf_counter())]
-    if request.version != INDEX_VERSION:
-        raise _Fallback(f"thin protocol version {request.version}, agent speaks {INDEX_VERSION}")
-    try:
-        ctx = run_command.make_context("run", list(request.args))
-    except (click.ClickException, click.exceptions.Exit, click.Abort) as exc:
-        raise _Fallback(f"the full CLI reports this invocation ({type(exc).__name__})") from None
-    params = ctx.params
-    flags = config_flags_given(ctx)
-    if flags:
-        raise _Fallback(f"configuration flags given: {', '.join(flags)}")
+    params = parse_thin_request(request, run_command).params
     fence = not params["no_fence"]
     if fence:
         from .thin_fence import fence_fallback_reason
