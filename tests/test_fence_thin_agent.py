@@ -10,114 +10,25 @@ fence's per-host plans (``full``/``apply``/``nothing``) are read from the agent'
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ah_harness_local import CliResult, wait_for
+from ah_harness_local.agent_fleet import CLI, CLI_TIMEOUT_S, HEAVY_MODULES, AgentFleet
 
-CLI = [str(Path(sys.executable).parent / "ah-fleetctl")]
-CLI_TIMEOUT_S = 90.0
-HEAVY = {"click", "msgspec", "paramiko", "httpx", "litestar", "aioquic", "cryptography"}
 NAMES = ["tf-a", "tf-b", "tf-c"]
 FENCE_TIMEOUT = "8s"
 NO_AGENT = {"AH_AGENT_ENABLED": "false"}
-
-
-@dataclass
-class AgentFleet:
-    fleet: Any  # ah_fleetctl.localfleet.LocalFleet
-    env: dict[str, str]
-    work: Path
-    runtime: Path
-
-    @property
-    def agents(self) -> Path:
-        return self.runtime / "agent-harbor" / "agents"
-
-    def cli(
-        self, *args: str, cwd: Path | None = None, extra_env: dict[str, str] | None = None
-    ) -> tuple[CliResult, set[str]]:
-        """Run ``ah-fleetctl ARGS`` in the leader workspace; also the modules it imported."""
-        done = subprocess.run(
-            [sys.executable, "-X", "importtime", "-m", "ah_fleetctl", *args],
-            env={**self.env, **(extra_env or {})},
-            cwd=cwd or self.work,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=CLI_TIMEOUT_S,
-            check=False,
-        )
-        modules = set()
-        stderr_lines = []
-        for line in done.stderr.splitlines():
-            if line.startswith("import time:"):
-                modules.add(line.rsplit("|", 1)[-1].strip())
-            else:
-                stderr_lines.append(line)
-        stderr = "".join(f"{line}\n" for line in stderr_lines)
-        return CliResult(tuple(args), done.returncode, done.stdout, stderr), modules
-
-    def thin(self, *args: str) -> CliResult:
-        """``ah-fleetctl ARGS``, which must take the thin path."""
-        result, modules = self.cli(*args)
-        assert not HEAVY & modules, f"not the thin path: imported {HEAVY & modules}\n{result}"
-        return result
-
-    def agent_pids(self) -> list[int]:
-        from ah_fleetctl.agent import AgentClient
-
-        pids = []
-        for sock in self.agents.glob("*.sock") if self.agents.is_dir() else []:
-
-            async def ping(path: Path = sock) -> int | None:
-                with contextlib.suppress(OSError):
-                    return (await AgentClient(path).ping()).pid
-                return None
-
-            pid = asyncio.run(ping())
-            if pid is not None:
-                pids.append(pid)
-        return pids
-
-    def agent_log(self) -> str:
-        return "".join(p.read_text() for p in sorted(self.agents.glob("*.log")))
-
-    def workspace(self, name: str) -> Path:
-        return Path(self.fleet.follower(name).workspace)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _stop_agents(af: AgentFleet) -> None:
-    from ah_fleetctl.agent import AgentClient
-
-    for pid in af.agent_pids():
-        for sock in af.agents.glob("*.sock"):
-            with contextlib.suppress(OSError):
-                asyncio.run(AgentClient(sock).shutdown())
-        wait_for(lambda p=pid: not _alive(p), 15.0, what=f"leader agent {pid} to exit")
 
 
 @pytest.fixture(scope="module")
@@ -132,27 +43,15 @@ def agent_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentFleet
         for i in range(20):
             (work / "src" / f"m{i}.py").parent.mkdir(exist_ok=True)
             (work / "src" / f"m{i}.py").write_text(f"VALUE = {i}\n")
-        (base / "home").mkdir()
-        runtime = Path(tempfile.mkdtemp(prefix="ahf-", dir="/tmp"))  # short: sockaddr_un
-        env = {
-            **fleet.env(),
-            "NO_COLOR": "1",
-            "HOME": str(base / "home"),
-            "XDG_RUNTIME_DIR": str(runtime),
-            "AH_AGENT_ENABLED": "true",
-            "AH_AGENT_IDLE": "120s",
+        extra_env = {
             "AH_TIMEOUTS_FENCE": FENCE_TIMEOUT,
             # The agent inherits it: its log shows each fence's per-host plan.
             "AH_LOG_LEVEL": "debug",
         }
-        env.pop("RUST_LOG", None)
-        env.pop("PYTHONDONTWRITEBYTECODE", None)
-        af = AgentFleet(fleet=fleet, env=env, work=work, runtime=runtime)
-        try:
+        with AgentFleet.running(
+            fleet, work, base / "home", extra_env=extra_env, importtime=True
+        ) as af:
             yield af
-        finally:
-            _stop_agents(af)
-            shutil.rmtree(runtime, ignore_errors=True)
 
 
 def _until_thin(af: AgentFleet, *args: str, cwd: Path | None = None) -> tuple[int, CliResult]:
@@ -162,7 +61,7 @@ def _until_thin(af: AgentFleet, *args: str, cwd: Path | None = None) -> tuple[in
     for full in range(4):
         result, modules = af.cli(*args, cwd=cwd)
         assert result.returncode == 0, result
-        if not HEAVY & modules:
+        if not HEAVY_MODULES & modules:
             return full, result
         wait_for(lambda: af.agent_pids(), 30.0, what="the leader agent the full run started")
     raise AssertionError(f"{args} never took the thin path")
@@ -180,7 +79,7 @@ def test_a_fenced_run_takes_the_thin_path_once_an_agent_runs_and_sees_leader_edi
     agent_fleet: AgentFleet,
 ) -> None:
     af = agent_fleet
-    _stop_agents(af)
+    af.stop_agents()
     first, modules = af.cli("run", "--", "cat", "src/m1.py")
     assert first.returncode == 0, first
     assert "click" in modules, "no agent ran yet: the full CLI fences"

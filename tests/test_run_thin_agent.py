@@ -9,169 +9,29 @@ msgspec, no paramiko.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import marshal
 import os
 import re
-import shutil
 import signal
-import subprocess
-import sys
-import tempfile
-import threading
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ah_harness_local import CliResult, wait_for
+from ah_harness_local import wait_for
+from ah_harness_local.agent_fleet import (
+    HEAVY_MODULES,
+    AgentFleet,
+    pid_alive,
+)
 
-CLI = [str(Path(sys.executable).parent / "ah-fleetctl")]
-CLI_TIMEOUT_S = 90.0
-HEAVY = {"click", "msgspec", "paramiko", "httpx", "litestar", "aioquic", "cryptography"}
 GOOD = ["th-a", "th-b", "th-c"]
 
 
-
-
-class RunningCli:
-    """A CLI process in its own group whose stdout lines are collected as they come."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self._eof = False
-        self._thread = threading.Thread(target=self._pump, daemon=True)
-        self._thread.start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
-        with self._cond:
-            self._eof = True
-            self._cond.notify_all()
-
-    def wait_for_lines(self, predicate: Callable[[list[str]], bool], what: str) -> None:
-        deadline = time.monotonic() + 30.0
-        with self._cond:
-            while not predicate(self.lines):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._eof:
-                    raise AssertionError(f"no {what} (eof={self._eof}): {self.lines}")
-                self._cond.wait(remaining)
-
-    def wait(self, timeout: float) -> tuple[int, list[str], str]:
-        code = self.proc.wait(timeout)
-        self._thread.join(10.0)
-        assert self.proc.stderr is not None
-        return code, list(self.lines), self.proc.stderr.read()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10.0)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
-
-
-@dataclass
-class ThinFleet:
-    fleet: Any  # ah_harness_local.fleet.LocalFleet
-    env: dict[str, str]
-    work: Path
-    runtime: Path
-
-    @property
-    def agents(self) -> Path:
-        return self.runtime / "agent-harbor" / "agents"
-
-    def cli(self, *args: str, importtime: bool = False) -> tuple[CliResult, set[str]]:
-        """Run ``ah-fleetctl ARGS``; also the modules it imported when ``importtime``."""
-        argv = [sys.executable, "-X", "importtime", "-m", "ah_fleetctl"] if importtime else CLI
-        done = subprocess.run(
-            [*argv, *args],
-            env=self.env,
-            cwd=self.work,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=CLI_TIMEOUT_S,
-            check=False,
-        )
-        modules = set()
-        stderr_lines = []
-        for line in done.stderr.splitlines():
-            if line.startswith("import time:"):
-                modules.add(line.rsplit("|", 1)[-1].strip())
-            else:
-                stderr_lines.append(line)
-        stderr = "".join(f"{line}\n" for line in stderr_lines)
-        return CliResult(tuple(args), done.returncode, done.stdout, stderr), modules
-
-    def popen(self, *args: str) -> RunningCli:
-        proc = subprocess.Popen(
-            [*CLI, *args],
-            env=self.env,
-            cwd=self.work,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        return RunningCli(proc)
-
-    def agent_pids(self) -> list[int]:
-        from ah_fleetctl.agent import AgentClient
-
-        pids = []
-        for sock in self.agents.glob("*.sock") if self.agents.is_dir() else []:
-
-            async def ping(path: Path = sock) -> int | None:
-                with contextlib.suppress(OSError):
-                    return (await AgentClient(path).ping()).pid
-                return None
-
-            pid = asyncio.run(ping())
-            if pid is not None:
-                pids.append(pid)
-        return pids
-
-    def workspace(self, name: str) -> Path:
-        return Path(self.fleet.follower(name).workspace)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _stop_agents(thin: ThinFleet) -> None:
-    from ah_fleetctl.agent import AgentClient
-
-    for pid in thin.agent_pids():
-        for sock in thin.agents.glob("*.sock"):
-            with contextlib.suppress(OSError):
-                asyncio.run(AgentClient(sock).shutdown())
-        wait_for(lambda p=pid: not _alive(p), 15.0, what=f"leader agent {pid} to exit")
-
-
 @pytest.fixture(scope="module")
-def thin_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThinFleet]:
+def thin_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentFleet]:
     from ah_harness_local.fleet import FollowerSpec, LocalFleet
     from ah_harness_local.sshd import _generate_key
 
@@ -184,27 +44,11 @@ def thin_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThinFleet]:
     with LocalFleet(specs, base_dir=base / "fleet", heartbeat_interval="1s") as fleet:
         work = base / "leader"
         work.mkdir()
-        (base / "home").mkdir()
-        runtime = Path(tempfile.mkdtemp(prefix="aht-", dir="/tmp"))  # short: sockaddr_un
-        env = {
-            **fleet.env(),
-            "NO_COLOR": "1",
-            "HOME": str(base / "home"),
-            "XDG_RUNTIME_DIR": str(runtime),
-            "AH_AGENT_ENABLED": "true",
-            "AH_AGENT_IDLE": "120s",
-        }
-        env.pop("RUST_LOG", None)
-        env.pop("PYTHONDONTWRITEBYTECODE", None)
-        thin = ThinFleet(fleet=fleet, env=env, work=work, runtime=runtime)
-        try:
+        with AgentFleet.running(fleet, work, base / "home") as thin:
             yield thin
-        finally:
-            _stop_agents(thin)
-            shutil.rmtree(runtime, ignore_errors=True)
 
 
-def _warm(thin: ThinFleet) -> None:
+def _warm(thin: AgentFleet) -> None:
     """A full run through the agent (starting it if needed): records the thin index."""
     result, _ = thin.cli("run", "--no-fence", "--json", *_hosts(GOOD), "--", "true")
     assert result.returncode == 0, result
@@ -215,7 +59,7 @@ def _hosts(names: list[str]) -> list[str]:
 
 
 def test_a_warm_run_takes_the_thin_path_and_prints_what_the_full_cli_prints(
-    thin_fleet: ThinFleet,
+    thin_fleet: AgentFleet,
 ) -> None:
     thin = thin_fleet
     _warm(thin)
@@ -224,7 +68,7 @@ def test_a_warm_run_takes_the_thin_path_and_prints_what_the_full_cli_prints(
         importtime=True,
     )  # fmt: skip
     assert result.returncode == 0, result
-    assert not HEAVY & modules, f"the warm run imported {HEAVY & modules}"
+    assert not HEAVY_MODULES & modules, f"the warm run imported {HEAVY_MODULES & modules}"
     lines = result.stdout.splitlines()
     for name in GOOD:
         assert f"{name} | {thin.workspace(name)}" in lines, result
@@ -241,14 +85,14 @@ def test_a_warm_run_takes_the_thin_path_and_prints_what_the_full_cli_prints(
     document, modules = thin.cli("run", "--no-fence", "--json", *_hosts(GOOD), "--", "true",
                                  importtime=True)  # fmt: skip
     assert document.returncode == 0, document
-    assert not HEAVY & modules
+    assert not HEAVY_MODULES & modules
     envelope = document.json()
     assert [h["host"] for h in envelope["hosts"]] == GOOD
     assert envelope["summary"]["succeeded"] == 3
     assert re.fullmatch(r"s-\d{8}T\d{6}Z-[0-9a-f]{6}", envelope["sessionId"])
 
 
-def test_a_failing_host_fails_the_thin_run_with_every_result_kept(thin_fleet: ThinFleet) -> None:
+def test_a_failing_host_fails_the_thin_run_with_every_result_kept(thin_fleet: AgentFleet) -> None:
     thin = thin_fleet
     _warm(thin)
     marker = thin.workspace("th-b") / "only-on-th-b"
@@ -261,7 +105,7 @@ def test_a_failing_host_fails_the_thin_run_with_every_result_kept(thin_fleet: Th
         )  # fmt: skip
     finally:
         marker.unlink()
-    assert not HEAVY & modules
+    assert not HEAVY_MODULES & modules
     assert result.returncode == 1, result
     hosts = {h["host"]: h for h in result.json()["hosts"]}
     assert {n: (h["state"], h["exitCode"]) for n, h in hosts.items()} == {
@@ -272,13 +116,13 @@ def test_a_failing_host_fails_the_thin_run_with_every_result_kept(thin_fleet: Th
     assert result.json()["summary"]["failed"] == 1
 
 
-def test_an_unreachable_host_is_reported_and_fails_the_thin_run(thin_fleet: ThinFleet) -> None:
+def test_an_unreachable_host_is_reported_and_fails_the_thin_run(thin_fleet: AgentFleet) -> None:
     thin = thin_fleet
     _warm(thin)
     result, modules = thin.cli(
         "run", "--no-fence", *_hosts(["th-a", "th-bad"]), "--", "echo", "hi", importtime=True
     )
-    assert not HEAVY & modules
+    assert not HEAVY_MODULES & modules
     assert result.returncode == 1, result
     lines = result.stdout.splitlines()
     assert "th-a   | hi" in lines, result
@@ -287,13 +131,13 @@ def test_an_unreachable_host_is_reported_and_fails_the_thin_run(thin_fleet: Thin
 
 
 def test_selection_errors_and_usage_errors_are_reported_as_by_the_full_cli(
-    thin_fleet: ThinFleet,
+    thin_fleet: AgentFleet,
 ) -> None:
     thin = thin_fleet
     _warm(thin)
     unknown, modules = thin.cli("run", "--no-fence", "--host", "nope", "--", "true",
                                 importtime=True)  # fmt: skip
-    assert not HEAVY & modules
+    assert not HEAVY_MODULES & modules
     assert unknown.returncode == 7, unknown
     assert "Error: unknown host 'nope'" in unknown.stderr
     # A usage error is handed back to the full CLI (click's own message, exit 2).
@@ -310,7 +154,7 @@ def test_selection_errors_and_usage_errors_are_reported_as_by_the_full_cli(
 
 
 def test_a_changed_config_file_misses_the_index_until_a_full_run_records_it_again(
-    thin_fleet: ThinFleet,
+    thin_fleet: AgentFleet,
 ) -> None:
     thin = thin_fleet
     _warm(thin)
@@ -323,15 +167,17 @@ def test_a_changed_config_file_misses_the_index_until_a_full_run_records_it_agai
     again, modules = thin.cli("run", "--no-fence", "--host", "th-a", "--", "true",
                               importtime=True)  # fmt: skip
     assert again.returncode == 0, again
-    assert not HEAVY & modules
+    assert not HEAVY_MODULES & modules
 
 
-def test_a_dead_agent_and_its_stale_socket_fall_back_to_the_full_cli(thin_fleet: ThinFleet) -> None:
+def test_a_dead_agent_and_its_stale_socket_fall_back_to_the_full_cli(
+    thin_fleet: AgentFleet,
+) -> None:
     thin = thin_fleet
     _warm(thin)
     (pid,) = thin.agent_pids()
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not _alive(pid), 15.0, what="the agent to die")
+    wait_for(lambda: not pid_alive(pid), 15.0, what="the agent to die")
     assert list(thin.agents.glob("*.sock")), "the stale socket should still be there"
     result, modules = thin.cli("run", "--no-fence", *_hosts(GOOD), "--", "echo", "again",
                                importtime=True)  # fmt: skip
@@ -342,10 +188,10 @@ def test_a_dead_agent_and_its_stale_socket_fall_back_to_the_full_cli(thin_fleet:
     (new_pid,) = thin.agent_pids()  # ...and started a new agent
     assert new_pid != pid
     after, modules = thin.cli("run", "--no-fence", *_hosts(GOOD), "--", "true", importtime=True)
-    assert after.returncode == 0 and not HEAVY & modules, after
+    assert after.returncode == 0 and not HEAVY_MODULES & modules, after
 
 
-def test_the_agent_dying_mid_run_fails_the_thin_run_loudly(thin_fleet: ThinFleet) -> None:
+def test_the_agent_dying_mid_run_fails_the_thin_run_loudly(thin_fleet: AgentFleet) -> None:
     thin = thin_fleet
     _warm(thin)
     (pid,) = thin.agent_pids()
@@ -362,7 +208,7 @@ def test_the_agent_dying_mid_run_fails_the_thin_run_loudly(thin_fleet: ThinFleet
     _warm(thin)  # leaves a live agent for the next test
 
 
-def test_ctrl_c_cancels_the_thin_run_and_still_prints_the_summary(thin_fleet: ThinFleet) -> None:
+def test_ctrl_c_cancels_the_thin_run_and_still_prints_the_summary(thin_fleet: AgentFleet) -> None:
     thin = thin_fleet
     _warm(thin)
     tag = f"4{os.getpid() % 1000}.75"  # a sleep only this test starts
@@ -396,7 +242,7 @@ def _sleepers(tag: str) -> list[int]:
     return found
 
 
-def test_the_thin_index_is_private_and_names_the_agent(thin_fleet: ThinFleet) -> None:
+def test_the_thin_index_is_private_and_names_the_agent(thin_fleet: AgentFleet) -> None:
     thin = thin_fleet
     _warm(thin)
     index = thin.runtime / "agent-harbor" / "thin"
@@ -415,14 +261,14 @@ def test_the_thin_index_is_private_and_names_the_agent(thin_fleet: ThinFleet) ->
     assert (entry_path.stat().st_mode & 0o077) == 0
 
 
-def test_the_session_events_of_thin_runs_reach_the_access_point(thin_fleet: ThinFleet) -> None:
+def test_the_session_events_of_thin_runs_reach_the_access_point(thin_fleet: AgentFleet) -> None:
     thin = thin_fleet
     _warm(thin)
     # Two runs: the second reuses the push endpoint the agent's first sink discovered.
     for word in ("one", "two"):
         result, modules = thin.cli("run", "--no-fence", "--json", *_hosts(GOOD), "--",
                                    "echo", word, importtime=True)  # fmt: skip
-        assert result.returncode == 0 and not HEAVY & modules, result
+        assert result.returncode == 0 and not HEAVY_MODULES & modules, result
         session = result.json()["sessionId"]
 
         def events(session_id: str = session) -> list[dict[str, Any]]:
@@ -444,7 +290,7 @@ def test_the_session_events_of_thin_runs_reach_the_access_point(thin_fleet: Thin
 
 
 def test_concurrent_thin_runs_over_the_same_transports_lose_no_output_lines(
-    thin_fleet: ThinFleet,
+    thin_fleet: AgentFleet,
 ) -> None:
     thin = thin_fleet
     _warm(thin)
