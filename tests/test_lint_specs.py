@@ -60,6 +60,16 @@ def test_ticked_box_naming_a_missing_test_is_reported(tmp_path: Path) -> None:
     assert any("test_that_does_not_exist does not exist" in p for p in problems), problems
 
 
+def test_a_missing_test_named_in_outstanding_tasks_is_reported(tmp_path: Path) -> None:
+    text = STATUS.read_text().replace(
+        "### Outstanding Tasks\n",
+        "### Outstanding Tasks\n- [x] Done: `tests/test_lint_specs.py::test_not_there`.\n",
+        1,
+    )
+    problems = lint_specs.lint(_write(tmp_path, text), ROOT)
+    assert any("test_lint_specs.py::test_not_there does not exist" in p for p in problems), problems
+
+
 def test_complete_milestone_needs_all_boxes_and_subsections(tmp_path: Path) -> None:
     start = STATUS.read_text().index("## M10 — ")
     m10 = STATUS.read_text()[start:]

@@ -114,6 +114,13 @@ def lint_milestone(m: Milestone, root: Path, rel: str) -> list[str]:
         for ref_path, name in refs:
             if not _test_exists(root, ref_path, name):
                 problems.append(f"{rel}:{lineno}: test {ref_path}::{name} does not exist")
+    checked = {ref for _n, box in boxes_found if box.group(1) == "x"
+               for ref in TEST_REF_RE.findall(box.group(2))}  # fmt: skip
+    # A test named anywhere else in the milestone (outstanding tasks, details) must exist too.
+    for lineno, line in m.lines:
+        for ref_path, name in TEST_REF_RE.findall(line):
+            if (ref_path, name) not in checked and not _test_exists(root, ref_path, name):
+                problems.append(f"{rel}:{lineno}: test {ref_path}::{name} does not exist")
     if m.status == "complete":
         if ticked != len(boxes_found):
             problems.append(f"{where}: complete but {len(boxes_found) - ticked} box(es) unticked")
