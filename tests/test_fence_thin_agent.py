@@ -15,8 +15,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from typing import Any
 import pytest
 
 from ah_harness_local import CliResult, wait_for
-from ah_harness_local.agent_fleet import CLI, CLI_TIMEOUT_S, HEAVY_MODULES, AgentFleet
+from ah_harness_local.agent_fleet import CLI_TIMEOUT_S, HEAVY_MODULES, AgentFleet
 
 NAMES = ["tf-a", "tf-b", "tf-c"]
 FENCE_TIMEOUT = "8s"
@@ -283,6 +281,14 @@ def test_a_config_change_falls_back_to_the_full_cli_and_its_ignores_hold(
         shutil.rmtree(af.work / "dist")
 
 
+def _wait_for_the_fence_snapshot(af: AgentFleet, log_from: int) -> None:
+    wait_for(
+        lambda: "fence: snapshot" in af.agent_log()[log_from:],
+        30.0,
+        what="the agent's fence to take its snapshot",
+    )
+
+
 def test_the_agent_dying_mid_fence_fails_the_run_loudly(agent_fleet: AgentFleet) -> None:
     af = agent_fleet
     _warm(af)
@@ -292,31 +298,17 @@ def test_the_agent_dying_mid_fence_fails_the_run_loudly(agent_fleet: AgentFleet)
     stalled = af.fleet.follower("tf-b").sshd
     stalled.pause()  # the fence waits for tf-b: the agent is killed while it does
     try:
-        proc = subprocess.Popen(
-            [*CLI, "run", "--", "cat", "src/m6.py"],
-            env=af.env,
-            cwd=af.work,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
+        running = af.popen("run", "--", "cat", "src/m6.py")
         try:
-            wait_for(
-                lambda: "fence: snapshot" in af.agent_log()[before:],
-                30.0,
-                what="the agent's fence to take its snapshot",
-            )
+            _wait_for_the_fence_snapshot(af, before)
             os.kill(pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate(timeout=CLI_TIMEOUT_S)
+            code, lines, stderr = running.wait(CLI_TIMEOUT_S)
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+            running.stop()
     finally:
         stalled.resume()
-    assert proc.returncode == 1, (stdout, stderr)
+    stdout = "\n".join(lines)
+    assert code == 1, (stdout, stderr)
     assert "the leader agent at" in stderr and "went away during the run" in stderr, stderr
     assert "never run" not in stdout
     _warm(af)  # a new agent for whatever runs next
@@ -330,33 +322,17 @@ def test_an_interrupted_thin_fence_reports_every_host_cancelled(agent_fleet: Age
     stalled = af.fleet.follower("tf-a").sshd
     stalled.pause()
     try:
-        proc = subprocess.Popen(
-            [*CLI, "run", "--json", "--", "cat", "src/m7.py"],
-            env=af.env,
-            cwd=af.work,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
+        running = af.popen("run", "--json", "--", "cat", "src/m7.py")
         try:
-            wait_for(
-                lambda: "fence: snapshot" in af.agent_log()[before:],
-                30.0,
-                what="the agent's fence to take its snapshot",
-            )
-            started = time.monotonic()
-            proc.send_signal(signal.SIGINT)
-            stdout, stderr = proc.communicate(timeout=CLI_TIMEOUT_S)
-            waited = time.monotonic() - started
+            _wait_for_the_fence_snapshot(af, before)
+            running.proc.send_signal(signal.SIGINT)
+            code, lines, stderr = running.wait(CLI_TIMEOUT_S)
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+            running.stop()
     finally:
         stalled.resume()
-    assert proc.returncode == 130, (stdout, stderr, waited)
+    stdout = "\n".join(lines)
+    assert code == 130, (stdout, stderr)
     envelope = json.loads(stdout)
     assert {h["host"]: (h["state"], h["error"]) for h in envelope["hosts"]} == dict.fromkeys(
         NAMES, ("cancelled", "interrupted (SIGINT)")
@@ -370,29 +346,15 @@ def test_concurrent_thin_fenced_runs_of_one_workspace_take_turns_and_both_run(
     _warm(af)
     (af.work / "src" / "m8.py").write_text("VALUE = 'concurrent'\n")
     before = len(af.agent_log())
-    procs = [
-        subprocess.Popen(
-            [*CLI, "run", "--json", "--", "cat", "src/m8.py"],
-            env=af.env,
-            cwd=af.work,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        for _ in range(3)
-    ]
+    runs = [af.popen("run", "--json", "--", "cat", "src/m8.py") for _ in range(3)]
     try:
-        outputs = [proc.communicate(timeout=CLI_TIMEOUT_S) for proc in procs]
+        outputs = [running.wait(CLI_TIMEOUT_S) for running in runs]
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-    for proc, (stdout, stderr) in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, (stdout, stderr)
-        envelope = json.loads(stdout)
+        for running in runs:
+            running.stop()
+    for code, lines, stderr in outputs:
+        assert code == 0, (lines, stderr)
+        envelope = json.loads("\n".join(lines))
         assert [(h["host"], h["state"]) for h in envelope["hosts"]] == [(n, "ok") for n in NAMES]
         for host in envelope["hosts"]:
             assert "out | VALUE = 'concurrent'\n" in Path(host["logPath"]).read_text()

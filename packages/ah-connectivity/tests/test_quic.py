@@ -551,7 +551,7 @@ def test_client_reconnects_after_server_restart_on_the_same_port(
                 except OSError as exc:
                     if exc.errno != errno.EADDRINUSE:
                         raise
-                    await asyncio.sleep(0.01)
+                    await asyncio.sleep(0.01)  # retry the bind, bounded by the timeout above
         try:
             await client.wait_for(lambda c: c.connected and c.sessions == 2, 10)
             await second_handler.wait_for(lambda: "web-1" in second_handler.conns)

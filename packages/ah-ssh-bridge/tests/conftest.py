@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
+import sys
 from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
 from ah_harness_local import ProcessGroup, RunningSshd, prepare_sshd
 from ah_harness_local.pytest_plugin import SshdFactory
+
+# Tests import their helpers from the uniquely named module beside this file.
+sys.path.insert(0, str(Path(__file__).parent))
+
+from ssh_bridge_support import pid_gone, read_pids
 
 T = TypeVar("T")
 
@@ -45,3 +55,22 @@ def sshd_max10(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSshd
     instance.config_path.write_text(config.replace("MaxSessions 64", "MaxSessions 10"))
     with ProcessGroup(base) as group:
         yield instance.start(group=group)
+
+
+@pytest.fixture
+def pid_files(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """Pid files for remote commands; whatever they list is killed at teardown, so a
+    failing test (or a peer that died before we could stop its commands) leaves nothing."""
+    created: list[Path] = []
+
+    def make(name: str) -> Path:
+        path = tmp_path / name
+        created.append(path)
+        return path
+
+    yield make
+    for path in created:
+        for pid in read_pids(path):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if not pid_gone(pid):
+                    os.kill(pid, signal.SIGKILL)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
-import signal
 import socket
 import subprocess
 import time
@@ -15,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ssh_bridge_support import FAST, open_transport, pid_gone, read_pids, sleeper
 
-from ah_harness_local import RunningSshd, wait_for
+from ah_harness_local import RunningSshd, wait_for, wait_for_async
 from ah_harness_local.pytest_plugin import SshdFactory
 from ah_ssh_bridge import (
     HostKeyMismatch,
@@ -29,67 +28,6 @@ from ah_ssh_bridge import (
 )
 
 Run = Callable[..., Any]
-
-# Commands in these tests must notice a dead peer fast; the default 15 s would be too slow.
-FAST = SshOptions(keepalive_interval_s=0.5, keepalive_timeout_s=2.0, kill_grace_s=0.5)
-
-
-async def open_transport(
-    sshd: RunningSshd, *, options: SshOptions = FAST, host: str = "follower-1"
-) -> SshTransport:
-    return await SshTransport.connect(
-        sshd.listen,
-        sshd.port,
-        host=host,
-        username=sshd.user,
-        key_path=sshd.client_key_path,
-        expected_fingerprint=sshd.host_key_fingerprint,
-        options=options,
-    )
-
-
-def pid_gone(pid: int) -> bool:
-    """No such process, or a zombie (orphans of an init that does not reap stay zombies)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat[stat.rfind(")") + 2] in "ZX"
-
-
-def read_pids(path: Path) -> list[int]:
-    try:
-        return [int(word) for word in path.read_text().split()]
-    except FileNotFoundError:
-        return []
-
-
-@pytest.fixture
-def pid_files(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
-    """Pid files for remote commands; whatever they list is killed at teardown, so a
-    failing test (or a peer that died before we could stop its commands) leaves nothing."""
-    created: list[Path] = []
-
-    def make(name: str) -> Path:
-        path = tmp_path / name
-        created.append(path)
-        return path
-
-    yield make
-    for path in created:
-        for pid in read_pids(path):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                if not pid_gone(pid):
-                    os.kill(pid, signal.SIGKILL)
-
-
-async def wait_async(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
 
 # --------------------------------------------------------------------------- basics
 
@@ -156,7 +94,7 @@ def test_lines_stream_while_the_command_runs(
                     timeout=20,
                 )
             )
-            await wait_async(lambda: ("err", "marker") in seen, 10, "the marker line")
+            await wait_for_async(lambda: ("err", "marker") in seen, 10, what="the marker line")
             # 'par' was written before the marker, yet no stdout piece of it was delivered.
             assert [line for stream, line in seen if stream == "out"] == ["first"]
             assert not task.done()
@@ -209,17 +147,6 @@ def test_fifty_concurrent_commands_over_one_transport_lose_no_line(
 # --------------------------------------------------------------------------- stopping
 
 
-def _sleeper(pid_file: Path, *, ignore_term: bool = False) -> str:
-    """A command whose processes (a direct child and a grandchild) record their pids."""
-    trap = "trap '' TERM; " if ignore_term else ""
-    return (
-        f"{trap}sleep 1000 & echo $! >> {pid_file}; "
-        f"sh -c 'sleep 1000 & echo $! >> {pid_file}; wait' & "
-        f'echo $$ >> {pid_file}; while [ "$(wc -l < {pid_file})" -lt 3 ]; do sleep 0.01; done; '
-        "echo started; wait"
-    )
-
-
 @pytest.mark.parametrize("ignore_term", [False, True], ids=["term", "term-ignored"])
 def test_timeout_kills_the_remote_processes(
     shared_sshd: RunningSshd, run: Run, pid_files: Callable[[str], Path], ignore_term: bool
@@ -230,7 +157,7 @@ def test_timeout_kills_the_remote_processes(
         async with await open_transport(shared_sshd) as t:
             out: list[str] = []
             outcome = await t.run(
-                _sleeper(pid_file, ignore_term=ignore_term), on_stdout=out.append, timeout=1.5
+                sleeper(pid_file, ignore_term=ignore_term), on_stdout=out.append, timeout=1.5
             )
             assert outcome.timed_out and outcome.exit_code is None and not outcome.cancelled
             assert out == ["started"]
@@ -252,7 +179,7 @@ def test_asyncio_cancel_kills_the_remote_processes(
         async with await open_transport(shared_sshd) as t:
             started = asyncio.Event()
             task = asyncio.ensure_future(
-                t.run(_sleeper(pid_file), on_stdout=lambda line: started.set())
+                t.run(sleeper(pid_file), on_stdout=lambda line: started.set())
             )
             await asyncio.wait_for(started.wait(), 10)
             task.cancel()
@@ -260,7 +187,7 @@ def test_asyncio_cancel_kills_the_remote_processes(
                 await task
             pids = read_pids(pid_file)
             assert len(pids) == 3
-            await wait_async(lambda: all(pid_gone(p) for p in pids), 10, f"{pids} to end")
+            await wait_for_async(lambda: all(pid_gone(p) for p in pids), 10, what=f"{pids} to end")
             assert t.open_channels == 0
 
     run(body())
@@ -273,11 +200,11 @@ def test_cancel_event_and_failing_callback_stop_the_command(
         async with await open_transport(shared_sshd) as t:
             pid_file = pid_files("pids-event")
             cancel = asyncio.Event()
-            outcome = await t.run(_sleeper(pid_file), on_stdout=lambda _: cancel.set(),
+            outcome = await t.run(sleeper(pid_file), on_stdout=lambda _: cancel.set(),
                                   cancel=cancel)  # fmt: skip
             assert outcome.cancelled and not outcome.timed_out and outcome.exit_code is None
             pids = read_pids(pid_file)
-            await wait_async(lambda: all(pid_gone(p) for p in pids), 10, f"{pids} to end")
+            await wait_for_async(lambda: all(pid_gone(p) for p in pids), 10, what=f"{pids} to end")
 
             pid_file = pid_files("pids-callback")
 
@@ -285,9 +212,9 @@ def test_cancel_event_and_failing_callback_stop_the_command(
                 raise RuntimeError(f"callback failed on {line!r}")
 
             with pytest.raises(RuntimeError, match="callback failed on 'started'"):
-                await t.run(_sleeper(pid_file), on_stdout=explode)
+                await t.run(sleeper(pid_file), on_stdout=explode)
             pids = read_pids(pid_file)
-            await wait_async(lambda: all(pid_gone(p) for p in pids), 10, f"{pids} to end")
+            await wait_for_async(lambda: all(pid_gone(p) for p in pids), 10, what=f"{pids} to end")
 
     run(body())
 
@@ -445,7 +372,7 @@ def test_killed_peer_fails_running_and_new_commands(
         try:
             started = asyncio.Event()
             task = asyncio.ensure_future(
-                t.run(_sleeper(pid_files("pids")), on_stdout=lambda _: started.set())
+                t.run(sleeper(pid_files("pids")), on_stdout=lambda _: started.set())
             )
             await asyncio.wait_for(started.wait(), 10)
             private_sshd.process.kill()  # SIGKILL sshd and every session it started
@@ -474,7 +401,7 @@ def test_paused_peer_is_declared_lost_by_keepalive(
         try:
             assert (await t.capture("true")).outcome.ok
             task = asyncio.ensure_future(t.run(f"sleep 1000 & echo $! > {pid_file}; wait"))
-            await wait_async(lambda: read_pids(pid_file), 10, "the command to start")
+            await wait_for_async(lambda: read_pids(pid_file), 10, what="the command to start")
             private_sshd.pause()  # SIGSTOP: the TCP connection stays up but nothing answers
             with pytest.raises(SshConnectionLost, match="keepalive"):
                 await asyncio.wait_for(task, 10)

@@ -4,12 +4,10 @@ transport running every structured command (``SshTransport.run(..., warm=...)``)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,29 +15,14 @@ from typing import Any, TypeVar
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from ssh_bridge_support import open_transport, pid_gone, read_pids, sleeper
 
-from ah_harness_local import RunningSshd, wait_for
+from ah_harness_local import RunningSshd, wait_for, wait_for_async
 from ah_harness_local.pytest_plugin import SshdFactory
 from ah_ssh_bridge import SshConnectionLost, SshOptions, SshTransport, WarmCommand
 
 Run = Callable[..., Any]
 T = TypeVar("T")
-
-FAST = SshOptions(keepalive_interval_s=0.5, keepalive_timeout_s=2.0, kill_grace_s=0.5)
-
-
-async def open_transport(
-    sshd: RunningSshd, *, options: SshOptions = FAST, host: str = "follower-1"
-) -> SshTransport:
-    return await SshTransport.connect(
-        sshd.listen,
-        sshd.port,
-        host=host,
-        username=sshd.user,
-        key_path=sshd.client_key_path,
-        expected_fingerprint=sshd.host_key_fingerprint,
-        options=options,
-    )
 
 
 def sh(script: str, **kwargs: Any) -> WarmCommand:
@@ -53,49 +36,6 @@ def argv(*words: str, **kwargs: Any) -> WarmCommand:
 # The exec-channel text given alongside: a command that would fail loudly, so a test passes
 # only if the warm executor really ran the structured command.
 NOT_WARM = "echo 'ran on an exec channel, not the warm executor' >&2; exit 99"
-
-
-def pid_gone(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat[stat.rfind(")") + 2] in "ZX"
-
-
-def read_pids(path: Path) -> list[int]:
-    try:
-        return [int(word) for word in path.read_text().split()]
-    except FileNotFoundError:
-        return []
-
-
-@pytest.fixture
-def pid_files(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
-    created: list[Path] = []
-
-    def make(name: str) -> Path:
-        path = tmp_path / name
-        created.append(path)
-        return path
-
-    yield make
-    for path in created:
-        for pid in read_pids(path):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                if not pid_gone(pid):
-                    os.kill(pid, signal.SIGKILL)
-
-
-def sleeper(pid_file: Path, *, ignore_term: bool = False) -> str:
-    """A command whose processes (the shell, a child and a grandchild) record their pids."""
-    trap = "trap '' TERM; " if ignore_term else ""
-    return (
-        f"{trap}sleep 1000 & echo $! >> {pid_file}; "
-        f"sh -c 'sleep 1000 & echo $! >> {pid_file}; wait' & "
-        f'echo $$ >> {pid_file}; while [ "$(wc -l < {pid_file})" -lt 3 ]; do sleep 0.01; done; '
-        "echo started; wait"
-    )
 
 
 @pytest.fixture
@@ -265,17 +205,9 @@ def test_cancel_event_and_asyncio_cancel_kill_the_whole_process_group(
                 await task
             pids = read_pids(by_event) + read_pids(by_task)
             assert len(pids) == 6
-            await wait_for_async(lambda: all(pid_gone(p) for p in pids), 10, f"{pids} to end")
+            await wait_for_async(lambda: all(pid_gone(p) for p in pids), 10, what=f"{pids} to end")
 
     run(body())
-
-
-async def wait_for_async(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def test_killed_server_fails_the_running_command_then_a_new_server_starts(

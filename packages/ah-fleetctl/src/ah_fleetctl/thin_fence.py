@@ -49,7 +49,6 @@ from ah_domain_types import (
     ErrorEnvelope,
     ExitCode,
     FenceMetadata,
-    validate_session_id,
 )
 from ah_mutagen_project import IgnorePatternError, user_ignores
 
@@ -232,8 +231,13 @@ async def thin_fence_command(
     from .commands.fence import _render, fence_command
     from .commands.fleet import select_followers
     from .fencing import choose_engine
-    from .options import selector_from_options
-    from .thin_server import _error_text, _Fallback, _json_encoder, parse_thin_request
+    from .thin_server import (
+        _Fallback,
+        _json_encoder,
+        parse_thin_request,
+        selection_and_session,
+        send_error,
+    )
 
     params = parse_thin_request(request, fence_command).params
     reason = fence_fallback_reason(request)
@@ -242,19 +246,10 @@ async def thin_fence_command(
     defaults = request.defaults
     json_mode = bool(params["json_output"]) or defaults.json
 
-    def finish_with(exc: CliError | DomainValidationError) -> int:
-        stdout, stderr, code = _error_text(exc, json_mode)
-        send(ThinOutReply(fd=2, text=stderr))
-        if stdout:
-            send(ThinOutReply(fd=1, text=stdout))
-        return code
-
     try:
-        selector = selector_from_options(params["hosts"], params["tags"], params["all_"])
-        session_flag = params["session_id"] or defaults.session
-        session_id = validate_session_id(session_flag) if session_flag else None
+        selector, session_id = selection_and_session(params, defaults)
     except (CliError, DomainValidationError) as exc:
-        return finish_with(exc)
+        return send_error(send, exc, json_mode)
     assert defaults.fence_timeout_s is not None
     limit = params["timeout_s"] if params["timeout_s"] is not None else defaults.fence_timeout_s
     try:
@@ -264,7 +259,7 @@ async def thin_fence_command(
     try:
         selected = select_followers(selector, fleet)
     except (CliError, DomainValidationError) as exc:
-        return finish_with(exc)
+        return send_error(send, exc, json_mode)
     engine = choose_engine()
     loop = asyncio.get_running_loop()
 
@@ -316,7 +311,7 @@ async def thin_fence_command(
             return _INTERRUPTED
         raise
     except (CliError, DomainValidationError) as exc:
-        return finish_with(exc)
+        return send_error(send, exc, json_mode)
     finally:
         watcher.cancel()
         if events is not None:

@@ -244,6 +244,32 @@ class _ConnectorExecutor:
         )
 
 
+def send_error(
+    send: Callable[[ThinReply], None], exc: CliError | DomainValidationError, json_mode: bool
+) -> int:
+    """Send what the full CLI prints for ``exc``; returns its exit code."""
+    stdout, stderr, code = _error_text(exc, json_mode)
+    send(ThinOutReply(fd=2, text=stderr))
+    if stdout:
+        send(ThinOutReply(fd=1, text=stdout))
+    return code
+
+
+def selection_and_session(
+    params: Mapping[str, Any], defaults: ThinDefaults
+) -> tuple[Any, str | None]:
+    """The selector of ``--host/--tag/--all`` and the session id (flag, else configured).
+
+    Raises:
+        CliError, DomainValidationError: as the full CLI would report them.
+    """
+    from .options import selector_from_options
+
+    selector = selector_from_options(params["hosts"], params["tags"], params["all_"])
+    session_flag = params["session_id"] or defaults.session
+    return selector, (validate_session_id(session_flag) if session_flag else None)
+
+
 def _error_text(exc: CliError | DomainValidationError, json_mode: bool) -> tuple[str, str, int]:
     """(stdout, stderr, code) the full CLI prints for ``exc``."""
     code, kind, message = int(exc.exit_code), exc.kind, exc.message
@@ -317,7 +343,6 @@ async def _thin_run(
 
     from .commands.fleet import select_followers
     from .commands.run import _check_renderable, _supplement, run_command
-    from .options import selector_from_options
     from .thin_fence import AgentLinks
 
     marks: list[tuple[str, float]] = [("received", time.perf_counter())]
@@ -336,20 +361,11 @@ async def _thin_run(
     defaults = request.defaults
     json_mode = bool(params["json_output"]) or defaults.json
 
-    def finish_with(exc: CliError | DomainValidationError) -> int:
-        stdout, stderr, code = _error_text(exc, json_mode)
-        send(ThinOutReply(fd=2, text=stderr))
-        if stdout:
-            send(ThinOutReply(fd=1, text=stdout))
-        return code
-
     logical: list[Any] = [list(argv)] if argv else list(commands)
     try:
-        selector = selector_from_options(params["hosts"], params["tags"], params["all_"])
-        session_flag = params["session_id"] or defaults.session
-        session_id = validate_session_id(session_flag) if session_flag else None
+        selector, session_id = selection_and_session(params, defaults)
     except (CliError, DomainValidationError) as exc:
-        return finish_with(exc)
+        return send_error(send, exc, json_mode)
     try:
         marks.append(("parsed", time.perf_counter()))
         fleet = await agent._followers_named([])
@@ -368,7 +384,7 @@ async def _thin_run(
         targets = links.target_hosts(request.cwd)
         _check_renderable(targets, logical)
     except (CliError, DomainValidationError) as exc:
-        return finish_with(exc)
+        return send_error(send, exc, json_mode)
 
     timeout = params["timeout_s"] if params["timeout_s"] is not None else defaults.timeout_s
     loop = asyncio.get_running_loop()
@@ -430,7 +446,7 @@ async def _thin_run(
                     raise
                 fence_cancelled = True
             except (CliError, DomainValidationError) as exc:
-                return finish_with(exc)
+                return send_error(send, exc, json_mode)
             marks.append(("fence", time.perf_counter()))
         engine_hosts = [t for t in targets if t.name not in fence_failed]
         # One command: every host that runs gets a log, so a directory made after the last

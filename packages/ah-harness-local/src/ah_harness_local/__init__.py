@@ -11,6 +11,7 @@ from ah_harness_local.ports import (
     free_udp_port,
     tcp_accepts,
     wait_for,
+    wait_for_async,
     wait_for_tcp,
 )
 from ah_harness_local.processes import (
@@ -48,5 +49,6 @@ __all__ = [
     "tcp_accepts",
     "terminate_all",
     "wait_for",
+    "wait_for_async",
     "wait_for_tcp",
 ]

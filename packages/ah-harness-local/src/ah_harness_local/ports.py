@@ -6,7 +6,15 @@ from ah_fleetctl.localfleet.ports import (
     free_udp_port,
     tcp_accepts,
     wait_for,
+    wait_for_async,
     wait_for_tcp,
 )
 
-__all__ = ["free_tcp_port", "free_udp_port", "tcp_accepts", "wait_for", "wait_for_tcp"]
+__all__ = [
+    "free_tcp_port",
+    "free_udp_port",
+    "tcp_accepts",
+    "wait_for",
+    "wait_for_async",
+    "wait_for_tcp",
+]

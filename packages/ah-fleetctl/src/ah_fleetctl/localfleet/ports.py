@@ -6,12 +6,20 @@ holds or a deadline passes, and the timeout error says what was awaited.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
-__all__ = ["free_tcp_port", "free_udp_port", "tcp_accepts", "wait_for", "wait_for_tcp"]
+__all__ = [
+    "free_tcp_port",
+    "free_udp_port",
+    "tcp_accepts",
+    "wait_for",
+    "wait_for_async",
+    "wait_for_tcp",
+]
 
 _T = TypeVar("_T")
 
@@ -63,6 +71,25 @@ def wait_for(
         if remaining <= 0:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(min(interval, remaining))
+
+
+async def wait_for_async(
+    predicate: Callable[[], _T | None],
+    timeout: float,
+    *,
+    interval: float = 0.02,
+    what: str = "condition",
+) -> _T:
+    """:func:`wait_for` for a coroutine: the event loop runs while it waits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(min(interval, remaining))
 
 
 def tcp_accepts(host: str, port: int, connect_timeout: float = 0.5) -> bool:
