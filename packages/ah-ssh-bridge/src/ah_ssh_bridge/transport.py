@@ -22,7 +22,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -785,15 +785,30 @@ class SshTransport:
                 future.exception()  # retrieved: no "never retrieved" noise when stopped
 
         worker.add_done_callback(finished)
+        return await self._outcome(
+            worker, job, timeout, cancel, started, lambda: self._stop_job(job, worker)
+        )
+
+    async def _outcome(
+        self,
+        worker: asyncio.Future[int | None],
+        job: _Job,
+        timeout: float | None,
+        cancel: asyncio.Event | None,
+        started: float,
+        stop: Callable[[], Awaitable[None]],
+    ) -> ExecOutcome:
+        """Wait for a started command (exec channel or warm server alike); ``stop`` ends it
+        when it timed out, was cancelled, or this task is."""
         try:
             reason = await self._wait_job(worker, job, timeout, cancel)
         except asyncio.CancelledError:
-            stopper = asyncio.ensure_future(self._stop_job(job, worker))
+            stopper = asyncio.ensure_future(stop())
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(stopper)
             raise
         if reason is not None:
-            await self._stop_job(job, worker)
+            await stop()
         took_ms = (time.monotonic() - started) * 1000.0
         if job.callback_error is not None:
             raise job.callback_error
@@ -1005,24 +1020,10 @@ class SshTransport:
             command_id = server.submit_blocking(job, done, spec, None)
         else:
             command_id = await self._in_thread(server.submit_blocking, job, done, spec, chunks)
-        try:
-            reason = await self._wait_job(done, job, timeout, cancel)
-        except asyncio.CancelledError:
-            stopper = asyncio.ensure_future(self._stop_warm(server, command_id, job, done))
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(stopper)
-            raise
-        if reason is not None:
-            await self._stop_warm(server, command_id, job, done)
-        took_ms = (time.monotonic() - started) * 1000.0
-        if job.callback_error is not None:
-            raise job.callback_error
-        if reason is None:
-            return ExecOutcome(done.result(), False, False, took_ms)
-        failure = done.exception() if done.done() and not done.cancelled() else None
-        if isinstance(failure, SshConnectionLost):
-            raise failure
-        return ExecOutcome(None, reason == "timeout", reason == "cancel", took_ms)
+        return await self._outcome(
+            done, job, timeout, cancel, started,
+            lambda: self._stop_warm(server, command_id, job, done),
+        )  # fmt: skip
 
     async def _stop_warm(
         self,
