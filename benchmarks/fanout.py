@@ -67,6 +67,7 @@ from loguru import logger
 
 from ah_domain_types import FollowerStatus, OsKind
 from ah_fleetctl.dataplane import DirectConnector, FleetLinks, ssh_alias, stop_control_masters
+from ah_harness_local.agent_fleet import HEAVY_MODULES
 from ah_harness_local.fleet import FollowerSpec, LocalFleet
 from ah_run_everywhere import RunEngine, TargetHost
 from ah_run_everywhere.ssh_executor import SshExecutor
@@ -159,11 +160,9 @@ def thin_path_imports(env: dict[str, str], work: Path) -> list[str]:
         script = ["-m", "ah_fleetctl"]
     modules = _imported([*script, "run", "--no-fence", "--", "true"], env, work)
     baseline = set(_imported(["-c", "pass"], env, work))
-    heavy = {"click", "msgspec", "paramiko", "httpx", "litestar", "aioquic", "cryptography"}
-    if heavy & set(modules):
-        raise RuntimeError(
-            f"the warm run did not take the thin path: it imported {heavy & set(modules)}"
-        )
+    heavy = HEAVY_MODULES & set(modules)
+    if heavy:
+        raise RuntimeError(f"the warm run did not take the thin path: it imported {heavy}")
     return [m for m in modules if m not in baseline]
 
 
