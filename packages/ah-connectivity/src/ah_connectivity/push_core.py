@@ -4,6 +4,12 @@
 batches under an in-flight window, drops what the access point acknowledged, and after a
 reconnect resends everything after the ``ackedLseq`` of the new `PushWelcome`.
 
+`PushSession` (leader, one per session) wraps a `PushSender` with the rest of the leader's side
+of the protocol: the ``PushHello`` that opens each stream the session is carried on, and
+what a ``PushWelcome`` / ``PushAck`` / ``PushRefused`` means for it (a refusal of the token,
+scope or protocol ends the session for good; any other ends only the stream, and the session
+goes on on a new one).
+
 `PushReceiver` (access point, one per push stream) checks the order of messages, asks its
 shell to authenticate the `PushHello` and to store the new part of each `PushBatch` (the part
 after what the producer already had stored: a resent prefix is skipped), and answers
@@ -38,6 +44,7 @@ from ah_domain_types import (
 __all__ = [
     "DEFAULT_MAX_BATCH_BYTES",
     "DEFAULT_MAX_BATCH_EVENTS",
+    "DEFINITIVE_REFUSALS",
     "AckedRange",
     "Authenticate",
     "ClosePush",
@@ -46,6 +53,8 @@ __all__ = [
     "PushReceiver",
     "PushReceiverPhase",
     "PushSender",
+    "PushSession",
+    "PushSessionUpdate",
     "SendPush",
     "StoreEvents",
 ]
@@ -241,6 +250,97 @@ class PushSender:
             pending.popleft()
 
 
+DEFINITIVE_REFUSALS = frozenset(
+    {PushRefusal.UNAUTHENTICATED, PushRefusal.FORBIDDEN, PushRefusal.INVALID}
+)
+"""Refusals that a new stream would get again (token, scope, protocol): they end a session."""
+
+
+@dataclass(frozen=True)
+class PushSessionUpdate:
+    """What one message from the access point did to a `PushSession`."""
+
+    welcome: PushWelcome | None = None
+    """The stream was accepted (the sender resends after ``welcome.acked_lseq``)."""
+    acked: AckedRange | None = None
+    refused: PushRefused | None = None
+    """The stream was refused and is over; the session too when `PushSession.refused`."""
+
+
+class PushSession:
+    """Leader side of one push session, carried by one stream at a time: every stream starts
+    with the session's ``PushHello`` (same producer, so the access point resumes after what it
+    stored), then batches from the `PushSender` after the ``PushWelcome``."""
+
+    def __init__(self, hello: PushHello, sender: PushSender) -> None:
+        self.hello = hello
+        self.sender = sender
+        self.on_stream = False
+        """A stream carries the session now (its hello is sent)."""
+        self.welcomes = 0
+        """Streams that got a ``PushWelcome``."""
+        self.refused: PushRefused | None = None
+        """Set by a definitive refusal: no stream will carry this session again."""
+        self.last_seq = 0
+        """The session's highest seq the access point reported."""
+
+    @property
+    def welcomed(self) -> bool:
+        """The current stream was accepted: batches may go."""
+        return self.on_stream and self.sender.connected
+
+    def stream_opened(self) -> PushHello:
+        """A new stream carries the session: send this first."""
+        if self.refused is not None:
+            raise PushProtocolError("a refused push session cannot be carried again")
+        self.sender.on_disconnect()
+        self.on_stream = True
+        return self.hello
+
+    def stream_ended(self) -> None:
+        """The stream (or its connection) is gone: whatever was in flight is resent on the
+        next one."""
+        self.on_stream = False
+        self.sender.on_disconnect()
+
+    def receive(self, message: PushMessage) -> PushSessionUpdate:
+        """Raises `PushProtocolError` when the access point broke the protocol (the stream
+        should then end)."""
+        if not self.on_stream:
+            raise PushProtocolError(f"{message_type(message)} on a push stream that is over")
+        if isinstance(message, PushWelcome):
+            if self.sender.connected:
+                raise PushProtocolError("a second pushWelcome on one push stream")
+            if message.producer != self.hello.producer:
+                raise PushProtocolError(
+                    f"pushWelcome for producer {message.producer!r}, "
+                    f"expected {self.hello.producer!r}"
+                )
+            self.sender.on_welcome(message)
+            self.welcomes += 1
+            self.last_seq = max(self.last_seq, message.last_seq)
+            return PushSessionUpdate(welcome=message)
+        if isinstance(message, PushAck):
+            acked = self.sender.on_ack(message)
+            self.last_seq = max(self.last_seq, message.last_seq)
+            return PushSessionUpdate(acked=acked)
+        if isinstance(message, PushRefused):
+            if message.code in DEFINITIVE_REFUSALS:
+                self.refused = message
+            self.stream_ended()
+            return PushSessionUpdate(refused=message)
+        raise PushProtocolError(f"unexpected {message_type(message)} from the access point")
+
+    def batches(self) -> list[PushBatch]:
+        """The batches to send now (none before the welcome or while the window is full)."""
+        out: list[PushBatch] = []
+        if not self.on_stream:
+            return out
+        while (batch := self.sender.next_batch()) is not None:
+            out.append(batch)
+        return out
+
+
 # ==========================================================================================
 # Access point side
 # ==========================================================================================
@@ -304,6 +404,11 @@ class PushReceiver:
         self._storing: StoreEvents | None = None
         self._queued: list[PushBatch] = []
         self._peer_finished = False
+
+    @property
+    def leader_finished(self) -> bool:
+        """The leader finished its side of the stream (`peer_finished`)."""
+        return self._peer_finished
 
     def receive(self, message: PushMessage) -> list[PushAction]:
         phase = self.phase
