@@ -30,7 +30,7 @@ import datetime as dt
 import secrets
 import socket
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -651,6 +651,8 @@ class _LeaderStream:
     session: LeaderPushSession
     decoder: FrameDecoder[PushMessage]
     answer_timer: asyncio.TimerHandle | None = None
+    finished: bool = False
+    """We finished our side (the session is closing and every event is sent)."""
 
 
 class LeaderPushSession:
@@ -680,6 +682,9 @@ class LeaderPushSession:
         self.status = PushStatus()
         self.closed = False
         """`finish` was called: the session left its connection."""
+        self.closing = False
+        """`close` was called: no more events; each stream is finished after its last
+        batch."""
         self._stream: _LeaderStream | None = None
         self._pump_handle: asyncio.Handle | None = None
         self._retry_handle: asyncio.TimerHandle | None = None
@@ -711,7 +716,7 @@ class LeaderPushSession:
             event = msgspec.structs.replace(event, session_id="")
         sender = self.core.sender
         lseq = sender.emit(event)
-        if not self.core.welcomed:
+        if not self.core.sending:
             return lseq
         handle = self._pump_handle
         if sender.unacked - sender.in_flight >= sender.max_batch_events:
@@ -747,7 +752,14 @@ class LeaderPushSession:
         return self.sender.all_acked
 
     async def close(self, timeout: float) -> bool:
-        """`flush` (at most ``timeout``), then `finish`; True when every event got through."""
+        """No more events: the stream is finished right behind the last batch (so the access
+        point answers the last ack and its own end together); `flush` (at most
+        ``timeout``), then `finish`. True when every event got through."""
+        self.closing = True
+        if self._pump_handle is not None:
+            self._pump_handle.cancel()
+            self._pump_handle = None
+        self._pump()
         delivered = await self.flush(timeout) if timeout > 0 else self.sender.all_acked
         self.finish()
         return delivered
@@ -779,10 +791,13 @@ class LeaderPushSession:
 
     def _pump(self) -> None:
         stream = self._stream
-        if stream is not None:
-            for batch in self.core.batches():
-                if not self.connection._send(stream, batch):
-                    return
+        if stream is None:
+            return
+        for batch in self.core.batches():
+            if not self.connection._send(stream, batch):
+                return
+        if self.closing and not stream.finished and self.core.sending and self.sender.all_sent:
+            self.connection._finish_sending(stream)
 
     def _set_connected(self, connected: bool, note: str) -> None:
         status = self.status
@@ -876,13 +891,17 @@ class LeaderPushConnection:
         on_ack: Callable[[AckedRange], None] | None = None,
         on_status: Callable[[PushStatus], None] | None = None,
         backoff: Backoff | None = None,
+        events: Iterable[Event] = (),
+        closing: bool = False,
     ) -> LeaderPushSession:
         """A new session on this connection (``token``: bearer token with scope ``exec``);
         its stream opens at once when connected, else when the connection is made.
 
         ``linger_s``: see `LEADER_LINGER_S` (the default); 0 sends on the next loop turn.
         ``backoff``: before a refused (not for good) stream of this session is opened
-        again."""
+        again. ``events``: emitted before the stream opens (they go right behind its hello);
+        ``closing``: no more will come (the stream is finished behind them, see
+        `LeaderPushSession.close`)."""
         if self._stopping:
             raise RuntimeError("LeaderPushConnection is stopped")
         validate_session_id(session_id)
@@ -909,6 +928,9 @@ class LeaderPushConnection:
             on_status=on_status,
             backoff=backoff or Backoff(base_s=self.backoff.base_s, cap_s=self.backoff.cap_s),
         )
+        for event in events:
+            session.emit(event)
+        session.closing = closing
         self._sessions[session] = None
         if self._proto is not None:
             self._start_stream(session)
@@ -1005,10 +1027,16 @@ class LeaderPushConnection:
             stream.answer_timer = proto._loop.call_later(
                 self.answer_timeout_s, self._no_answer, stream
             )
+            session._pump()  # the first stream's batches go right behind the hello
 
     def _send(self, stream: _LeaderStream, message: PushMessage) -> bool:
         proto = self._proto
         return proto is not None and proto.send(stream.sid, message)
+
+    def _finish_sending(self, stream: _LeaderStream) -> None:
+        stream.finished = True
+        if self._proto is not None:
+            self._proto.finish(stream.sid)
 
     def _no_answer(self, stream: _LeaderStream) -> None:
         stream.answer_timer = None
@@ -1035,6 +1063,13 @@ class LeaderPushConnection:
         if error is not None:
             self._end_stream(stream, f"bad frame from the access point: {error.message}")
         elif end:
+            session = stream.session
+            if stream.finished and session.sender.all_acked:
+                # The normal end of a closing session: both sides are finished.
+                self._streams.pop(sid, None)
+                session._stream = None
+                session.core.stream_ended()
+                return
             self._end_stream(stream, "access point finished the push stream")
 
     def _on_stream_reset(self, sid: int, code: int) -> None:
@@ -1099,7 +1134,7 @@ class LeaderPushConnection:
         session._stream = None
         session.core.stream_ended()
         session._cancel_timers()
-        if self._proto is not None:
+        if self._proto is not None and not stream.finished:
             self._proto.finish(stream.sid)  # both sides finished: QUIC forgets the stream
         session._set_connected(False, reason)
         if not session.done and self._proto is not None:
@@ -1123,7 +1158,7 @@ class LeaderPushConnection:
             if stream.answer_timer is not None:
                 stream.answer_timer.cancel()
             session._stream = None
-            if self._proto is not None:
+            if self._proto is not None and not stream.finished:
                 self._proto.finish(stream.sid)
         session.core.stream_ended()
         if session.status.connected:  # not a loss: no on_status, no last_error

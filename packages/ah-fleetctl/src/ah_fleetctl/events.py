@@ -745,16 +745,17 @@ class AgentSessionSink(_SinkBase):
                     f"{self._local_note()}",
                 )
                 await asyncio.sleep(backoff.next_delay())
+        held, self._held = self._held, deque()
+        # A run that already answered sends its hello, events and end in one flight.
         session = connection.open_session(
             token=self.push.token,
             session_id=self.session_id,
             client_version=self.push.client_version,
             on_status=self._on_push_status,
+            events=held,
+            closing=self._closed,
         )
         self._connection, self._session = connection, session
-        held, self._held = self._held, deque()
-        for event in held:
-            session.emit(event)
 
 
 async def discover_push_target(
