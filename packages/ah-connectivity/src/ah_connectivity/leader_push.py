@@ -20,6 +20,11 @@ leader finishes it; a stream that fails (bad frame, refused token, storage error
 
 The leader verifies the access point like a follower does: chain against the fleet CA during
 the handshake, then the SPIFFE ID ``spiffe://<td>/ah/serve``.
+
+On the leader, `LeaderPushConnection` is one such connection carrying any number of sessions
+(`LeaderPushSession`, one stream at a time each; the protocol of a session is the pure
+`push_core.PushSession`), kept up between sessions and made again when lost;
+`LeaderPushClient` is the one-session form of it.
 """
 
 from __future__ import annotations
