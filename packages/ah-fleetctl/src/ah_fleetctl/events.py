@@ -132,19 +132,24 @@ class _SinkBase:
     def emitted(self) -> int:
         return self._emitted
 
-    def _begin(self, session_id: str | None) -> str:
+    def _begin(self, session_id: str | None, *, open_local: bool = True) -> str:
         session_id = validate_session_id(session_id) if session_id else new_session_id()
         self.session_id = session_id
-        if self.local_copy_dir is not None:
-            path = self.local_copy_dir / f"{session_id}.events.jsonl"
-            try:
-                self.local_copy_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-                self._file = os.fdopen(fd, "ab")
-                self.local_copy = path
-            except OSError as exc:
-                self._warn_once("local", f"cannot keep a local copy of the session events: {exc}")
+        if open_local:
+            self._open_local_copy()
         return session_id
+
+    def _open_local_copy(self) -> None:
+        if self.local_copy_dir is None or self.session_id is None:
+            return
+        path = self.local_copy_dir / f"{self.session_id}.events.jsonl"
+        try:
+            self.local_copy_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self._file = os.fdopen(fd, "ab")
+            self.local_copy = path
+        except OSError as exc:
+            self._warn_once("local", f"cannot keep a local copy of the session events: {exc}")
 
     def make(self, cls: type[E], **fields: Any) -> E:
         """An event of this session stamped now (the access point assigns the final seq and
@@ -155,21 +160,26 @@ class _SinkBase:
         fields.setdefault("ts_ms", time.time() * 1000)
         return cls(**fields)
 
-    def _record(self, event: Event) -> Event:
-        """Count ``event`` and append it to the local copy (the caller holds the lock, if
-        any); returns it with this session's id."""
+    def _record(self, event: Event, *, write: bool = True) -> Event:
+        """Count ``event`` and (unless ``write`` is False: the caller does it later) append
+        it to the local copy (the caller holds the lock, if any); returns it with this
+        session's id."""
         if self.session_id is None or self._closed:
             raise RuntimeError("emit needs a started, open sink")
         if event.session_id not in ("", self.session_id):
             event = msgspec.structs.replace(event, session_id=self.session_id)
         self._emitted += 1
+        if write:
+            self._write_local(event)
+        return event
+
+    def _write_local(self, event: Event) -> None:
         if self._file is not None:
             try:
                 self._file.write(encode_event_json(event) + b"\n")
             except OSError as exc:
                 self._file = None
                 self._warn_once("local", f"cannot write the local copy {self.local_copy}: {exc}")
-        return event
 
     def _queue(self, queue: deque[Event], event: Event) -> None:
         """Append ``event`` to ``queue``, dropping the oldest beyond `max_buffered`."""
@@ -641,7 +651,9 @@ class AgentSessionSink(_SinkBase):
         super().__init__(local_copy_dir=local_copy_dir, warn=warn, max_buffered=max_buffered)
         self.push = push
         self._held: deque[Event] = deque()
-        """Events emitted before the release (see `AgentEventPush.release_delay_s`)."""
+        """Events emitted before the release (see `AgentEventPush.release_delay_s`); they
+        go to the local copy then too (file work after the run answered, like the push)."""
+        self._released = False
         self._release_timer: asyncio.TimerHandle | None = None
         self._attaching: asyncio.Task[None] | None = None
         self._session: LeaderPushSession | None = None
@@ -652,14 +664,19 @@ class AgentSessionSink(_SinkBase):
         """Begin (or join) a session; returns its id at once. Call on the agent's loop."""
         if self.session_id is not None:
             raise RuntimeError("AgentSessionSink.start called twice")
-        session_id = self._begin(session_id)
+        session_id = self._begin(session_id, open_local=False)
         loop = asyncio.get_running_loop()
         self._release_timer = loop.call_later(self.push.release_delay_s, self._release)
         return session_id
 
     def emit(self, event: Event) -> None:
         """Append ``event`` to the local copy and queue it for the access point; never
-        blocks, never raises."""
+        blocks, never raises. Call on the agent's event loop."""
+        if not self._released:
+            self._held.append(self._record(event, write=False))
+            if len(self._held) >= self.max_buffered:
+                self._release()  # to the local copy now, and the access point when it can
+            return
         event = self._record(event)
         if self._refused:
             return
@@ -717,11 +734,18 @@ class AgentSessionSink(_SinkBase):
         return max(0.0, deadline - asyncio.get_running_loop().time())
 
     def _release(self) -> None:
-        """From now on the events go to the access point (as soon as connected)."""
+        """From now on the events go to the local copy and the access point (as soon as
+        connected)."""
         if self._release_timer is not None:
             self._release_timer.cancel()
             self._release_timer = None
-        if self._attaching is None and self.session_id is not None and not self._refused:
+        if self._released or self.session_id is None:
+            return
+        self._released = True
+        self._open_local_copy()
+        for event in self._held:
+            self._write_local(event)
+        if not self._refused:
             self._attaching = asyncio.get_running_loop().create_task(self._attach())
 
     async def _attach(self) -> None:
