@@ -323,11 +323,13 @@ class _PushConnection:
                 PushRefusal.INTERNAL, f"cannot open session {hello.session_id!r}: {type(exc).__name__}"
             )
         stream.grant = grant
+        # Said once per connection; a leader agent opens a stream per run on it.
+        log = _log.debug if self.authenticated else _log.info
         self.authenticated = True
         if self._hello_timer is not None:
             self._hello_timer.cancel()
             self._hello_timer = None
-        _log.info(
+        log(
             "{}: {!r} pushes session {!r} as producer {} (stored up to lseq {})",
             self.label,
             grant.subject,
