@@ -317,7 +317,9 @@ def test_the_agent_s_thin_runs_push_their_events_over_one_connection(
         return got if listed.returncode == 0 and got and got[-1]["type"] == "summary" else None
 
     run("first")
-    wait_for(lambda: summary_arrived(sessions[0]), 30.0, interval=0.2, what="the first run's events")
+    wait_for(
+        lambda: summary_arrived(sessions[0]), 30.0, interval=0.2, what="the first run's events"
+    )
     before = _push_connections(thin)
     assert before >= 1
     words = [f"run-{i}" for i in range(5)]

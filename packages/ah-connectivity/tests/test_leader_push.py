@@ -447,9 +447,8 @@ def test_a_refused_session_ends_alone_and_the_connection_stays_up(
                 assert refused not in connection.sessions
 
     run(body())
-    assert ingest.messages("s-good-1") == ingest.messages("s-good-2") == [
-        f"n{i}" for i in range(50)
-    ]
+    expected = [f"n{i}" for i in range(50)]
+    assert ingest.messages("s-good-1") == ingest.messages("s-good-2") == expected
     assert ingest.messages("s-refused") == []
 
 
@@ -480,9 +479,8 @@ def test_a_storage_failure_refuses_one_stream_and_only_that_session_retries(
                 assert connection.status.connections == 1
 
     run(body())
-    assert ingest.messages("s-failing") == ingest.messages("s-other") == [
-        f"n{i}" for i in range(10)
-    ]
+    expected = [f"n{i}" for i in range(10)]
+    assert ingest.messages("s-failing") == ingest.messages("s-other") == expected
 
 
 class _Blackhole:

@@ -1152,9 +1152,8 @@ class LeaderPushConnection:
                 reason,
                 delay,
             )
-            session._retry_handle = self._proto._loop.call_later(
-                delay, self._start_stream, session
-            )
+            loop = self._proto._loop
+            session._retry_handle = loop.call_later(delay, self._start_stream, session)
 
     def _session_finished(self, session: LeaderPushSession) -> None:
         self._sessions.pop(session, None)
