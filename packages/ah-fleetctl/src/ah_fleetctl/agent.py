@@ -460,6 +460,8 @@ class LeaderAgent:
         return self.event_push().sink(local_copy_dir, warn)
 
     def event_push(self) -> AgentEventPush:
+        """This agent's session events: one connection to the access point for all runs
+        (made by the first run that pushes)."""
         if self._event_push is None:
             from . import __version__
             from .client import tls_context
