@@ -289,6 +289,51 @@ def test_the_session_events_of_thin_runs_reach_the_access_point(thin_fleet: Agen
         assert {e["line"] for e in got if e["type"] == "hostLog"} == {word}
 
 
+def _push_connections(thin: AgentFleet) -> int:
+    """The agent's count of QUIC connections made for session events (its ping says)."""
+    import asyncio
+
+    from ah_fleetctl.agent import AgentClient
+
+    (sock,) = list(thin.agents.glob("*.sock"))
+    return asyncio.run(AgentClient(sock).ping()).push_connections
+
+
+def test_the_agent_s_thin_runs_push_their_events_over_one_connection(
+    thin_fleet: AgentFleet,
+) -> None:
+    thin = thin_fleet
+    _warm(thin)
+    sessions: list[str] = []
+
+    def run(word: str) -> None:
+        result = thin.thin("run", "--no-fence", "--json", *_hosts(GOOD), "--", "echo", word)
+        assert result.returncode == 0, result
+        sessions.append(result.json()["sessionId"])
+
+    def summary_arrived(session_id: str) -> list[dict[str, Any]] | None:
+        listed, _ = thin.cli("--json", "session", "events", session_id)
+        got = [json.loads(line) for line in listed.stdout.splitlines()]
+        return got if listed.returncode == 0 and got and got[-1]["type"] == "summary" else None
+
+    run("first")
+    wait_for(
+        lambda: summary_arrived(sessions[0]), 30.0, interval=0.2, what="the first run's events"
+    )
+    before = _push_connections(thin)
+    assert before >= 1
+    words = [f"run-{i}" for i in range(5)]
+    for word in words:
+        run(word)
+    for session_id, word in zip(sessions[1:], words, strict=True):
+        got = wait_for(
+            lambda s=session_id: summary_arrived(s), 30.0, interval=0.2, what=f"events of {word}"
+        )
+        assert [e["seq"] for e in got] == list(range(1, len(got) + 1))
+        assert {e["line"] for e in got if e["type"] == "hostLog"} == {word}
+    assert _push_connections(thin) == before, "a run made a QUIC connection of its own"
+
+
 def test_concurrent_thin_runs_over_the_same_transports_lose_no_output_lines(
     thin_fleet: AgentFleet,
 ) -> None:

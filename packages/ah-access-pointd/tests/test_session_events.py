@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from ah_connectivity import Backoff
-from ah_connectivity.leader_push import LeaderPushClient, new_session_id
+from ah_connectivity.leader_push import LeaderPushClient, LeaderPushConnection, new_session_id
 from ah_domain_types import (
     Event,
     FenceHostResult,
@@ -321,5 +321,65 @@ def test_push_and_read_are_authorised_by_scope(fresh_ap: Any) -> None:
             assert missing.headers["content-type"].startswith("application/problem+json")
         async with http(ap, read_only) as api:
             assert (await api.get("/api/v1/sessions")).json() == {"sessions": []}
+
+    run(body())
+
+
+def test_sessions_on_one_connection_survive_a_restart_each_stored_once_in_order(
+    tmp_path: Path, cli: Any, start_ap: Any
+) -> None:
+    state_dir = tmp_path / "ap"
+    assert cli("init", "--state-dir", str(state_dir)).returncode == 0
+    first = start_ap(state_dir, SERVE_ARGS, name="serve-one")
+    names = [new_session_id() + f"{i}" for i in range(3)]
+    reader = first.state.signer.issue_user("reader", scopes=["read-logs"])
+    connection = LeaderPushConnection(
+        host="127.0.0.1",
+        port=first.quic_port,
+        ca=first.state.ca.cert_pem,
+        trust_domain=first.state.trust_domain,
+        backoff=Backoff(base_s=0.05, cap_s=0.5),
+    )
+    second: list[Any] = []
+
+    async def body() -> None:
+        task = asyncio.ensure_future(connection.run())
+        try:
+            sessions = [
+                connection.open_session(token=first.user_token(), session_id=n) for n in names
+            ]
+            refused = connection.open_session(token=reader, session_id="s-not-allowed")
+            refused.emit(notes(0, 1)[0])
+            for i in range(150):
+                for session in sessions:
+                    session.emit(notes(i, i + 1)[0])
+            for session in sessions:
+                assert await session.flush(30.0), session.status
+            await refused.wait_for(lambda s: s.done, 30.0)
+            assert refused.status.refused is not None
+            assert connection.status.connections == 1
+            # Restart the daemon on the same ports while every session is open.
+            assert await asyncio.to_thread(first.process.terminate, 10) == 0
+            for i in range(150, 300):
+                for session in sessions:
+                    session.emit(notes(i, i + 1)[0])  # queued while the access point is down
+            ports = ["--quic-port", str(first.quic_port), "--api-port", str(first.ready["apiPort"])]
+            second.append(
+                await asyncio.to_thread(start_ap, state_dir, [*SERVE_ARGS, *ports], "serve-two")
+            )
+            for session in sessions:
+                assert await session.close(30.0), session.status
+                assert session.status.sessions == 2, session.status.history
+            assert connection.status.connections == 2, connection.status.history
+        finally:
+            await connection.stop()
+            await task
+        async with http(second[0]) as api:
+            for name in names:
+                stored = await history(api, name)
+                assert [e["seq"] for e in stored] == list(range(1, 301))
+                assert [e["message"] for e in stored] == [f"n{i}" for i in range(300)]
+            missing = await api.get("/api/v1/sessions/s-not-allowed/events")
+            assert missing.status_code == 404, missing.text  # refused: never created
 
     run(body())

@@ -24,6 +24,7 @@ from ah_connectivity.leader_push import (
     LEADER_ALPN,
     ControlAndPushServer,
     LeaderPushClient,
+    LeaderPushConnection,
     PushGrant,
     PushRefusedError,
     new_session_id,
@@ -346,3 +347,217 @@ def test_new_session_ids_are_valid_and_carry_the_time(now: dt.datetime) -> None:
     session_id = new_session_id(now)
     assert re.fullmatch(SESSION_ID_PATTERN, session_id)
     assert session_id.startswith(f"s-{now.strftime('%Y%m%dT%H%M%SZ')}-")
+
+
+# --------------------------------------------------------------------------- shared connection
+
+
+def make_connection(fleet: Any, port: int, **kw: Any) -> LeaderPushConnection:
+    return LeaderPushConnection(
+        host="127.0.0.1",
+        port=port,
+        ca=fleet.ca.cert_pem,
+        trust_domain=fleet.trust_domain,
+        backoff=Backoff(base_s=0.02, cap_s=0.2),
+        connect_timeout_s=5.0,
+        **kw,
+    )
+
+
+@contextlib.asynccontextmanager
+async def connection_running(connection: LeaderPushConnection) -> Any:
+    task = asyncio.ensure_future(connection.run())
+    try:
+        yield task
+    finally:
+        await connection.stop()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def test_sessions_share_one_connection_and_each_arrives_once_in_order(
+    run: Callable[..., Any], fleet: Any, handler: Any, signer: TokenSigner
+) -> None:
+    ingest = MemoryIngest(signer)
+    token = signer.issue_user("alice", scopes=["exec"])
+    names = [new_session_id() + f"{i}" for i in range(4)]
+
+    async def body() -> None:
+        async with make_server(fleet, handler, ingest) as server:
+            port = await server.start()
+            connection = make_connection(fleet, port)
+            async with connection_running(connection):
+                # Four concurrent sessions, their events interleaved.
+                sessions = [connection.open_session(token=token, session_id=n) for n in names]
+                for i in range(300):
+                    for session in sessions:
+                        session.emit(notes(i, i + 1)[0])
+                for session in sessions:
+                    assert await session.flush(20.0), session.status
+                    assert await session.close(1.0)
+                assert connection.sessions == []
+                # Then sessions one after the other, the connection idle in between.
+                for n in range(3):
+                    later = connection.open_session(token=token, session_id=f"s-later-{n}")
+                    for event in notes(0, 20):
+                        later.emit(event)
+                    assert await later.close(20.0), later.status
+                assert connection.connected
+                assert connection.status.connections == 1, connection.status.history
+                assert connection.status.streams == 7
+
+    run(body())
+    for name in names:
+        assert ingest.messages(name) == [f"n{i}" for i in range(300)]
+    for n in range(3):
+        assert ingest.messages(f"s-later-{n}") == [f"n{i}" for i in range(20)]
+
+
+def test_a_refused_session_ends_alone_and_the_connection_stays_up(
+    run: Callable[..., Any], fleet: Any, handler: Any, signer: TokenSigner
+) -> None:
+    ingest = MemoryIngest(signer)
+    good = signer.issue_user("alice", scopes=["exec"])
+    reader = signer.issue_user("reader", scopes=["read-logs"])
+
+    async def body() -> None:
+        async with make_server(fleet, handler, ingest) as server:
+            port = await server.start()
+            connection = make_connection(fleet, port)
+            async with connection_running(connection):
+                first = connection.open_session(token=good, session_id="s-good-1")
+                refused = connection.open_session(token=reader, session_id="s-refused")
+                for event in notes(0, 50):
+                    first.emit(event)
+                    refused.emit(event)
+                await refused.wait_for(lambda s: s.done, 10.0)
+                assert refused.status.refused is not None
+                assert refused.status.refused.code is PushRefusal.FORBIDDEN
+                assert not await refused.flush(0.1)
+                assert await first.flush(10.0), first.status
+                # A session opened after the refusal still gets through, on the same
+                # connection.
+                second = connection.open_session(token=good, session_id="s-good-2")
+                for event in notes(0, 50):
+                    second.emit(event)
+                assert await second.flush(10.0), second.status
+                assert connection.connected and connection.status.connections == 1
+                assert first.status.sessions == second.status.sessions == 1
+                assert refused not in connection.sessions
+
+    run(body())
+    expected = [f"n{i}" for i in range(50)]
+    assert ingest.messages("s-good-1") == ingest.messages("s-good-2") == expected
+    assert ingest.messages("s-refused") == []
+
+
+def test_a_storage_failure_refuses_one_stream_and_only_that_session_retries(
+    run: Callable[..., Any], fleet: Any, handler: Any, signer: TokenSigner
+) -> None:
+    ingest = MemoryIngest(signer)
+    token = signer.issue_user("alice", scopes=["exec"])
+
+    async def body() -> None:
+        async with make_server(fleet, handler, ingest) as server:
+            port = await server.start()
+            connection = make_connection(fleet, port)
+            async with connection_running(connection):
+                other = connection.open_session(token=token, session_id="s-other")
+                other.emit(notes(0, 1)[0])
+                assert await other.flush(10.0)
+                ingest.fail_next_append = True
+                failing = connection.open_session(token=token, session_id="s-failing")
+                for event in notes(0, 10):
+                    failing.emit(event)
+                assert await failing.flush(10.0), failing.status
+                for event in notes(1, 10):
+                    other.emit(event)
+                assert await other.flush(10.0)
+                assert failing.status.sessions == 2, failing.status.history
+                assert other.status.sessions == 1, other.status.history
+                assert connection.status.connections == 1
+
+    run(body())
+    expected = [f"n{i}" for i in range(10)]
+    assert ingest.messages("s-failing") == ingest.messages("s-other") == expected
+
+
+class _Blackhole:
+    """A datagram transport of a process that died: sends nothing."""
+
+    def sendto(self, data: bytes, addr: Any = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+@pytest.mark.parametrize("silent", [False, True], ids=["shutdown", "crash"])
+def test_every_open_session_resumes_after_the_access_point_restarts(
+    run: Callable[..., Any], fleet: Any, handler: Any, signer: TokenSigner, silent: bool
+) -> None:
+    """``silent``: the first access point vanishes without closing its connections (as a
+    crash): the leader only learns it when the new one does not answer its pushHello."""
+    ingest = MemoryIngest(signer)  # survives the "restart", as the SQLite store does
+    token = signer.issue_user("alice", scopes=["exec"])
+    names = ["s-restart-a", "s-restart-b", "s-restart-c"]
+
+    async def body() -> None:
+        first = make_server(fleet, handler, ingest)
+        port = await first.start()
+        connection = make_connection(fleet, port, answer_timeout_s=0.5)
+        async with connection_running(connection):
+            sessions = [connection.open_session(token=token, session_id=n) for n in names]
+            for session in sessions:
+                for event in notes(0, 200):
+                    session.emit(event)
+            for session in sessions:
+                await session.wait_for(lambda s: s.sender.acked_lseq >= 50, 10.0)
+            if silent:
+                quic_server = first._quic_server
+                assert quic_server is not None
+                # Gone, without a CONNECTION_CLOSE: the port is free, and what the old
+                # connections still want to send goes nowhere.
+                quic_server._transport.close()
+                for proto in set(quic_server._protocols.values()):
+                    proto._transport = _Blackhole()
+            else:
+                await first.close("restart")
+            # Emitted while the access point is down: queued, never blocking.
+            for session in sessions:
+                for event in notes(200, 400):
+                    session.emit(event)
+            second = make_server(fleet, handler, ingest)
+            await start_when_free(second, port)
+            try:
+                if silent:
+                    # Idle sessions: only a new one tells the leader that the peer is gone.
+                    late = connection.open_session(token=token, session_id="s-restart-late")
+                    late.emit(notes(0, 1)[0])
+                    sessions.append(late)
+                for session in sessions:
+                    assert await session.flush(20.0), (session.status, connection.status)
+                for session in sessions[:3]:
+                    assert session.status.sessions == 2, session.status.history
+                if silent:  # its first stream went unanswered; its second was welcomed
+                    assert sessions[3].status.attempts == 2, sessions[3].status.history
+                    assert sessions[3].status.sessions == 1
+                assert connection.status.connections == 2, connection.status.history
+            finally:
+                await second.close()
+                if silent:
+                    with contextlib.suppress(Exception):
+                        await first.close("test over")
+
+    run(body())
+    for name in names:
+        assert ingest.messages(name) == [f"n{i}" for i in range(400)]
+    if silent:
+        assert ingest.messages("s-restart-late") == ["n0"]

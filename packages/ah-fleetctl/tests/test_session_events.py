@@ -4,6 +4,7 @@ HTTPS/SSE, including across an access-point restart."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -38,7 +39,7 @@ from ah_domain_types import (
     SummaryEvent,
     TransportMethod,
 )
-from ah_fleetctl.events import SessionEventSink
+from ah_fleetctl.events import AgentEventPush, SessionEventSink
 
 if TYPE_CHECKING:
     from conftest import Cli, RealFleet
@@ -340,3 +341,167 @@ def test_follow_reconnects_across_an_access_point_restart_without_loss(
     said = "".join(stderr)
     assert f"event stream of session {session_id} interrupted" in said
     assert "reconnecting after seq 100" in said
+
+
+# --------------------------------------------------------------------------- the agent's sinks
+
+
+def agent_push(api_url: str, token: str, ca_path: Path, **kw: Any) -> AgentEventPush:
+    return AgentEventPush(
+        api_url=api_url,
+        token=token,
+        verify=ssl.create_default_context(cafile=str(ca_path)),
+        ca_pem=ca_path.read_text(),
+        **kw,
+    )
+
+
+def read_back(cli: Cli, session_id: str, env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    listed = cli("--json", "session", "events", session_id, env=env)
+    assert listed.returncode == 0, listed
+    return [json.loads(line) for line in listed.stdout.splitlines()]
+
+
+def test_the_agent_s_runs_share_one_connection_and_push_after_they_answered(
+    real_fleet: RealFleet, tmp_path: Path
+) -> None:
+    from ah_harness_local import wait_for_async
+
+    fleet, cli = real_fleet.fleet, real_fleet.cli
+    hosts = ["alpha", "bravo", "charlie"]
+    warnings: list[str] = []
+    sessions: list[tuple[str, list[Event]]] = []
+
+    async def body() -> None:
+        # Held until the run closes (the release delay is an hour).
+        push = agent_push(fleet.api_url, fleet.user_token, fleet.ca_path, release_delay_s=3600.0)
+        for _ in range(3):
+            sink = push.sink(tmp_path, warnings.append)
+            session_id = sink.start()
+            pushed = realistic_events(sink, hosts)
+            for event in pushed:
+                sink.emit(event)
+            assert push.connection is None or push.connection.sessions == []
+            report = await sink.close(20.0)
+            assert report.complete and report.delivered == len(pushed), (report, warnings)
+            sessions.append((session_id, pushed))
+        # Two runs at once, their events interleaved.
+        pair = [push.sink(tmp_path, warnings.append) for _ in range(2)]
+        pair_events = [(sink.start(), realistic_events(sink, hosts)) for sink in pair]
+        for events in zip(*(e for _, e in pair_events), strict=True):
+            for sink, event in zip(pair, events, strict=True):
+                sink.emit(event)
+        reports = await asyncio.gather(*(sink.close(20.0) for sink in pair))
+        assert all(r.complete for r in reports), (reports, warnings)
+        sessions.extend(pair_events)
+        # A long run: its events go out after the release delay, before it closes.
+        push.release_delay_s = 0.05
+        sink = push.sink(tmp_path, warnings.append)
+        session_id = sink.start()
+        pushed = realistic_events(sink, hosts)
+        for event in pushed:
+            sink.emit(event)
+        await wait_for_async(
+            lambda: sink.delivered == len(pushed), 20.0, what="the long run's events"
+        )
+        assert (await sink.close(20.0)).complete
+        sessions.append((session_id, pushed))
+        assert push.connections == 1, push.connection.status.history if push.connection else None
+        assert push.connection is not None and push.connection.status.streams == 6
+        await push.close()
+
+    asyncio.run(body())
+    assert warnings == []
+    for session_id, pushed in sessions:
+        got = read_back(cli, session_id)
+        assert [e["seq"] for e in got] == list(range(1, len(pushed) + 1))
+        assert [e["type"] for e in got] == [type(e).__struct_config__.tag for e in pushed]
+        local = (tmp_path / f"{session_id}.events.jsonl").read_text().splitlines()
+        assert [json.loads(line)["type"] for line in local] == [e["type"] for e in got]
+
+
+def test_an_agent_sink_without_access_point_warns_once_and_keeps_the_local_copy(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as placeholder:  # bound, never listening: connections are refused
+        placeholder.bind(("127.0.0.1", 0))
+        port = placeholder.getsockname()[1]
+        ca = tmp_path / "ca.pem"
+        ca.write_bytes(FleetCA.generate("nowhere.fleet").cert_pem)
+        warnings: list[str] = []
+
+        async def body() -> Any:
+            push = agent_push(f"https://127.0.0.1:{port}", "t", ca, release_delay_s=0.0)
+            sink = push.sink(tmp_path, warnings.append)
+            sink.start()
+            for i in range(500):
+                sink.emit(sink.make(NoteEvent, message=f"n{i}"))
+            report = await sink.close(1.0)
+            await push.close()
+            return report
+
+        report = asyncio.run(body())
+    assert report.delivered == 0 and not report.complete
+    unreachable = [w for w in warnings if w.startswith("cannot reach the access point")]
+    assert len(unreachable) == 1, warnings
+    assert any("500 of 500 events" in w for w in warnings), warnings
+    assert report.local_copy is not None
+    assert len(report.local_copy.read_text().splitlines()) == 500
+
+
+def test_an_agent_sink_with_a_refused_token_warns_once_and_the_others_go_on(
+    real_fleet: RealFleet, tmp_path: Path
+) -> None:
+    fleet = real_fleet.fleet
+    reader = fleet.signer.issue_user("reader", scopes=["read-logs"])
+    warnings: list[str] = []
+
+    async def body() -> None:
+        push = agent_push(fleet.api_url, reader, fleet.ca_path, release_delay_s=0.0)
+        sink = push.sink(tmp_path, warnings.append)
+        sink.start("s-agent-refused-1")
+        for i in range(20):
+            sink.emit(sink.make(NoteEvent, message=f"n{i}"))
+        report = await sink.close(5.0)
+        assert report.delivered == 0 and "403" in (report.error or ""), report
+        await push.close()
+
+    asyncio.run(body())
+    assert sum("refused the session events" in w for w in warnings) == 1, warnings
+
+
+def test_the_agent_s_connection_is_made_again_after_the_access_point_restarted(
+    private_ap: PrivateAp, cli: Cli, tmp_path: Path
+) -> None:
+    from ah_access_pointd.state import load_state
+
+    ap = private_ap
+    token = load_state(ap.state_dir).signer.issue_user("lead", scopes=["exec", "read-logs"])
+    warnings: list[str] = []
+    done: list[str] = []
+
+    async def run_once(push: AgentEventPush, word: str) -> None:
+        sink = push.sink(tmp_path, warnings.append)
+        done.append(sink.start())
+        for i in range(30):
+            sink.emit(sink.make(NoteEvent, message=f"{word} {i}"))
+        report = await sink.close(20.0)
+        assert report.complete, (report, warnings)
+
+    async def body() -> None:
+        push = agent_push(ap.api_url, token, ap.ca_path, release_delay_s=3600.0)
+        await run_once(push, "before")
+        # Restarted between two runs, on the same ports.
+        assert await asyncio.to_thread(ap.process.terminate, 10) == 0
+        await asyncio.to_thread(ap.serve, True)
+        await run_once(push, "after")
+        await run_once(push, "later")
+        assert push.connections == 2, push.connection.status.history if push.connection else None
+        await push.close()
+
+    asyncio.run(body())
+    env = {"AH_REMOTE_SERVER": ap.api_url, "AH_TOKEN": token, "AH_CA_FILE": str(ap.ca_path)}
+    for session_id, word in zip(done, ["before", "after", "later"], strict=True):
+        got = read_back(cli, session_id, env)
+        assert [e["message"] for e in got] == [f"{word} {i}" for i in range(30)]
+        assert [e["seq"] for e in got] == list(range(1, 31))

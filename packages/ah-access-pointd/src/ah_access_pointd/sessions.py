@@ -10,6 +10,7 @@ before a history read can never miss an event committed after it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection, Sequence
 from typing import Protocol
 
@@ -17,7 +18,7 @@ import msgspec
 from loguru import logger
 
 from ah_api import EventHub, PushEndpoint, SessionSummary, StoredEvent, Subscription
-from ah_connectivity import TokenError, TokenVerifier
+from ah_connectivity import TokenError, TokenVerifier, UserClaims
 from ah_connectivity.leader_push import LEADER_ALPN, PushGrant, PushRefusedError
 from ah_domain_types import Event, FollowerStatus, PushRefusal, SessionInfo
 
@@ -26,6 +27,10 @@ from .events_store import EventStore, EventStoreError
 __all__ = ["FollowerSource", "SessionService"]
 
 _log = logger.bind(component="ah-access-pointd.sessions")
+
+_VERIFIED_TOKENS = 64
+"""Push tokens whose verification is remembered (a leader agent opens one push stream per
+run, all with the same token)."""
 
 
 class FollowerSource(Protocol):
@@ -52,12 +57,15 @@ class SessionService:
         self.push_host: str | None = None
         self.push_port: int | None = None
         """Where leaders push; set once the QUIC listener is up."""
+        self._verified: dict[str, UserClaims] = {}
+        """Token → its claims, for tokens that verified with scope ``exec`` (until they
+        expire): the signature check is most of the cost of opening a push stream."""
 
     # -- PushIngest ------------------------------------------------------------------------
 
     def open_push(self, token: str, session_id: str, producer: str) -> PushGrant:
         try:
-            claims = self.verifier.verify_user(token, required_scope="exec")
+            claims = self._verify_exec(token)
         except TokenError as exc:
             code = (
                 PushRefusal.FORBIDDEN if exc.reason == "missing-scope" else PushRefusal.UNAUTHENTICATED
@@ -75,6 +83,18 @@ class SessionService:
             acked_lseq=acked,
             last_seq=last_seq,
         )
+
+    def _verify_exec(self, token: str) -> UserClaims:
+        """`TokenVerifier.verify_user` with scope ``exec``, remembered for the same token
+        string until it expires (the verification of a given token can only change with
+        time)."""
+        claims = self._verified.pop(token, None)
+        if claims is None or time.time() >= claims.exp:
+            claims = self.verifier.verify_user(token, required_scope="exec")
+        self._verified[token] = claims  # most recently used last
+        while len(self._verified) > _VERIFIED_TOKENS:
+            del self._verified[next(iter(self._verified))]
+        return claims
 
     def append_events(
         self, grant: PushGrant, first_lseq: int, events: Sequence[Event]

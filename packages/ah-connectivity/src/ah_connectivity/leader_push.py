@@ -20,6 +20,11 @@ leader finishes it; a stream that fails (bad frame, refused token, storage error
 
 The leader verifies the access point like a follower does: chain against the fleet CA during
 the handshake, then the SPIFFE ID ``spiffe://<td>/ah/serve``.
+
+On the leader, `LeaderPushConnection` is one such connection carrying any number of sessions
+(`LeaderPushSession`, one stream at a time each; the protocol of a session is the pure
+`push_core.PushSession`), kept up between sessions and made again when lost;
+`LeaderPushClient` is the one-session form of it.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import datetime as dt
 import secrets
 import socket
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -54,6 +59,7 @@ from ah_connectivity.push_core import (
     PushProtocolError,
     PushReceiver,
     PushSender,
+    PushSession,
     SendPush,
     StoreEvents,
 )
@@ -67,12 +73,10 @@ from ah_connectivity.quic import (
 from ah_domain_types import (
     PUSH_PROTOCOL_VERSION,
     Event,
-    PushAck,
     PushHello,
     PushMessage,
     PushRefusal,
     PushRefused,
-    PushWelcome,
     validate_session_id,
 )
 
@@ -82,6 +86,9 @@ __all__ = [
     "LEADER_MAX_BATCH_EVENTS",
     "ControlAndPushServer",
     "LeaderPushClient",
+    "LeaderPushConnection",
+    "LeaderPushSession",
+    "PushConnectionStatus",
     "PushGrant",
     "PushIngest",
     "PushRefusedError",
@@ -190,6 +197,8 @@ class _PushConnection:
         self.authenticated = False
         self._hello_timer: asyncio.TimerHandle | None = None
         self._refused_ids: set[int] = set()
+        self._finished_ids: set[int] = set()
+        """Streams we finished while the leader's side is still open."""
         # A leader streams batches of many packets: ACK them once per read burst.
         proto.coalesce_transmit = True
 
@@ -212,6 +221,7 @@ class _PushConnection:
         elif isinstance(event, events.StreamDataReceived):
             self._on_data(event.stream_id, event.data, event.end_stream)
         elif isinstance(event, events.StreamReset):
+            self._finished_ids.discard(event.stream_id)
             stream = self.streams.pop(event.stream_id, None)
             if stream is not None:
                 _log.info(
@@ -222,6 +232,7 @@ class _PushConnection:
                 self._hello_timer.cancel()
                 self._hello_timer = None
             self.streams.clear()
+            self._finished_ids.clear()
 
     def _hello_timeout(self) -> None:
         self._hello_timer = None
@@ -236,6 +247,11 @@ class _PushConnection:
         stream = self.streams.get(sid)
         if stream is None:
             if sid in self._refused_ids:
+                return
+            if sid in self._finished_ids:
+                # We finished (or refused) it; what the leader sent meanwhile is moot.
+                if end:
+                    self._finished_ids.discard(sid)
                 return
             client_bidi = sid & 1 == 0 and sid & 2 == 0
             if not client_bidi:
@@ -307,11 +323,13 @@ class _PushConnection:
                 PushRefusal.INTERNAL, f"cannot open session {hello.session_id!r}: {type(exc).__name__}"
             )
         stream.grant = grant
+        # Said once per connection; a leader agent opens a stream per run on it.
+        log = _log.debug if self.authenticated else _log.info
         self.authenticated = True
         if self._hello_timer is not None:
             self._hello_timer.cancel()
             self._hello_timer = None
-        _log.info(
+        log(
             "{}: {!r} pushes session {!r} as producer {} (stored up to lseq {})",
             self.label,
             grant.subject,
@@ -356,6 +374,8 @@ class _PushConnection:
             return
         stream.finished = True
         self.streams.pop(stream.sid, None)
+        if not stream.receiver.leader_finished:
+            self._finished_ids.add(stream.sid)
         if not self.proto.is_terminated:
             with contextlib.suppress(RuntimeError, ValueError):
                 self.proto._quic.send_stream_data(stream.sid, b"", end_stream=True)
@@ -532,20 +552,40 @@ def _read_datagrams_in_batches(transport: asyncio.DatagramTransport) -> None:
 
 @dataclass
 class PushStatus:
-    """What the leader's client knows about its push, for callers that report it."""
+    """What the leader knows about one session's push, for callers that report it."""
 
     connected: bool = False
+    """A stream carries the session and the access point welcomed it."""
     attempts: int = 0
-    """Connection attempts so far."""
+    """Streams opened for this session (each starts with its PushHello)."""
     sessions: int = 0
-    """Connections that got a PushWelcome."""
+    """Streams that got a PushWelcome."""
     last_error: str | None = None
     refused: PushRefused | None = None
     """Set when the access point refused the push for good (token, scope, protocol)."""
     acked_lseq: int = 0
     last_seq: int = 0
     history: list[str] = field(default_factory=list)
-    """One line per connection change, oldest first (bounded)."""
+    """One line per change, oldest first (bounded)."""
+
+    def note(self, line: str) -> None:
+        self.history.append(line)
+        del self.history[:-50]
+
+
+@dataclass
+class PushConnectionStatus:
+    """What the leader knows about its QUIC connection to the access point."""
+
+    connected: bool = False
+    attempts: int = 0
+    """Connection attempts so far."""
+    connections: int = 0
+    """Connections established (handshake done, access point verified)."""
+    streams: int = 0
+    """Push streams opened over all connections (one per session and connection)."""
+    last_error: str | None = None
+    history: list[str] = field(default_factory=list)
 
     def note(self, line: str) -> None:
         self.history.append(line)
@@ -553,20 +593,17 @@ class PushStatus:
 
 
 class _PushClientProtocol(QuicConnectionProtocol):
+    """The leader's QUIC connection: hands each stream's data to `LeaderPushConnection`."""
+
     def __init__(
         self,
         quic: QuicConnection,
         stream_handler: QuicStreamHandler | None = None,
         *,
-        on_message: Callable[[PushMessage], None],
-        on_stream_end: Callable[[str], None],
-        max_frame_size: int,
+        owner: LeaderPushConnection,
     ) -> None:
         super().__init__(quic, stream_handler)
-        self.on_message = on_message
-        self.on_stream_end = on_stream_end
-        self.stream_id: int | None = None
-        self.decoder = FrameDecoder[PushMessage](PushMessage, max_frame_size)
+        self.owner = owner
         self.termination: events.ConnectionTerminated | None = None
         self.done: asyncio.Future[str] = self._loop.create_future()
 
@@ -574,41 +611,32 @@ class _PushClientProtocol(QuicConnectionProtocol):
         if not self.done.done():
             self.done.set_result(reason)
 
-    def send(self, message: PushMessage, *, end: bool = False) -> None:
-        if self.stream_id is None or self.termination is not None:
-            return
+    def send(self, sid: int, message: PushMessage) -> bool:
+        if self.termination is not None:
+            return False
         try:
-            self._quic.send_stream_data(self.stream_id, encode_frame(message), end_stream=end)
+            self._quic.send_stream_data(sid, encode_frame(message))
         except (RuntimeError, ValueError) as exc:
-            self.end(f"cannot write to the push stream: {exc}")
-            return
+            self.end(f"cannot write to push stream {sid}: {exc}")
+            return False
         # The access point's PushAcks are acknowledged in the packets of the next batch.
         _ack_with_next_packet(self._quic, self._loop.time())
         self._transmit_soon()
+        return True
 
-    def finish(self) -> None:
-        if self.stream_id is None or self.termination is not None:
+    def finish(self, sid: int) -> None:
+        if self.termination is not None:
             return
-        with contextlib.suppress(RuntimeError, ValueError):
-            self._quic.send_stream_data(self.stream_id, b"", end_stream=True)
+        with contextlib.suppress(RuntimeError, ValueError):  # already finished
+            self._quic.send_stream_data(sid, b"", end_stream=True)
         self._transmit_soon()
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
         try:
-            if isinstance(event, events.StreamDataReceived) and event.stream_id == self.stream_id:
-                try:
-                    messages = self.decoder.feed(event.data)
-                except FrameError as exc:
-                    for message in exc.messages:
-                        self.on_message(message)
-                    self.end(f"bad frame from the access point: {exc.message}")
-                    return
-                for message in messages:
-                    self.on_message(message)
-                if event.end_stream:
-                    self.on_stream_end("access point finished the push stream")
-            elif isinstance(event, events.StreamReset) and event.stream_id == self.stream_id:
-                self.on_stream_end(f"access point reset the push stream (code {event.error_code})")
+            if isinstance(event, events.StreamDataReceived):
+                self.owner._on_stream_data(event.stream_id, event.data, event.end_stream)
+            elif isinstance(event, events.StreamReset):
+                self.owner._on_stream_reset(event.stream_id, event.error_code)
             elif isinstance(event, events.ConnectionTerminated):
                 self.termination = event
                 self.end(
@@ -624,83 +652,78 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-class LeaderPushClient:
-    """Pushes one session's events to the access point, reconnecting as needed.
+@dataclass(eq=False)
+class _LeaderStream:
+    sid: int
+    session: LeaderPushSession
+    decoder: FrameDecoder[PushMessage]
+    answer_timer: asyncio.TimerHandle | None = None
+    finished: bool = False
+    """We finished our side (the session is closing and every event is sent)."""
 
-    Everything runs on one event loop: call `emit` (never blocks: the event is queued) and
-    await `run`, `flush` and `stop` there. Events are delivered exactly once and in order as
-    long as the process lives (the access point skips resent events by lseq). A refusal of
-    the token or scope ends `run` (see `status.refused`); network failures are retried with
-    backoff forever.
-    """
+
+class LeaderPushSession:
+    """One session's events on a `LeaderPushConnection` (see
+    `LeaderPushConnection.open_session`): `emit` never blocks (the event is queued), and the
+    events reach the access point exactly once and in order while the session is open,
+    across lost streams and connections. Use it on the connection's event loop."""
 
     def __init__(
         self,
+        connection: LeaderPushConnection,
+        core: PushSession,
         *,
-        host: str,
-        port: int,
-        ca: FleetCA | x509.Certificate | str | bytes,
-        trust_domain: str,
-        token: str,
-        session_id: str,
-        producer: str | None = None,
-        client_version: str = "",
-        sender: PushSender | None = None,
-        backoff: Backoff | None = None,
-        connect_timeout_s: float = 10.0,
-        idle_timeout_s: float = 60.0,
-        ping_interval_s: float = 15.0,
-        server_name: str | None = None,
-        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
-        on_ack: Callable[[AckedRange], None] | None = None,
-        on_status: Callable[[PushStatus], None] | None = None,
-        linger_s: float | None = None,
+        linger_s: float,
+        on_ack: Callable[[AckedRange], None] | None,
+        on_status: Callable[[PushStatus], None] | None,
+        backoff: Backoff,
     ) -> None:
-        """``linger_s``: see `LEADER_LINGER_S` (the default); 0 sends on the next loop turn."""
-        validate_session_id(session_id)
-        self.host = host
-        self.port = port
-        self.ca_cert = _ca_cert(ca)
-        self.trust_domain = trust_domain
-        self.token = token
-        self.session_id = session_id
-        self.producer = producer or new_producer_id()
-        self.client_version = client_version
-        self.sender = sender or PushSender(
-            max_batch_events=LEADER_MAX_BATCH_EVENTS,
-            max_in_flight_batches=LEADER_MAX_BATCHES_IN_FLIGHT,
-        )
-        self.backoff = backoff or Backoff(base_s=0.2, cap_s=5.0)
-        self.connect_timeout_s = connect_timeout_s
-        self.idle_timeout_s = idle_timeout_s
-        self.ping_interval_s = ping_interval_s
-        self.server_name = server_name
-        self.max_frame_size = max_frame_size
+        self.connection = connection
+        self.core = core
+        self.session_id = core.hello.session_id
+        self.producer = core.hello.producer
+        self.linger_s = linger_s
         self.on_ack = on_ack
         self.on_status = on_status
-        self.linger_s = LEADER_LINGER_S if linger_s is None else linger_s
+        self.backoff = backoff
         self.status = PushStatus()
-        self._proto: _PushClientProtocol | None = None
+        self.closed = False
+        """`finish` was called: the session left its connection."""
+        self.closing = False
+        """`close` was called: no more events; each stream is finished after its last
+        batch."""
+        self._stream: _LeaderStream | None = None
         self._pump_handle: asyncio.Handle | None = None
-        self._stopping = asyncio.Event()
+        self._retry_handle: asyncio.TimerHandle | None = None
         self._changed = asyncio.Event()
-        self._running = False
 
-    # -- public ----------------------------------------------------------------------------
+    @property
+    def sender(self) -> PushSender:
+        return self.core.sender
+
+    @property
+    def connected(self) -> bool:
+        return self.status.connected
+
+    @property
+    def done(self) -> bool:
+        """Refused for good, or finished: no stream will carry it again."""
+        return self.closed or self.status.refused is not None
 
     def emit(self, event: Event) -> int:
         """Queue ``event`` (its ``seq``/``tsMs`` are assigned by the access point); returns
-        its lseq. Sent ``linger_s`` later when connected (at once when a full batch is
-        waiting), together with every other event emitted until then (one batch, one ack),
-        or when the batch window has room again (see `PushSender.max_in_flight_batches`).
+        its lseq. Sent ``linger_s`` later when the stream is open (at once when a full batch
+        is waiting), together with every other event emitted until then (one batch, one
+        ack), or when the batch window has room again (see
+        `PushSender.max_in_flight_batches`).
 
         The event's session id travels as "" (the push stream's session, which the access
         point sets on every stored event): 14% fewer bytes and packets for a log line."""
         if event.session_id == self.session_id:
             event = msgspec.structs.replace(event, session_id="")
-        sender = self.sender
+        sender = self.core.sender
         lseq = sender.emit(event)
-        if self._proto is None:
+        if not self.core.sending:
             return lseq
         handle = self._pump_handle
         if sender.unacked - sender.in_flight >= sender.max_batch_events:
@@ -717,21 +740,223 @@ class LeaderPushClient:
             )
         return lseq
 
+    async def wait_for(
+        self, predicate: Callable[[LeaderPushSession], bool], timeout: float | None
+    ) -> None:
+        """Until ``predicate(self)`` holds (checked on every change); TimeoutError after
+        ``timeout``."""
+        async with asyncio.timeout(timeout):
+            while not predicate(self):
+                await self._changed.wait()
+
+    async def flush(self, timeout: float) -> bool:
+        """Wait until every emitted event is acknowledged (True), or the session was refused
+        or finished or ``timeout`` passed (False)."""
+        try:
+            await self.wait_for(lambda s: s.sender.all_acked or s.done, timeout)
+        except TimeoutError:
+            return False
+        return self.sender.all_acked
+
+    async def close(self, timeout: float) -> bool:
+        """No more events: the stream is finished right behind the last batch (so the access
+        point answers the last ack and its own end together); `flush` (at most
+        ``timeout``), then `finish`. True when every event got through."""
+        self.closing = True
+        if self._pump_handle is not None:
+            self._pump_handle.cancel()
+            self._pump_handle = None
+        self._pump()
+        delivered = await self.flush(timeout) if timeout > 0 else self.sender.all_acked
+        self.finish()
+        return delivered
+
+    def finish(self) -> None:
+        """End the session: its stream is finished and it leaves the connection (events not
+        acknowledged by now are not sent any more). The connection stays up."""
+        if self.closed:
+            return
+        self.closed = True
+        self.connection._session_finished(self)
+        self._notify()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
     def _scheduled_pump(self) -> None:
         self._pump_handle = None
         self._pump()
+
+    def _cancel_timers(self) -> None:
+        for handle in (self._pump_handle, self._retry_handle):
+            if handle is not None:
+                handle.cancel()
+        self._pump_handle = self._retry_handle = None
+
+    def _pump(self) -> None:
+        stream = self._stream
+        if stream is None:
+            return
+        for batch in self.core.batches():
+            if not self.connection._send(stream, batch):
+                return
+        if self.closing and not stream.finished and self.core.sending and self.sender.all_sent:
+            self.connection._finish_sending(stream)
+
+    def _set_connected(self, connected: bool, note: str) -> None:
+        status = self.status
+        if not connected:
+            status.last_error = note
+        if status.connected != connected:
+            status.connected = connected
+            status.note(("connected: " if connected else "disconnected: ") + note)
+            if self.on_status is not None:
+                try:
+                    self.on_status(status)
+                except Exception:
+                    _log.exception("push on_status callback failed")
+        self._notify()
+
+
+class LeaderPushConnection:
+    """The leader's one QUIC connection (``ah-leader/1``) to the access point, carrying any
+    number of push sessions, one stream each (`open_session`).
+
+    Await `run` on one event loop (it returns after `stop`): it connects when a session
+    needs it, verifies the access point (fleet CA chain, SPIFFE ID ``/ah/serve``), opens a
+    stream per open session (each starts with its ``PushHello``: after a reconnect, every
+    session resumes after the ``ackedLseq`` of its new ``PushWelcome``), pings while idle
+    and reconnects with backoff when the connection is lost. Between sessions the
+    connection stays up, so a session opened later pays no handshake; a connection lost
+    while no session is open is made again by the next one. A refusal ends only the session
+    it was for (for good when the token, scope or protocol was refused, see
+    `push_core.DEFINITIVE_REFUSALS`; otherwise its stream is opened again after a backoff).
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        ca: FleetCA | x509.Certificate | str | bytes,
+        trust_domain: str,
+        backoff: Backoff | None = None,
+        connect_timeout_s: float = 10.0,
+        answer_timeout_s: float = 10.0,
+        idle_timeout_s: float = 60.0,
+        ping_interval_s: float = 15.0,
+        server_name: str | None = None,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    ) -> None:
+        """``answer_timeout_s``: a stream whose ``PushHello`` gets no answer within this ends
+        the connection (an access point that restarted while the connection was idle does
+        not know it any more, and says nothing)."""
+        self.host = host
+        self.port = port
+        self.ca_cert = _ca_cert(ca)
+        self.trust_domain = trust_domain
+        self.backoff = backoff or Backoff(base_s=0.2, cap_s=5.0)
+        self.connect_timeout_s = connect_timeout_s
+        self.answer_timeout_s = answer_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.ping_interval_s = ping_interval_s
+        self.server_name = server_name
+        self.max_frame_size = max_frame_size
+        self.status = PushConnectionStatus()
+        self._sessions: dict[LeaderPushSession, None] = {}
+        """Open sessions (not finished, not refused), oldest first."""
+        self._streams: dict[int, _LeaderStream] = {}
+        self._proto: _PushClientProtocol | None = None
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._running = False
+        self._changed = asyncio.Event()
+
+    # -- public ----------------------------------------------------------------------------
 
     @property
     def connected(self) -> bool:
         return self.status.connected
 
+    @property
+    def sessions(self) -> list[LeaderPushSession]:
+        """The open sessions, oldest first."""
+        return list(self._sessions)
+
+    def open_session(
+        self,
+        *,
+        token: str,
+        session_id: str,
+        producer: str | None = None,
+        client_version: str = "",
+        sender: PushSender | None = None,
+        linger_s: float | None = None,
+        on_ack: Callable[[AckedRange], None] | None = None,
+        on_status: Callable[[PushStatus], None] | None = None,
+        backoff: Backoff | None = None,
+        events: Iterable[Event] = (),
+        closing: bool = False,
+    ) -> LeaderPushSession:
+        """A new session on this connection (``token``: bearer token with scope ``exec``);
+        its stream opens at once when connected, else when the connection is made.
+
+        ``linger_s``: see `LEADER_LINGER_S` (the default); 0 sends on the next loop turn.
+        ``backoff``: before a refused (not for good) stream of this session is opened
+        again. ``events``: emitted before the stream opens (they go right behind its hello);
+        ``closing``: no more will come (the stream is finished behind them, see
+        `LeaderPushSession.close`)."""
+        if self._stopping:
+            raise RuntimeError("LeaderPushConnection is stopped")
+        validate_session_id(session_id)
+        hello = PushHello(
+            token=token,
+            session_id=session_id,
+            producer=producer or new_producer_id(),
+            protocol_version=PUSH_PROTOCOL_VERSION,
+            client_version=client_version,
+        )
+        core = PushSession(
+            hello,
+            sender
+            or PushSender(
+                max_batch_events=LEADER_MAX_BATCH_EVENTS,
+                max_in_flight_batches=LEADER_MAX_BATCHES_IN_FLIGHT,
+            ),
+        )
+        session = LeaderPushSession(
+            self,
+            core,
+            linger_s=LEADER_LINGER_S if linger_s is None else linger_s,
+            on_ack=on_ack,
+            on_status=on_status,
+            backoff=backoff or Backoff(base_s=self.backoff.base_s, cap_s=self.backoff.cap_s),
+        )
+        for event in events:
+            session.emit(event)
+        session.closing = closing
+        self._sessions[session] = None
+        if self._proto is not None:
+            self._start_stream(session)
+        else:
+            self._wake.set()
+        return session
+
     async def run(self) -> None:
-        """Stay connected until `stop()` or a definitive refusal."""
+        """Keep the sessions connected until `stop()`."""
         if self._running:
-            raise RuntimeError("LeaderPushClient.run is already running")
+            raise RuntimeError("LeaderPushConnection.run is already running")
         self._running = True
         try:
-            while not self._stopping.is_set() and self.status.refused is None:
+            while not self._stopping:
+                if not self._sessions:
+                    # Connected lazily: by the first session, and after a loss by the next.
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
                 self.status.attempts += 1
                 try:
                     reason = await self._run_once()
@@ -739,11 +964,13 @@ class LeaderPushClient:
                     raise
                 except Exception as exc:
                     reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                self.sender.on_disconnect()
-                self._set_connected(False, reason)
-                if self._stopping.is_set() or self.status.refused is not None:
+                self._connection_lost(reason)
+                if self._stopping:
                     break
                 self.status.last_error = reason
+                if not self._sessions:
+                    _log.info("push connection to {}:{} ended: {}", self.host, self.port, reason)
+                    continue
                 delay = self.backoff.next_delay()
                 _log.info(
                     "push connection to {}:{} ended: {}; retrying in {:.2f} s",
@@ -752,34 +979,31 @@ class LeaderPushClient:
                     reason,
                     delay,
                 )
+                self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
-                        await self._stopping.wait()
+                        while not self._stopping:
+                            await self._wake.wait()
+                            self._wake.clear()
         finally:
             self._running = False
             self._notify()
 
-    async def wait_for(self, predicate: Callable[[LeaderPushClient], bool], timeout: float) -> None:
-        """Until ``predicate(self)`` holds (checked on every change); TimeoutError after
-        ``timeout``."""
+    async def wait_for(
+        self, predicate: Callable[[LeaderPushConnection], bool], timeout: float | None
+    ) -> None:
+        """Until ``predicate(self)`` holds (checked on every connection change);
+        TimeoutError after ``timeout``."""
         async with asyncio.timeout(timeout):
             while not predicate(self):
                 await self._changed.wait()
 
-    async def flush(self, timeout: float) -> bool:
-        """Wait until every emitted event is acknowledged (True), or the push was refused or
-        ``timeout`` passed (False)."""
-        try:
-            await self.wait_for(
-                lambda c: c.sender.all_acked or c.status.refused is not None, timeout
-            )
-        except TimeoutError:
-            return False
-        return self.sender.all_acked
-
     async def stop(self, timeout: float = 5.0) -> None:
-        """Finish the push stream and close; `run` returns."""
-        self._stopping.set()
+        """Finish every session's stream and close the connection; `run` returns."""
+        self._stopping = True
+        self._wake.set()
+        for session in list(self._sessions):
+            session.finish()
         proto = self._proto
         if proto is not None:
             proto.end("leader closing")
@@ -787,7 +1011,182 @@ class LeaderPushClient:
             with contextlib.suppress(TimeoutError):
                 await self.wait_for(lambda c: not c._running, timeout)
 
-    # -- internals -------------------------------------------------------------------------
+    # -- streams ---------------------------------------------------------------------------
+
+    def _start_stream(self, session: LeaderPushSession) -> None:
+        proto = self._proto
+        if proto is None or session.done or session._stream is not None:
+            return
+        if session._retry_handle is not None:
+            session._retry_handle.cancel()
+            session._retry_handle = None
+        hello = session.core.stream_opened()
+        stream = _LeaderStream(
+            proto._quic.get_next_available_stream_id(),
+            session,
+            FrameDecoder[PushMessage](PushMessage, self.max_frame_size),
+        )
+        self._streams[stream.sid] = stream
+        session._stream = stream
+        session.status.attempts += 1
+        self.status.streams += 1
+        if self._send(stream, hello):
+            stream.answer_timer = proto._loop.call_later(
+                self.answer_timeout_s, self._no_answer, stream
+            )
+            session._pump()  # the first stream's batches go right behind the hello
+
+    def _send(self, stream: _LeaderStream, message: PushMessage) -> bool:
+        proto = self._proto
+        return proto is not None and proto.send(stream.sid, message)
+
+    def _finish_sending(self, stream: _LeaderStream) -> None:
+        stream.finished = True
+        if self._proto is not None:
+            self._proto.finish(stream.sid)
+
+    def _no_answer(self, stream: _LeaderStream) -> None:
+        stream.answer_timer = None
+        proto = self._proto
+        if proto is not None and self._streams.get(stream.sid) is stream:
+            proto.end(
+                f"no answer to the pushHello of session {stream.session.session_id} within "
+                f"{self.answer_timeout_s:g} s"
+            )
+
+    def _on_stream_data(self, sid: int, data: bytes, end: bool) -> None:
+        stream = self._streams.get(sid)
+        if stream is None:
+            return  # a stream that is over (its session finished or was refused)
+        error: FrameError | None = None
+        try:
+            messages = stream.decoder.feed(data)
+        except FrameError as exc:
+            messages, error = exc.messages, exc
+        for message in messages:
+            self._on_message(stream, message)
+            if self._streams.get(sid) is not stream:
+                return
+        if error is not None:
+            self._end_stream(stream, f"bad frame from the access point: {error.message}")
+        elif end:
+            session = stream.session
+            if stream.finished and session.sender.all_acked:
+                # The normal end of a closing session: both sides are finished.
+                self._streams.pop(sid, None)
+                session._stream = None
+                session.core.stream_ended()
+                return
+            self._end_stream(stream, "access point finished the push stream")
+
+    def _on_stream_reset(self, sid: int, code: int) -> None:
+        stream = self._streams.get(sid)
+        if stream is not None:
+            self._end_stream(stream, f"access point reset the push stream (code {code})")
+
+    def _on_message(self, stream: _LeaderStream, message: PushMessage) -> None:
+        session = stream.session
+        try:
+            update = session.core.receive(message)
+        except PushProtocolError as exc:
+            _log.error("push protocol error with {}:{}: {}", self.host, self.port, exc)
+            self._end_stream(stream, f"protocol error: {exc}")
+            return
+        status = session.status
+        status.acked_lseq = session.sender.acked_lseq
+        status.last_seq = session.core.last_seq
+        if update.welcome is not None:
+            if stream.answer_timer is not None:
+                stream.answer_timer.cancel()
+                stream.answer_timer = None
+            status.sessions += 1
+            self.backoff.reset()
+            session.backoff.reset()
+            session._set_connected(
+                True,
+                f"{self.host}:{self.port} session {session.session_id} "
+                f"(resending after lseq {update.welcome.acked_lseq})",
+            )
+            session._pump()
+        elif update.acked is not None:
+            if session.on_ack is not None and update.acked.count:
+                session.on_ack(update.acked)
+            session._notify()
+            session._pump()
+        elif update.refused is not None:
+            refused = update.refused
+            reason = f"refused ({refused.code.value}): {refused.message}"
+            if session.core.refused is not None:
+                status.refused = refused
+                _log.error(
+                    "access point {}:{} refused the event push of session {} ({}): {}",
+                    self.host,
+                    self.port,
+                    session.session_id,
+                    refused.code.value,
+                    refused.message,
+                )
+                self._sessions.pop(session, None)
+            self._end_stream(stream, reason)
+
+    def _end_stream(self, stream: _LeaderStream, reason: str) -> None:
+        """The stream is over (the connection stays): finish our side, and open a new one
+        for its session after a backoff unless the session is done."""
+        if self._streams.pop(stream.sid, None) is None:
+            return
+        if stream.answer_timer is not None:
+            stream.answer_timer.cancel()
+            stream.answer_timer = None
+        session = stream.session
+        session._stream = None
+        session.core.stream_ended()
+        session._cancel_timers()
+        if self._proto is not None and not stream.finished:
+            self._proto.finish(stream.sid)  # both sides finished: QUIC forgets the stream
+        session._set_connected(False, reason)
+        if not session.done and self._proto is not None:
+            delay = session.backoff.next_delay()
+            _log.info(
+                "push stream of session {} ended: {}; opening another in {:.2f} s",
+                session.session_id,
+                reason,
+                delay,
+            )
+            loop = self._proto._loop
+            session._retry_handle = loop.call_later(delay, self._start_stream, session)
+
+    def _session_finished(self, session: LeaderPushSession) -> None:
+        self._sessions.pop(session, None)
+        session._cancel_timers()
+        stream = session._stream
+        if stream is not None:
+            self._streams.pop(stream.sid, None)
+            if stream.answer_timer is not None:
+                stream.answer_timer.cancel()
+            session._stream = None
+            if self._proto is not None and not stream.finished:
+                self._proto.finish(stream.sid)
+        session.core.stream_ended()
+        if session.status.connected:  # not a loss: no on_status, no last_error
+            session.status.connected = False
+            session.status.note("finished")
+
+    def _connection_lost(self, reason: str) -> None:
+        for stream in list(self._streams.values()):
+            if stream.answer_timer is not None:
+                stream.answer_timer.cancel()
+            session = stream.session
+            session._stream = None
+            session.core.stream_ended()
+            session._cancel_timers()
+            session._set_connected(False, reason)
+        self._streams.clear()
+        for session in self._sessions:  # those waiting for a retry: the new connection opens
+            session._cancel_timers()  # a stream for every open session
+            session.status.last_error = reason
+        self._set_connected(False, reason)
+
+    # -- the connection --------------------------------------------------------------------
 
     def _notify(self) -> None:
         self._changed.set()
@@ -797,73 +1196,7 @@ class LeaderPushClient:
         if self.status.connected != connected:
             self.status.connected = connected
             self.status.note(("connected: " if connected else "disconnected: ") + note)
-            if self.on_status is not None:
-                try:
-                    self.on_status(self.status)
-                except Exception:
-                    _log.exception("push on_status callback failed")
         self._notify()
-
-    def _pump(self) -> None:
-        proto = self._proto
-        if proto is None or not self.sender.connected:
-            return
-        while True:
-            batch = self.sender.next_batch()
-            if batch is None:
-                return
-            proto.send(batch)
-
-    def _on_message(self, message: PushMessage) -> None:
-        proto = self._proto
-        try:
-            if isinstance(message, PushWelcome):
-                self.sender.on_welcome(message)
-                self.status.sessions += 1
-                self.status.acked_lseq = self.sender.acked_lseq
-                self.status.last_seq = message.last_seq
-                self.backoff.reset()
-                self._set_connected(
-                    True,
-                    f"{self.host}:{self.port} session {self.session_id} "
-                    f"(resending after lseq {message.acked_lseq})",
-                )
-                self._pump()
-            elif isinstance(message, PushAck):
-                acked = self.sender.on_ack(message)
-                self.status.acked_lseq = self.sender.acked_lseq
-                if message.last_seq:
-                    self.status.last_seq = message.last_seq
-                if self.on_ack is not None and acked.count:
-                    self.on_ack(acked)
-                self._notify()
-                self._pump()
-            elif isinstance(message, PushRefused):
-                if message.code in (
-                    PushRefusal.UNAUTHENTICATED,
-                    PushRefusal.FORBIDDEN,
-                    PushRefusal.INVALID,
-                ):
-                    self.status.refused = message
-                    _log.error(
-                        "access point {}:{} refused the event push ({}): {}",
-                        self.host,
-                        self.port,
-                        message.code.value,
-                        message.message,
-                    )
-                if proto is not None:
-                    proto.end(f"refused ({message.code.value}): {message.message}")
-            else:
-                raise PushProtocolError(f"unexpected {type(message).__name__} from the access point")
-        except PushProtocolError as exc:
-            _log.error("push protocol error with {}:{}: {}", self.host, self.port, exc)
-            if proto is not None:
-                proto.end(f"protocol error: {exc}")
-
-    def _on_stream_end(self, reason: str) -> None:
-        if self._proto is not None:
-            self._proto.end(reason)
 
     def _configuration(self) -> QuicConfiguration:
         config = QuicConfiguration(
@@ -887,12 +1220,7 @@ class LeaderPushClient:
         local: tuple[str, int] = ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)
         quic = QuicConnection(configuration=self._configuration())
         transport, proto = await loop.create_datagram_endpoint(
-            lambda: _PushClientProtocol(
-                quic,
-                on_message=self._on_message,
-                on_stream_end=self._on_stream_end,
-                max_frame_size=self.max_frame_size,
-            ),
+            lambda: _PushClientProtocol(quic, owner=self),
             local_addr=local,
             family=family,
         )
@@ -928,26 +1256,17 @@ class LeaderPushClient:
                 raise PeerVerificationError(
                     f"access point {self.host}:{self.port} refused: {exc}"
                 ) from None
-            proto.stream_id = quic.get_next_available_stream_id()
             self._proto = proto
-            proto.send(
-                PushHello(
-                    token=self.token,
-                    session_id=self.session_id,
-                    producer=self.producer,
-                    protocol_version=PUSH_PROTOCOL_VERSION,
-                    client_version=self.client_version,
-                )
-            )
+            self.status.connections += 1
+            self._set_connected(True, f"{self.host}:{self.port}")
+            for session in list(self._sessions):
+                self._start_stream(session)
             ping_task = asyncio.ensure_future(self._keepalive(proto))
-            stop_wait = asyncio.ensure_future(self._stopping.wait())
-            try:
-                waiters: set[asyncio.Future[Any]] = {proto.done, stop_wait}
-                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stop_wait.cancel()
-            if self._stopping.is_set() and proto.termination is None:
-                proto.finish()
+            if not self._stopping:
+                await proto.done
+            if self._stopping and proto.termination is None:
+                for sid in list(self._streams):
+                    proto.finish(sid)
             return proto.done.result() if proto.done.done() else "stopped"
         finally:
             self._proto = None
@@ -966,8 +1285,8 @@ class LeaderPushClient:
             transport.close()
 
     async def _keepalive(self, proto: _PushClientProtocol) -> None:
-        """QUIC has no keep-alive of its own: a leader that is quiet for a while (a long
-        build) pings so the idle timeout does not close the connection under it."""
+        """QUIC has no keep-alive of its own: a connection that is quiet for a while (a long
+        build, or no run at all) pings so the idle timeout does not close it."""
         while True:
             await asyncio.sleep(self.ping_interval_s)
             if proto.termination is not None:
@@ -978,3 +1297,120 @@ class LeaderPushClient:
             except (TimeoutError, ConnectionError):
                 proto.end(f"no answer to a ping within {self.ping_interval_s:g} s")
                 return
+
+
+class LeaderPushClient:
+    """Pushes one session's events to the access point, reconnecting as needed: a
+    `LeaderPushConnection` of its own carrying this one session.
+
+    Everything runs on one event loop: call `emit` (never blocks: the event is queued) and
+    await `run`, `flush` and `stop` there. Events are delivered exactly once and in order as
+    long as the process lives (the access point skips resent events by lseq). A refusal of
+    the token or scope ends `run` (see `status.refused`); network failures are retried with
+    backoff forever.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        ca: FleetCA | x509.Certificate | str | bytes,
+        trust_domain: str,
+        token: str,
+        session_id: str,
+        producer: str | None = None,
+        client_version: str = "",
+        sender: PushSender | None = None,
+        backoff: Backoff | None = None,
+        connect_timeout_s: float = 10.0,
+        idle_timeout_s: float = 60.0,
+        ping_interval_s: float = 15.0,
+        server_name: str | None = None,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        on_ack: Callable[[AckedRange], None] | None = None,
+        on_status: Callable[[PushStatus], None] | None = None,
+        linger_s: float | None = None,
+    ) -> None:
+        """``linger_s``: see `LEADER_LINGER_S` (the default); 0 sends on the next loop turn."""
+        backoff = backoff or Backoff(base_s=0.2, cap_s=5.0)
+        self.connection = LeaderPushConnection(
+            host=host,
+            port=port,
+            ca=ca,
+            trust_domain=trust_domain,
+            backoff=backoff,
+            connect_timeout_s=connect_timeout_s,
+            idle_timeout_s=idle_timeout_s,
+            ping_interval_s=ping_interval_s,
+            server_name=server_name,
+            max_frame_size=max_frame_size,
+        )
+        self.session = self.connection.open_session(
+            token=token,
+            session_id=session_id,
+            producer=producer,
+            client_version=client_version,
+            sender=sender,
+            linger_s=linger_s,
+            on_ack=on_ack,
+            on_status=on_status,
+        )
+        self.host = host
+        self.port = port
+        self.session_id = session_id
+        self.producer = self.session.producer
+        self._running = False
+
+    @property
+    def sender(self) -> PushSender:
+        return self.session.sender
+
+    @property
+    def status(self) -> PushStatus:
+        return self.session.status
+
+    @property
+    def connected(self) -> bool:
+        return self.session.connected
+
+    def emit(self, event: Event) -> int:
+        """See `LeaderPushSession.emit`."""
+        return self.session.emit(event)
+
+    async def run(self) -> None:
+        """Stay connected until `stop()` or a definitive refusal."""
+        if self._running:
+            raise RuntimeError("LeaderPushClient.run is already running")
+        self._running = True
+        connection = asyncio.ensure_future(self.connection.run())
+        over = asyncio.ensure_future(self.session.wait_for(lambda s: s.done, None))
+        try:
+            await asyncio.wait({connection, over}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            over.cancel()
+            await self.connection.stop()
+            if not connection.done():
+                connection.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connection
+            self._running = False
+            self.session._notify()
+
+    async def wait_for(self, predicate: Callable[[LeaderPushClient], bool], timeout: float) -> None:
+        """Until ``predicate(self)`` holds (checked on every change); TimeoutError after
+        ``timeout``."""
+        await self.session.wait_for(lambda _: predicate(self), timeout)
+
+    async def flush(self, timeout: float) -> bool:
+        """Wait until every emitted event is acknowledged (True), or the push was refused or
+        ``timeout`` passed (False)."""
+        return await self.session.flush(timeout)
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Finish the push stream and close; `run` returns."""
+        self.session.finish()
+        await self.connection.stop(timeout)
+        if self._running:
+            with contextlib.suppress(TimeoutError):
+                await self.wait_for(lambda c: not c._running, timeout)

@@ -4,6 +4,12 @@
 batches under an in-flight window, drops what the access point acknowledged, and after a
 reconnect resends everything after the ``ackedLseq`` of the new `PushWelcome`.
 
+`PushSession` (leader, one per session) wraps a `PushSender` with the rest of the leader's side
+of the protocol: the ``PushHello`` that opens each stream the session is carried on, and
+what a ``PushWelcome`` / ``PushAck`` / ``PushRefused`` means for it (a refusal of the token,
+scope or protocol ends the session for good; any other ends only the stream, and the session
+goes on on a new one).
+
 `PushReceiver` (access point, one per push stream) checks the order of messages, asks its
 shell to authenticate the `PushHello` and to store the new part of each `PushBatch` (the part
 after what the producer already had stored: a resent prefix is skipped), and answers
@@ -38,6 +44,7 @@ from ah_domain_types import (
 __all__ = [
     "DEFAULT_MAX_BATCH_BYTES",
     "DEFAULT_MAX_BATCH_EVENTS",
+    "DEFINITIVE_REFUSALS",
     "AckedRange",
     "Authenticate",
     "ClosePush",
@@ -46,6 +53,8 @@ __all__ = [
     "PushReceiver",
     "PushReceiverPhase",
     "PushSender",
+    "PushSession",
+    "PushSessionUpdate",
     "SendPush",
     "StoreEvents",
 ]
@@ -122,6 +131,8 @@ class PushSender:
         self._sent = 0
         """Highest lseq sent on the current connection (== acked when nothing is in flight)."""
         self._connected = False
+        self._optimistic = False
+        """Sending on a stream whose welcome has not come yet (see `open_optimistic`)."""
         self._server_batch_limit = max_batch_events
 
     # -- facts -----------------------------------------------------------------------------
@@ -152,6 +163,11 @@ class PushSender:
         return not self._pending
 
     @property
+    def all_sent(self) -> bool:
+        """Every emitted event is on the current connection (sent, perhaps not acked)."""
+        return self._sent - self._acked >= len(self._pending)
+
+    @property
     def batches_in_flight(self) -> int:
         return len(self._batch_ends)
 
@@ -164,8 +180,31 @@ class PushSender:
         self._pending.append((lseq, event, len(_json.encode(event))))
         return lseq
 
+    def open_optimistic(self, max_batch_events: int = DEFAULT_MAX_BATCH_EVENTS) -> None:
+        """A new stream of a producer the access point cannot have stored anything of yet
+        (a fresh producer id, nothing acknowledged): send batches right behind the hello
+        instead of a round trip later (the access point queues them until it answered the
+        hello). Batches hold at most ``max_batch_events`` (the access point's limit is only
+        known from its welcome); the welcome must then confirm that nothing was stored."""
+        if self._acked:
+            raise PushProtocolError("a producer with acknowledged events must await the welcome")
+        self._sent = self._acked
+        self._batch_ends.clear()
+        self._connected = True
+        self._optimistic = True
+        self._server_batch_limit = min(self._server_batch_limit, max_batch_events)
+
     def on_welcome(self, welcome: PushWelcome) -> None:
         """A (new) connection was accepted: resend everything after ``acked_lseq``."""
+        if self._optimistic:
+            self._optimistic = False
+            if welcome.acked_lseq != self._acked:
+                raise PushProtocolError(
+                    f"access point says lseq {welcome.acked_lseq} of the new producer "
+                    f"{welcome.producer!r} is stored; it cannot have any"
+                )
+            self._server_batch_limit = min(self.max_batch_events, welcome.max_batch_events)
+            return
         if welcome.acked_lseq > self.emitted:
             raise PushProtocolError(
                 f"access point says lseq {welcome.acked_lseq} of producer {welcome.producer!r} "
@@ -179,6 +218,8 @@ class PushSender:
         self._server_batch_limit = welcome.max_batch_events
 
     def on_ack(self, ack: PushAck) -> AckedRange:
+        if self._optimistic:
+            raise PushProtocolError("pushAck before the pushWelcome")
         if not self._connected:
             raise PushProtocolError("ack received while not connected")
         if ack.last_lseq > self._sent or ack.last_lseq < self._acked:
@@ -203,6 +244,7 @@ class PushSender:
         """The connection is gone: whatever was in flight is sent again after the next
         welcome (the access point skips what it had already stored)."""
         self._connected = False
+        self._optimistic = False
         self._sent = self._acked
         self._batch_ends.clear()
 
@@ -239,6 +281,115 @@ class PushSender:
         pending = self._pending
         while pending and pending[0][0] <= lseq:
             pending.popleft()
+
+
+DEFINITIVE_REFUSALS = frozenset(
+    {PushRefusal.UNAUTHENTICATED, PushRefusal.FORBIDDEN, PushRefusal.INVALID}
+)
+"""Refusals that a new stream would get again (token, scope, protocol): they end a session."""
+
+
+@dataclass(frozen=True)
+class PushSessionUpdate:
+    """What one message from the access point did to a `PushSession`."""
+
+    welcome: PushWelcome | None = None
+    """The stream was accepted (the sender resends after ``welcome.acked_lseq``)."""
+    acked: AckedRange | None = None
+    refused: PushRefused | None = None
+    """The stream was refused and is over; the session too when `PushSession.refused`."""
+
+
+class PushSession:
+    """Leader side of one push session, carried by one stream at a time: every stream starts
+    with the session's ``PushHello`` (same producer, so the access point resumes after what it
+    stored), then batches from the `PushSender` after the ``PushWelcome``."""
+
+    def __init__(self, hello: PushHello, sender: PushSender) -> None:
+        self.hello = hello
+        self.sender = sender
+        self.on_stream = False
+        """A stream carries the session now (its hello is sent)."""
+        self.welcomes = 0
+        """Streams that got a ``PushWelcome``."""
+        self.refused: PushRefused | None = None
+        """Set by a definitive refusal: no stream will carry this session again."""
+        self.last_seq = 0
+        """The session's highest seq the access point reported."""
+        self.streams = 0
+        """Streams that carried the session so far."""
+        self._welcomed = False
+
+    @property
+    def welcomed(self) -> bool:
+        """The current stream was accepted."""
+        return self.on_stream and self._welcomed
+
+    @property
+    def sending(self) -> bool:
+        """Batches may go on the current stream (welcomed, or sent right behind the hello
+        of the session's first stream)."""
+        return self.on_stream and self.sender.connected
+
+    def stream_opened(self) -> PushHello:
+        """A new stream carries the session: send this first, then `batches`. On the first
+        stream the batches follow the hello at once (`PushSender.open_optimistic`: the
+        producer id is new, the access point has nothing of it), later ones await the
+        welcome (it says where to resume)."""
+        if self.refused is not None:
+            raise PushProtocolError("a refused push session cannot be carried again")
+        self.sender.on_disconnect()
+        self.on_stream = True
+        self._welcomed = False
+        self.streams += 1
+        if self.streams == 1 and self.sender.acked_lseq == 0:
+            self.sender.open_optimistic()
+        return self.hello
+
+    def stream_ended(self) -> None:
+        """The stream (or its connection) is gone: whatever was in flight is resent on the
+        next one."""
+        self.on_stream = False
+        self._welcomed = False
+        self.sender.on_disconnect()
+
+    def receive(self, message: PushMessage) -> PushSessionUpdate:
+        """Raises `PushProtocolError` when the access point broke the protocol (the stream
+        should then end)."""
+        if not self.on_stream:
+            raise PushProtocolError(f"{message_type(message)} on a push stream that is over")
+        if isinstance(message, PushWelcome):
+            if self._welcomed:
+                raise PushProtocolError("a second pushWelcome on one push stream")
+            if message.producer != self.hello.producer:
+                raise PushProtocolError(
+                    f"pushWelcome for producer {message.producer!r}, "
+                    f"expected {self.hello.producer!r}"
+                )
+            self.sender.on_welcome(message)
+            self._welcomed = True
+            self.welcomes += 1
+            self.last_seq = max(self.last_seq, message.last_seq)
+            return PushSessionUpdate(welcome=message)
+        if isinstance(message, PushAck):
+            acked = self.sender.on_ack(message)
+            self.last_seq = max(self.last_seq, message.last_seq)
+            return PushSessionUpdate(acked=acked)
+        if isinstance(message, PushRefused):
+            if message.code in DEFINITIVE_REFUSALS:
+                self.refused = message
+            self.stream_ended()
+            return PushSessionUpdate(refused=message)
+        raise PushProtocolError(f"unexpected {message_type(message)} from the access point")
+
+    def batches(self) -> list[PushBatch]:
+        """The batches to send now (none before the welcome or while the window is full)."""
+        out: list[PushBatch] = []
+        if not self.on_stream:
+            return out
+        while (batch := self.sender.next_batch()) is not None:
+            out.append(batch)
+        return out
 
 
 # ==========================================================================================
@@ -304,6 +455,11 @@ class PushReceiver:
         self._storing: StoreEvents | None = None
         self._queued: list[PushBatch] = []
         self._peer_finished = False
+
+    @property
+    def leader_finished(self) -> bool:
+        """The leader finished its side of the stream (`peer_finished`)."""
+        return self._peer_finished
 
     def receive(self, message: PushMessage) -> list[PushAction]:
         phase = self.phase

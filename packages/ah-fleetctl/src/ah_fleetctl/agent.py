@@ -22,7 +22,6 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import ssl
 import subprocess
 import sys
 import time
@@ -66,7 +65,7 @@ if TYPE_CHECKING:
     from ah_run_everywhere import SpareRunDirectory
 
     from .context import FleetContext
-    from .events import SessionEventSink
+    from .events import AgentEventPush, AgentSessionSink
     from .paths import PathConnector
 
 __all__ = [
@@ -83,7 +82,9 @@ __all__ = [
 DEFAULT_IDLE_S = 600.0
 _START_TIMEOUT_S = 20.0
 _FOLLOWERS_TTL_S = 2.0
-_EVENT_CONNECT_DELAY_S = 0.25
+_EVENT_RELEASE_DELAY_S = 0.25
+"""A run's session events are pushed when it answered, or this long after it started if
+that comes first: short runs do not share the CPU with their own events."""
 _MAX_SPARE_RUN_DIRS = 4
 """Spare run directories kept (one per recent host selection; see prepare_spare_run_dir)."""
 _log = logger.bind(component="ah-fleetctl.agent")
@@ -384,8 +385,7 @@ class LeaderAgent:
         self._stop = asyncio.Event()
         self._client: Any = None
         self._background: set[asyncio.Task[None]] = set()
-        self._event_tls: ssl.SSLContext | None = None
-        self._push_target: tuple[str, int, str, str] | None = None
+        self._event_push: AgentEventPush | None = None
         self._spare_run_dirs: dict[tuple[str, frozenset[str]], SpareRunDirectory] = {}
 
     async def serve(self) -> int:
@@ -424,6 +424,8 @@ class LeaderAgent:
                 self.socket_path.unlink()
             if self._background:
                 await asyncio.wait(set(self._background), timeout=30.0)
+            if self._event_push is not None:  # every run's events flushed above (bounded)
+                await self._event_push.close()
             if "ah_fleetctl.thin_fence" in sys.modules:  # it served fences: end their sessions
                 await sys.modules["ah_fleetctl.thin_fence"].close_workspaces()
             for spare in self._spare_run_dirs.values():
@@ -451,36 +453,36 @@ class LeaderAgent:
             )
         return [self._followers[n] for n in names]
 
-    def event_sink(self, local_copy_dir: Path, warn: Callable[[str], None]) -> SessionEventSink:
-        """A session event sink for one run, reusing this agent's TLS context and the push
-        endpoint the last sink reached (no HTTPS discovery per run)."""
-        from . import __version__
-        from .client import tls_context
-        from .events import SessionEventSink
+    def event_sink(self, local_copy_dir: Path, warn: Callable[[str], None]) -> AgentSessionSink:
+        """A session event sink for one run, on this agent's one push connection (see
+        :class:`ah_fleetctl.events.AgentEventPush`): no thread, handshake or HTTPS
+        discovery per run; a run's events go out after it answered (or 0.25 s in)."""
+        return self.event_push().sink(local_copy_dir, warn)
 
-        ca_file = self.app.ca_file()
-        if self._event_tls is None:
-            self._event_tls = tls_context(ca_file)
-        return SessionEventSink(
-            api_url=self.app.access_point(),
-            token=self.app.token(),
-            verify=self._event_tls,
-            ca_pem=ca_file.read_text() if ca_file is not None else None,
-            local_copy_dir=local_copy_dir,
-            connect_timeout_s=self.app.connect_timeout_s(),
-            warn=warn,
-            client_version=f"ah-fleetctl {__version__}",
-            push_target=self._push_target,
-            # Runs shorter than this answer before the QUIC handshake starts competing for
-            # the CPU; longer ones stream their events live from then on.
-            connect_delay_s=_EVENT_CONNECT_DELAY_S,
-        )
+    def event_push(self) -> AgentEventPush:
+        """This agent's session events: one connection to the access point for all runs
+        (made by the first run that pushes)."""
+        if self._event_push is None:
+            from . import __version__
+            from .client import tls_context
+            from .events import AgentEventPush
 
-    async def close_event_sink(self, sink: SessionEventSink) -> None:
-        """Close ``sink`` (it waits for the access point's acks); keep its push endpoint for
-        the next run when every event got through, forget it otherwise."""
-        report = await asyncio.to_thread(sink.close)
-        self._push_target = sink.push_target if report.complete else None
+            ca_file = self.app.ca_file()
+            self._event_push = AgentEventPush(
+                api_url=self.app.access_point(),
+                token=self.app.token(),
+                verify=tls_context(ca_file),
+                ca_pem=ca_file.read_text() if ca_file is not None else None,
+                connect_timeout_s=self.app.connect_timeout_s(),
+                client_version=f"ah-fleetctl {__version__}",
+                release_delay_s=_EVENT_RELEASE_DELAY_S,
+            )
+        return self._event_push
+
+    async def close_event_sink(self, sink: AgentSessionSink) -> None:
+        """Close ``sink``: its events go to the access point now (it waits, bounded, for
+        the acks)."""
+        await sink.close()
 
     def take_spare_run_dir(self, key: tuple[str, frozenset[str]]) -> SpareRunDirectory | None:
         """The run directory prepared after the last run over these hosts (``key``: runs
@@ -559,7 +561,12 @@ class LeaderAgent:
         writer: asyncio.StreamWriter,
         decoder: FrameDecoder[AgentRequest],
     ) -> None:
-        pong = PongReply(pid=os.getpid(), access_point=self.app.access_point())
+        push = self._event_push
+        pong = PongReply(
+            pid=os.getpid(),
+            access_point=self.app.access_point(),
+            push_connections=push.connections if push is not None else 0,
+        )
         if isinstance(request, PingRequest):
             self._send(writer, pong)
         elif isinstance(request, ShutdownRequest):

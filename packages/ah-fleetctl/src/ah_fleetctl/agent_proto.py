@@ -106,6 +106,9 @@ class PongReply(_Reply, frozen=True, tag="pong"):
     pid: int
     access_point: str
     version: int = AGENT_PROTOCOL_VERSION
+    push_connections: int = 0
+    """QUIC connections the agent made to the access point for session events so far (one
+    for all its runs while the access point stays up)."""
 
 
 class PathsReply(_Reply, frozen=True, tag="paths"):
