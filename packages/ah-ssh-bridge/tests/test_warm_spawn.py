@@ -8,6 +8,7 @@ login-file edit: inotify once idle, stat'ing every file without it (``AH_WARM_PL
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import os
 import shlex
@@ -325,6 +326,54 @@ def test_timeout_and_cancel_kill_the_whole_group(
             await wait_for_async(lambda: all(pid_gone(p) for p in pids), 10, what=f"{pids} to end")
             _, after, _ = await run_warm(t, argv("echo", "after"))
             assert after == ["after"]
+
+    run(body(), timeout=60)
+
+
+def _pidfds(pid: int) -> int:
+    count = 0
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/{pid}/fd/{name}") == "anon_inode:[pidfd]"
+    return count
+
+
+def test_a_command_that_closes_its_output_is_still_waited_for(
+    follower: Follower, run: Run, tmp_path: Path, pid_files: Callable[[str], Path]
+) -> None:
+    """Its end is not its output's end: the server waits for the process itself (a pidfd,
+    or SIGCHLD where there are none), to exit or to be killed."""
+    gate = tmp_path / "gate"
+    pid_file = pid_files("closer")
+    closer = (
+        f"echo $$ > {pid_file}; exec >&- 2>&-; while [ ! -e {gate} ]; do sleep 0.02; done; exit 3"
+    )
+
+    async def body() -> None:
+        async with await open_transport(follower.sshd) as t:
+            await run_warm(t, argv("true"))
+            expect_flavor(t, follower.flavor)
+            server = t.warm_server_pid
+            assert server is not None
+            pidfd = follower.flavor != "python3.6"
+            task = asyncio.ensure_future(run_warm(t, sh(closer)))
+            await wait_for_async(lambda: read_pids(pid_file), 10, what="the command to start")
+            if pidfd:
+                await wait_for_async(lambda: _pidfds(server) == 1, 10, what="the server's pidfd")
+            assert not task.done()
+            gate.write_text("")
+            outcome, out, err = await asyncio.wait_for(task, 10)
+            assert (outcome.exit_code, out, err) == (3, [], [])
+            assert _pidfds(server) == 0
+            # Killed at its timeout while its output is closed.
+            gate.unlink()
+            pid_file.unlink()
+            outcome, _, _ = await run_warm(t, sh(closer), timeout=1.0)
+            assert outcome.timed_out and outcome.exit_code is None
+            pids = read_pids(pid_file)
+            assert len(pids) == 1
+            await wait_for_async(lambda: pid_gone(pids[0]), 10, what="the command to end")
+            assert _pidfds(server) == 0
 
     run(body(), timeout=60)
 

@@ -531,6 +531,16 @@ def _mark_inherited_close_on_exec() -> bool:
     return False
 
 
+def _pidfd_works() -> bool:
+    if not hasattr(os, "pidfd_open"):
+        return False
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:  # ENOSYS: a kernel before 5.3
+        return False
+    return True
+
+
 def _fast_spawn_possible(plain: "frozenset[str]") -> bool:
     if "spawn" in plain or sys.version_info < (3, 8) or not hasattr(os, "posix_spawn"):
         return False
@@ -564,14 +574,22 @@ class Server:
         self.base_path = _search_path(self.base_env)
         self.devnull = os.open(os.devnull, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         self.home_fd = self.own_directory()
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_r, False)
-        os.set_blocking(wake_w, False)
-        self.wake_r = wake_r
-        signal.set_wakeup_fd(wake_w)
-        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-        self.poller.add(wake_r, False, "wake")
+        # How a command's end is noticed: almost always its output ends with it, and it is
+        # collected right then (waitpid). When it has not quite exited yet, or keeps running
+        # with its output closed, a pidfd (Linux 5.3+, Python 3.9+) says when it does: no
+        # SIGCHLD handler, whose signal would interrupt the loop once per command. Without
+        # pidfds, SIGCHLD wakes the loop through a pipe.
+        self.use_pidfd = _pidfd_works()
+        self.wake_r = -1
+        if not self.use_pidfd:
+            wake_r, wake_w = os.pipe()
+            os.set_blocking(wake_r, False)
+            os.set_blocking(wake_w, False)
+            self.wake_r = wake_r
+            signal.set_wakeup_fd(wake_w)
+            signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+            self.poller.add(wake_r, False, "wake")
         self.poller.add(0, False, "leader")
 
     @staticmethod
@@ -905,16 +923,33 @@ class Server:
                 self.read_output(other, command, other_kind)
             return
         if command.status is None:
-            # Most likely it has exited: collect it now instead of waiting for SIGCHLD.
-            try:
-                pid, status = os.waitpid(command.pid, os.WNOHANG)
-            except OSError:
-                pid, status = 0, 0
-            if pid == command.pid:
-                del self.by_pid[pid]
-                self.exited(command, status)
+            # Most likely it has exited: collect it now.
+            if not self.collect(command) and self.use_pidfd:
+                try:
+                    pidfd = os.pidfd_open(command.pid)
+                except OSError:  # gone meanwhile (cannot be: it is our unreaped child)
+                    self.collect(command)
+                else:
+                    self.poller.add(pidfd, False, (command, 0))
             return
         self.finish(command)
+
+    def collect(self, command: Command) -> bool:
+        """waitpid without waiting; whether it had exited (and is finished if it can be)."""
+        try:
+            pid, status = os.waitpid(command.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = command.pid, 255 << 8  # reaped by someone else: status unknown
+        if pid != command.pid:
+            return False
+        del self.by_pid[pid]
+        self.exited(command, status)
+        return True
+
+    def pidfd_ready(self, pidfd: int, command: Command) -> None:
+        self.poller.remove(pidfd)
+        os.close(pidfd)
+        self.collect(command)
 
     def reap(self) -> None:
         """Collect every child that ended (woken by SIGCHLD)."""
@@ -1047,7 +1082,10 @@ class Server:
                     woken = True
                 elif isinstance(role, tuple):
                     command, kind = role
-                    self.read_output(fd, command, kind)
+                    if kind:
+                        self.read_output(fd, command, kind)
+                    else:
+                        self.pidfd_ready(fd, command)
                 else:
                     self.flush_stdin(role)  # type: ignore[arg-type]
             if woken:
