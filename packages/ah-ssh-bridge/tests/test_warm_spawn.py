@@ -57,6 +57,9 @@ def _profile(follower_dir: Path, flavor: str) -> tuple[str, Path]:
         # A descriptor the login shell leaves open (not close-on-exec) in the server: no
         # command may inherit it.
         "exec 7</dev/null",
+        # SIGCHLD ignored is inherited through exec: the server must not let the kernel
+        # reap its children (their exit status would be lost).
+        "trap '' CHLD",
     ]
     if flavor == "popen":
         lines.append("export AH_WARM_PLAIN=spawn")

@@ -415,12 +415,13 @@ class Poller:
     def remove(self, fd: int) -> None:
         if self.data.pop(fd, None) is None:
             return
-        if self._selector is None:
-            with contextlib.suppress(OSError):
+        try:
+            if self._selector is None:
                 self._epoll.unregister(fd)
-        else:
-            with contextlib.suppress(KeyError, ValueError):
+            else:
                 self._selector.unregister(fd)
+        except (OSError, KeyError, ValueError):
+            pass
 
     def __contains__(self, fd: int) -> bool:
         return fd in self.data
@@ -582,7 +583,11 @@ class Server:
         # pidfds, SIGCHLD wakes the loop through a pipe.
         self.use_pidfd = _pidfd_works()
         self.wake_r = -1
-        if not self.use_pidfd:
+        if self.use_pidfd:
+            # Not SIG_IGN, should whoever started us have left it so: children would be
+            # reaped by the kernel, their exit status lost.
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        else:
             wake_r, wake_w = os.pipe()
             os.set_blocking(wake_r, False)
             os.set_blocking(wake_w, False)
