@@ -398,6 +398,9 @@ class Poller:
 
     def __init__(self) -> None:
         self.data: "dict[int, object]" = {}
+        self.touched: "set[int]" = set()
+        """Descriptors added or removed since the last :meth:`poll`: what that poll said of
+        them is stale (the number may be another file's by now)."""
         self.epoll = getattr(select, "epoll", None)
         if self.epoll is not None:
             self._epoll = self.epoll()
@@ -407,6 +410,7 @@ class Poller:
 
     def add(self, fd: int, write: bool, data: object) -> None:
         self.data[fd] = data
+        self.touched.add(fd)
         if self._selector is None:
             self._epoll.register(fd, select.EPOLLOUT if write else select.EPOLLIN)
         else:
@@ -415,6 +419,7 @@ class Poller:
     def remove(self, fd: int) -> None:
         if self.data.pop(fd, None) is None:
             return
+        self.touched.add(fd)
         try:
             if self._selector is None:
                 self._epoll.unregister(fd)
@@ -428,6 +433,7 @@ class Poller:
 
     def poll(self, timeout: "float | None") -> "list[int]":
         """The descriptors that are ready."""
+        self.touched.clear()
         if self._selector is None:
             return [fd for fd, _ in self._epoll.poll(-1 if timeout is None else timeout)]
         return [key.fd for key, _ in self._selector.select(timeout)]
@@ -952,9 +958,9 @@ class Server:
         return True
 
     def pidfd_ready(self, pidfd: int, command: Command) -> None:
-        self.poller.remove(pidfd)
-        os.close(pidfd)
-        self.collect(command)
+        if self.collect(command):
+            self.poller.remove(pidfd)
+            os.close(pidfd)
 
     def reap(self) -> None:
         """Collect every child that ended (woken by SIGCHLD)."""
@@ -1068,10 +1074,13 @@ class Server:
             else:
                 ready = poller.poll(timeout)
             woken = False
+            touched = poller.touched
             for fd in ready:
+                if fd in touched:
+                    continue  # closed (and maybe reused) while handling an earlier one
                 role = data_of.get(fd)
                 if role is None:
-                    continue  # closed while handling an earlier one of this turn
+                    continue
                 if role == "leader":
                     try:
                         data = os.read(0, _READ_BYTES)
