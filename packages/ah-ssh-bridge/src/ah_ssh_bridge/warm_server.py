@@ -16,7 +16,9 @@ the same treatment and the server exits.
 How a command starts (the per-command cost is most of a warm fan-out's CPU on a follower):
 
 * **posix_spawn** (Python 3.8+ where the C library can ``setsid`` in it: glibc 2.26+,
-  macOS 10.15+): about a third of ``subprocess.Popen``'s cost. What Popen's child would do
+  macOS 10.15+): the spawn costs the server about a third of ``subprocess.Popen``'s CPU
+  and half its latency (Popen's child closes descriptors before its exec, which the server
+  waits for; here none are left to close). What Popen's child would do
   is done here instead: the ``PATH`` search over the command's own ``PATH`` (as
   ``subprocess`` does it: the first error other than "not there" wins), the ``cwd`` by
   changing the server's directory around the spawn (single-threaded; it returns to its own
@@ -28,6 +30,15 @@ How a command starts (the per-command cost is most of a warm fan-out's CPU on a 
   environment sets ``AH_WARM_PLAIN`` to a list containing ``spawn``. The ``cwd`` is entered
   the same way (so its errors are reported the same on every Python).
 
+Arguments, environment and cwd are passed as UTF-8 bytes (surrogate escapes back to the
+bytes they stand for), as an exec channel would pass them, whatever the follower Python's
+file system encoding (ASCII for a Python 3.6 in the C locale).
+
+How a command's end is noticed: its output ends with it, and it is collected right then
+(``waitpid``); if it has not quite exited yet, or goes on with its output closed, a pidfd
+(Linux 5.3+, Python 3.9+) wakes the loop when it does, else SIGCHLD through a pipe. So
+where pidfds exist there is no signal per command. The exit status follows all of its output.
+
 Errors are reported as the shell would, as the command's own stderr and exit status: a
 ``cwd`` that cannot be entered ``cd: DIR: REASON`` (1), a program not found (127), one that
 cannot be executed (126).
@@ -35,8 +46,7 @@ cannot be executed (126).
 Login environment freshness: the mtimes of the login files are noted at start; a START
 after one of them changed is answered STALE and the server retires (no new commands, exits
 when its running ones end), so the leader starts a fresh one that reads the new profile.
-Stat-ing every login file per command is most of a command's cost once the spawn is cheap,
-so on Linux, once the server is first idle, inotify watches their directories and the files
+Stat-ing every login file per command (some 20) costs about as much as the spawn, so on Linux, once the server is first idle, inotify watches their directories and the files
 are compared only when an event names one of them (or the queue overflowed). A login file
 that inotify could miss a change of (a symlink or a path through one, a hard-linked file, a
 network or FUSE filesystem) is still stat-ed for every command; without inotify (or with
