@@ -45,7 +45,9 @@ SIGKILL after ``grace`` if anything of the group is left."""
 
 # server -> leader
 HELLO = 16
-"""id 0, JSON ``{"version": 1, "pid": n, "python": "3.x.y", "login": {...}}``."""
+"""id 0, JSON ``{"version": 1, "pid": n, "python": "3.x.y", "shell": "bash", "spawn":
+"posix_spawn"}`` (``spawn``: how it starts commands, ``posix_spawn`` or ``popen``; for
+diagnostics and tests, the leader needs none of it but the version)."""
 STDOUT = 17
 STDERR = 18
 EXITED = 19
