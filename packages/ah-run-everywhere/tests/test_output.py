@@ -212,3 +212,28 @@ def test_summary_example() -> None:
         "win-1  unreachable  connection lost: EOF\n"
         "1 succeeded, 1 failed, 1 unreachable"
     )
+
+
+def _log_writers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "ah-run-logs"]
+
+
+def test_closing_a_run_directory_ends_its_writer_thread(tmp_path: Path) -> None:
+    """A long-lived process (the leader agent) makes a run directory per run: a writer
+    thread left behind by each one would pile up."""
+    before = set(_log_writers())
+    run = RunDirectory(tmp_path, run_id="t1")
+    run.open_log("lin-1").write_note("job 0 started: true")
+    (writer,) = set(_log_writers()) - before
+    run.close()
+    writer.join(timeout=10)
+    assert not writer.is_alive()
+    # Reopened after close (appending): a new writer thread takes the writes.
+    run.open_log("lin-1").write_note("job 1 started: true")
+    run.close()
+    assert (run.path / "lin-1.log").read_text() == (
+        "== job 0 started: true\n== job 1 started: true\n"
+    )
+    for thread in set(_log_writers()) - before:
+        thread.join(timeout=10)
+        assert not thread.is_alive()
