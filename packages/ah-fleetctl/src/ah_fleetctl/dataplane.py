@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Protocol
 import msgspec
 from loguru import logger
 
-from ah_config import CliError, find_repo_root
+from ah_config import CliError
 from ah_domain_types import (
     ExitCode,
     FollowerStatus,
@@ -60,6 +60,8 @@ from ah_ssh_bridge import (
     SshOptions,
     SshTransport,
 )
+
+from .thin import repo_root_of
 
 if TYPE_CHECKING:
     from .context import FleetContext
@@ -330,8 +332,9 @@ def workspace_overrides(app: FleetContext) -> dict[str, str]:
 def leader_workspace(cwd: Path | str | None = None) -> Path:
     """The leader's tree: the nearest ancestor of ``cwd`` (itself included) holding
     ``.agents/`` or ``.git``, else ``cwd`` itself (absolute, symlinks resolved)."""
-    start = Path(cwd if cwd is not None else Path.cwd()).resolve()
-    return find_repo_root(start) or start
+    # ah_config.find_repo_root's rule on plain strings (the leader agent asks per run).
+    start = os.path.realpath(cwd if cwd is not None else os.getcwd())
+    return Path(repo_root_of(start) or start)
 
 
 def leader_os() -> OsKind:
@@ -588,11 +591,17 @@ class FleetLinks:
     def target_hosts(self, leader_cwd: Path | str | None = None) -> list[TargetHost]:
         """Every selected follower as a run target, working directory mapped from
         ``leader_cwd`` (default: the current directory) into its workspace."""
-        cwd = str(Path(leader_cwd if leader_cwd is not None else Path.cwd()).resolve())
-        return [
-            TargetHost(name=n, os=self.os_of(n), cwd=self.path_mapping(n).to_follower(cwd))
-            for n in self.followers
-        ]
+        cwd = os.path.realpath(leader_cwd if leader_cwd is not None else os.getcwd())
+        # Followers sharing a workspace and an OS share the mapped directory.
+        mapped: dict[tuple[str, OsKind], str] = {}
+        targets: list[TargetHost] = []
+        for name in self.followers:
+            key = (self.workspace(name), self.os_of(name))
+            follower_cwd = mapped.get(key)
+            if follower_cwd is None:
+                follower_cwd = mapped[key] = self.path_mapping(name).to_follower(cwd)
+            targets.append(TargetHost(name=name, os=key[1], cwd=follower_cwd))
+        return targets
 
     # -- OpenSSH ----------------------------------------------------------------------------
 
