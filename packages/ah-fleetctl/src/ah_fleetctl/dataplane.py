@@ -592,16 +592,15 @@ class FleetLinks:
         """Every selected follower as a run target, working directory mapped from
         ``leader_cwd`` (default: the current directory) into its workspace."""
         cwd = os.path.realpath(leader_cwd if leader_cwd is not None else os.getcwd())
-        # Followers sharing a workspace and an OS share the mapped directory.
-        mapped: dict[tuple[str, OsKind], str] = {}
-        targets: list[TargetHost] = []
-        for name in self.followers:
-            key = (self.workspace(name), self.os_of(name))
-            follower_cwd = mapped.get(key)
-            if follower_cwd is None:
-                follower_cwd = mapped[key] = self.path_mapping(name).to_follower(cwd)
-            targets.append(TargetHost(name=name, os=key[1], cwd=follower_cwd))
-        return targets
+        root = str(self.leader_root)
+        return [
+            TargetHost(
+                name=name,
+                os=self.os_of(name),
+                cwd=_follower_cwd(root, self.workspace(name), self.os_of(name), cwd),
+            )
+            for name in self.followers
+        ]
 
     # -- OpenSSH ----------------------------------------------------------------------------
 
@@ -650,6 +649,24 @@ class FleetLinks:
         _write_private(known_hosts, "".join(f"{line}\n" for line in known))
         _write_private(config, "\n".join(blocks) + "\n")
         return config
+
+
+_MAPPED_KEPT = 4096
+_mapped: dict[tuple[str, str, OsKind, str], str] = {}
+
+
+def _follower_cwd(leader_root: str, workspace: str, follower_os: OsKind, cwd: str) -> str:
+    """``cwd`` mapped into ``workspace`` (:class:`PathMapping`, a lexical function of its
+    arguments: kept, since the leader agent maps the same directories run after run;
+    errors are not kept)."""
+    key = (leader_root, workspace, follower_os, cwd)
+    found = _mapped.get(key)
+    if found is None:
+        found = PathMapping(leader_root, workspace, follower_os, leader_os()).to_follower(cwd)
+        if len(_mapped) >= _MAPPED_KEPT:
+            _mapped.clear()
+        _mapped[key] = found
+    return found
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -30,6 +30,8 @@ HOST_COLOURS: tuple[str, ...] = ("36", "33", "35", "32", "34", "91", "96", "93",
 """ANSI SGR foreground codes cycled over hosts (red is kept out: it reads as an error)."""
 
 _RESET = "\x1b[0m"
+_LOG_BUFFER_BYTES = 1 << 16
+"""A log's pending bytes are written once they reach this (or when the writer caught up)."""
 
 
 def colour_enabled(stream: TextIO, environ: Mapping[str, str] | None = None) -> bool:
@@ -199,7 +201,9 @@ class HostLog:
         self._path = path if isinstance(path, Path) else None
         self._writer = writer if writer is not None else _LogWriter()
         self._own_writer = writer is None
-        self._file: TextIO | None = None
+        self._fd: int | None = None
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
 
     @property
     def path(self) -> Path:
@@ -222,21 +226,38 @@ class HostLog:
 
     # -- the writer thread's side --
 
+    # A plain append-mode descriptor and UTF-8 bytes (what a text file opened with "a",
+    # utf-8, surrogateescape and newline="\n" writes), buffered here until the writer has
+    # caught up: no TextIOWrapper to build and tear down per host per run.
+
     def _append(self, text: str) -> None:
-        if self._file is None:
-            self._file = open(  # noqa: SIM115 - closed by _close_file
-                self._name, "a", encoding="utf-8", errors="surrogateescape", newline="\n"
-            )
-        self._file.write(text)
+        if self._fd is None:
+            self._fd = os.open(self._name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        data = text.encode("utf-8", "surrogateescape")
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes >= _LOG_BUFFER_BYTES:
+            self._flush()
 
     def _flush(self) -> None:
-        if self._file is not None:
-            self._file.flush()
+        if self._fd is None or not self._pending:
+            return
+        data = memoryview(b"".join(self._pending))
+        self._pending.clear()
+        self._pending_bytes = 0
+        while data:
+            data = data[os.write(self._fd, data) :]
 
     def _close_file(self) -> None:
-        if self._file is not None:
-            file, self._file = self._file, None
-            file.close()
+        if self._fd is not None:
+            fd = self._fd
+            try:
+                self._flush()
+            finally:
+                self._fd = None
+                self._pending.clear()
+                self._pending_bytes = 0
+                os.close(fd)
 
 
 class RunDirectory:
