@@ -7,9 +7,10 @@ import os
 import queue
 import secrets
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Literal, TextIO, cast
+from typing import Literal, TextIO
 
 from ah_domain_types import HostResult, HostState, RunSummary, validate_host_name
 
@@ -85,108 +86,128 @@ class LinePrinter:
 
 
 class _LogWriter:
-    """The one thread that opens, writes and flushes a run directory's logs.
+    """Writes a run directory's logs on the process's one log-writing thread.
 
     Why a thread: a run's event loop shares the interpreter with one SSH worker thread per
     host, and every blocking file call it made itself (``open``, ``write``, ``flush``) gave
     up the GIL and then waited up to a switch interval to get it back — measured ~2 ms per
     ``open`` on a loaded 2-core machine, paid before each host's command could start. Here
-    the loop only enqueues; this thread writes in arrival order (so each log keeps its
+    the loop only enqueues; the thread writes in arrival order (so each log keeps its
     order) and flushes whenever it has caught up, so a log can still be followed live.
     The first I/O error is kept and raised by :meth:`drain`.
 
-    The thread starts writing ``start_delay_s`` after the first line, or at the first
-    :meth:`drain`, whichever comes first: a short run (a warm fan-out takes ~20 ms) then
-    writes its logs after its commands instead of while they run. Even a thread that only
-    opens files takes the GIL away from the loop and the SSH threads (each blocking call
-    costs up to a switch interval to get it back): measured ~10 ms more per 16-host run.
+    The thread starts writing a writer's lines ``start_delay_s`` after its first line, or at
+    its first :meth:`drain`, whichever comes first: a short run (a warm fan-out takes ~20 ms)
+    then writes its logs after its commands instead of while they run. Even a thread that
+    only opens files takes the GIL away from the loop and the SSH threads (each blocking
+    call costs up to a switch interval to get it back): measured ~10 ms more per 16-host run.
 
-    :meth:`close` ends the thread (a long-lived process, the leader agent, makes a run
-    directory per run: a thread left waiting on its queue each time piles up); a later
-    write starts a new one.
+    One thread serves every writer of the process (a long-lived process, the leader agent,
+    makes a run directory per run: a thread started per run costs a start-up hand-off on
+    the loop, and one left waiting per run piles up).
     """
 
-    _STOP = object()
-
     def __init__(self, start_delay_s: float = 0.1) -> None:
-        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
         self._start_delay_s = start_delay_s
         self._go = threading.Event()
+        self._first_at: float | None = None
         self.error: OSError | None = None
 
     def submit(self, log: HostLog, text: str | None) -> None:
         """Append ``text`` to ``log`` (None: close its file)."""
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._work, args=(self._queue,), name="ah-run-logs", daemon=True
-                )
-                self._thread.start()
-            self._queue.put((log, text))
-
-    def close(self) -> None:
-        """:meth:`drain`, then let the thread end (its queue is empty by then)."""
-        try:
-            self.drain()
-        finally:
-            with self._lock:
-                if self._thread is not None:
-                    # Each thread reads its own queue: a write after this goes to a new
-                    # thread and can never be taken by the one that is ending.
-                    self._queue.put(self._STOP)
-                    self._queue = queue.SimpleQueue()
-                    self._thread = None
+        if self._first_at is None:
+            self._first_at = time.monotonic()
+        _writer_queue().put((self, log, text))
 
     def drain(self) -> None:
         """Wait until everything submitted so far is written; raise the first I/O error."""
-        done = threading.Event()
-        with self._lock:
-            running = self._thread is not None
-            if running:
-                self._queue.put(done)
         self._go.set()
-        if running:
+        if self._first_at is not None:
+            done = threading.Event()
+            _writer_queue().put((self, None, done))
             done.wait()
         if self.error is not None:
             error, self.error = self.error, None
             raise error
 
-    def _work(self, items: queue.SimpleQueue[object]) -> None:
-        self._go.wait(self._start_delay_s)
-        dirty: set[HostLog] = set()
-        while True:
-            item = items.get()
-            if item is self._STOP:
-                try:
-                    self._flush(dirty)
-                except OSError as exc:
-                    if self.error is None:
-                        self.error = exc
-                return
-            try:
-                if isinstance(item, threading.Event):
-                    self._flush(dirty)
-                    item.set()
-                    continue
-                log, text = cast("tuple[HostLog, str | None]", item)
-                if text is None:
-                    log._close_file()
-                    dirty.discard(log)
-                else:
-                    log._append(text)
-                    dirty.add(log)
-                if items.empty():
-                    self._flush(dirty)
-            except OSError as exc:
-                if self.error is None:
-                    self.error = exc
+    def close(self) -> None:
+        """:meth:`drain` (kept for the run directory's and a lone log's close)."""
+        self.drain()
 
-    def _flush(self, dirty: set[HostLog]) -> None:
-        for log in dirty:
+    def _hold_until_due(self) -> None:
+        """On the thread: wait out this writer's start delay (cut short by a drain)."""
+        if self._go.is_set() or self._first_at is None:
+            return
+        remaining = self._first_at + self._start_delay_s - time.monotonic()
+        if remaining > 0:
+            self._go.wait(remaining)
+        self._go.set()
+
+    def _failed(self, exc: OSError) -> None:
+        if self.error is None:
+            self.error = exc
+
+
+_WriterItem = tuple[_LogWriter, "HostLog | None", "str | threading.Event | None"]
+_queue_lock = threading.Lock()
+_shared_queue: queue.SimpleQueue[_WriterItem] | None = None
+
+
+def _writer_queue() -> queue.SimpleQueue[_WriterItem]:
+    """The queue of the process's log-writing thread (started on first use)."""
+    global _shared_queue
+    items = _shared_queue
+    if items is not None:
+        return items
+    with _queue_lock:
+        if _shared_queue is None:
+            _shared_queue = queue.SimpleQueue()
+            threading.Thread(
+                target=_write_logs, args=(_shared_queue,), name="ah-run-logs", daemon=True
+            ).start()
+        return _shared_queue
+
+
+def _forget_writer_queue() -> None:
+    # A forked child has no writer thread: it starts its own on first use.
+    global _shared_queue
+    _shared_queue = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_writer_queue)
+
+
+def _write_logs(items: queue.SimpleQueue[_WriterItem]) -> None:
+    dirty: set[HostLog] = set()
+    while True:
+        writer, log, item = items.get()
+        writer._hold_until_due()
+        if isinstance(item, threading.Event):
+            _flush(dirty)
+            item.set()
+            continue
+        assert log is not None
+        try:
+            if item is None:
+                dirty.discard(log)
+                log._close_file()
+            else:
+                log._append(item)
+                dirty.add(log)
+        except OSError as exc:
+            writer._failed(exc)
+        if items.empty():
+            _flush(dirty)
+
+
+def _flush(dirty: set[HostLog]) -> None:
+    for log in dirty:
+        try:
             log._flush()
-        dirty.clear()
+        except OSError as exc:
+            log._writer._failed(exc)
+    dirty.clear()
 
 
 class HostLog:
