@@ -212,3 +212,23 @@ def test_summary_example() -> None:
         "win-1  unreachable  connection lost: EOF\n"
         "1 succeeded, 1 failed, 1 unreachable"
     )
+
+
+def _log_writers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "ah-run-logs"]
+
+
+def test_run_directories_share_one_writer_thread(tmp_path: Path) -> None:
+    """A long-lived process (the leader agent) makes a run directory per run: a writer
+    thread per run directory would be started (and, left waiting, pile up) each time."""
+    for index in range(5):
+        run = RunDirectory(tmp_path, run_id=f"t{index}")
+        run.open_log("lin-1").write_note(f"job {index} started: true")
+        run.close()
+        # Reopened after close (appending): still written.
+        run.open_log("lin-1").write_note(f"job {index} ended")
+        run.close()
+        assert (run.path / "lin-1.log").read_text() == (
+            f"== job {index} started: true\n== job {index} ended\n"
+        )
+    assert len(_log_writers()) == 1

@@ -92,6 +92,7 @@ def test_invariants_hold_over_random_event_orders(
     names = [h for h, _ in hosts]
     allow_loss = data.draw(st.booleans(), label="allow_loss")
     steps = 0
+    handed_out: list[int] = []
     while not sim.scheduler.done:
         steps += 1
         assert steps < 500, "simulation does not converge"
@@ -113,8 +114,14 @@ def test_invariants_hold_over_random_event_orders(
         else:
             alive = sorted(h for h in names if h not in sim.lost)
             sim.lose(data.draw(st.sampled_from(alive), label="host"))
+        # What the engine emits as jobs end: each report once, each batch in job-id order.
+        batch = [r.job_id for r in sim.scheduler.take_new_reports()]
+        assert batch == sorted(batch)
+        handed_out += batch
 
     reports = sim.scheduler.report()
+    assert sorted(handed_out) == [r.job_id for r in reports]
+    assert sim.scheduler.take_new_reports() == []
     # Every job is reported exactly once.
     assert len(reports) == sim.scheduler.job_count
     assert len({r.job_id for r in reports}) == len(reports)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 from typing import Annotated
 
 import msgspec
@@ -55,9 +56,13 @@ class FollowerHealth(enum.StrEnum):
     OFFLINE = "offline"
 
 
+_HOST_NAME = re.compile(HOST_NAME_PATTERN)
+
+
 def validate_host_name(name: str) -> str:
     """Return ``name`` if it is a valid follower name, else raise :class:`HostNameError`."""
-    if not fullmatch(HOST_NAME_PATTERN, name):
+    # Compiled once: every run checks every host name (targets, log files).
+    if not (isinstance(name, str) and _HOST_NAME.fullmatch(name)):
         raise HostNameError(
             f"invalid host name {name!r}: expected 1-63 characters, a letter or digit "
             "followed by letters, digits, '_', '.' or '-'",

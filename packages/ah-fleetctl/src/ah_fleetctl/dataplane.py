@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Protocol
 import msgspec
 from loguru import logger
 
-from ah_config import CliError, find_repo_root
+from ah_config import CliError
 from ah_domain_types import (
     ExitCode,
     FollowerStatus,
@@ -60,6 +60,8 @@ from ah_ssh_bridge import (
     SshOptions,
     SshTransport,
 )
+
+from .thin import repo_root_of
 
 if TYPE_CHECKING:
     from .context import FleetContext
@@ -330,8 +332,9 @@ def workspace_overrides(app: FleetContext) -> dict[str, str]:
 def leader_workspace(cwd: Path | str | None = None) -> Path:
     """The leader's tree: the nearest ancestor of ``cwd`` (itself included) holding
     ``.agents/`` or ``.git``, else ``cwd`` itself (absolute, symlinks resolved)."""
-    start = Path(cwd if cwd is not None else Path.cwd()).resolve()
-    return find_repo_root(start) or start
+    # ah_config.find_repo_root's rule on plain strings (the leader agent asks per run).
+    start = os.path.realpath(cwd if cwd is not None else os.getcwd())
+    return Path(repo_root_of(start) or start)
 
 
 def leader_os() -> OsKind:
@@ -588,10 +591,15 @@ class FleetLinks:
     def target_hosts(self, leader_cwd: Path | str | None = None) -> list[TargetHost]:
         """Every selected follower as a run target, working directory mapped from
         ``leader_cwd`` (default: the current directory) into its workspace."""
-        cwd = str(Path(leader_cwd if leader_cwd is not None else Path.cwd()).resolve())
+        cwd = os.path.realpath(leader_cwd if leader_cwd is not None else os.getcwd())
+        root = str(self.leader_root)
         return [
-            TargetHost(name=n, os=self.os_of(n), cwd=self.path_mapping(n).to_follower(cwd))
-            for n in self.followers
+            TargetHost(
+                name=name,
+                os=self.os_of(name),
+                cwd=_follower_cwd(root, self.workspace(name), self.os_of(name), cwd),
+            )
+            for name in self.followers
         ]
 
     # -- OpenSSH ----------------------------------------------------------------------------
@@ -641,6 +649,24 @@ class FleetLinks:
         _write_private(known_hosts, "".join(f"{line}\n" for line in known))
         _write_private(config, "\n".join(blocks) + "\n")
         return config
+
+
+_MAPPED_KEPT = 4096
+_mapped: dict[tuple[str, str, OsKind, str], str] = {}
+
+
+def _follower_cwd(leader_root: str, workspace: str, follower_os: OsKind, cwd: str) -> str:
+    """``cwd`` mapped into ``workspace`` (:class:`PathMapping`, a lexical function of its
+    arguments: kept, since the leader agent maps the same directories run after run;
+    errors are not kept)."""
+    key = (leader_root, workspace, follower_os, cwd)
+    found = _mapped.get(key)
+    if found is None:
+        found = PathMapping(leader_root, workspace, follower_os, leader_os()).to_follower(cwd)
+        if len(_mapped) >= _MAPPED_KEPT:
+            _mapped.clear()
+        _mapped[key] = found
+    return found
 
 
 def _write_private(path: Path, text: str) -> None:

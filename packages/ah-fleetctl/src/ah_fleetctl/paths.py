@@ -411,6 +411,20 @@ class FollowerPath:
 
     # -- public -------------------------------------------------------------------------
 
+    def ready_transport(self) -> SshTransport | None:
+        """The fixed path's transport when :meth:`transport_now` would hand it out at once
+        (nobody is selecting, it is up), else None; no task switch, no lock."""
+        transport = self.transport
+        if (
+            self._closed
+            or self._lock.locked()
+            or self.selector.phase is not PathPhase.FIXED
+            or transport is None
+            or not transport.is_active
+        ):
+            return None
+        return transport
+
     async def transport_now(self) -> SshTransport:
         """The transport of the fixed path, selecting (or re-establishing) one first.
 
@@ -682,6 +696,14 @@ class PathConnector:
 
     async def connect(self, follower: FollowerStatus) -> SshTransport:
         return await self.driver(follower).transport_now()
+
+    def ready_transport(self, follower: FollowerStatus) -> SshTransport | None:
+        """What :meth:`connect` returns when it needs no work (the follower's fixed path is
+        up, its advertised reachability unchanged), else None: then call :meth:`connect`."""
+        current = self.paths.get(follower.info.name)
+        if current is None or not _same_reachability(current.follower, follower):
+            return None
+        return current.ready_transport()
 
     def record(self, name: str) -> PathRecord | None:
         driver = self.paths.get(name)

@@ -239,7 +239,7 @@ async def thin_fence_command(
         send_error,
     )
 
-    params = parse_thin_request(request, fence_command).params
+    params = parse_thin_request(request, fence_command)
     reason = fence_fallback_reason(request)
     if reason is not None:
         raise _Fallback(reason)

@@ -57,7 +57,7 @@ from .dataplane import FollowerUnreachable
 from .thin import INDEX_VERSION, file_signature, index_path, relevant_env, repo_root_of
 
 if TYPE_CHECKING:
-    from ah_ssh_bridge import ExecOutcome, WarmCommand
+    from ah_ssh_bridge import ExecOutcome, SshTransport, WarmCommand
 
     from .agent import LeaderAgent
     from .context import FleetContext
@@ -114,20 +114,42 @@ def config_flags_given(ctx: click.Context) -> list[str]:
     return given
 
 
-def parse_thin_request(request: ThinRunRequest, command: click.Command) -> click.Context:
-    """``request``'s arguments parsed by ``command`` as the full CLI would; :class:`_Fallback`
-    when the protocol version differs, the full CLI would report the invocation itself
-    (usage error, ``--help``), or configuration flags were given."""
+def parse_thin_request(request: ThinRunRequest, command: click.Command) -> dict[str, Any]:
+    """``request``'s arguments parsed by ``command`` as the full CLI would (its params);
+    :class:`_Fallback` when the protocol version differs, the full CLI would report the
+    invocation itself (usage error, ``--help``), or configuration flags were given.
+
+    Parsing depends on the arguments alone (no option reads the environment, and the ones
+    that look at files are configuration flags, a fallback either way), so the outcome is
+    kept per argument list: the same invocation typed again is not parsed again."""
     if request.version != INDEX_VERSION:
         raise _Fallback(f"thin protocol version {request.version}, agent speaks {INDEX_VERSION}")
+    key = (command, tuple(request.args))
+    outcome = _parsed.get(key)
+    if outcome is None:
+        outcome = _parse(command, list(request.args))
+        if len(_parsed) >= _PARSED_KEPT:
+            _parsed.clear()
+        _parsed[key] = outcome
+    if isinstance(outcome, str):
+        raise _Fallback(outcome)
+    return dict(outcome)
+
+
+def _parse(command: click.Command, args: list[str]) -> dict[str, Any] | str:
+    """``command``'s params for ``args``, or why the full CLI must handle them."""
     try:
-        ctx = command.make_context(command.name or "run", list(request.args))
+        ctx = command.make_context(command.name or "run", args)
     except (click.ClickException, click.exceptions.Exit, click.Abort) as exc:
-        raise _Fallback(f"the full CLI reports this invocation ({type(exc).__name__})") from None
+        return f"the full CLI reports this invocation ({type(exc).__name__})"
     flags = config_flags_given(ctx)
     if flags:
-        raise _Fallback(f"configuration flags given: {', '.join(flags)}")
-    return ctx
+        return f"configuration flags given: {', '.join(flags)}"
+    return dict(ctx.params)
+
+
+_PARSED_KEPT = 64
+_parsed: dict[tuple[click.Command, tuple[str, ...]], dict[str, Any] | str] = {}
 
 
 # --------------------------------------------------------------------------- the index
@@ -217,6 +239,8 @@ class _ConnectorExecutor:
         self.agent = agent
         self.followers = followers
         self.connect_timeout = connect_timeout
+        self._transports: dict[str, SshTransport] = {}
+        self._executor = SshExecutor(self._transports)
 
     async def run(
         self,
@@ -230,16 +254,20 @@ class _ConnectorExecutor:
     ) -> ExecOutcome:
         connector = self.agent.connector
         assert connector is not None
-        deadline = max(self.connect_timeout, getattr(connector, "overall_timeout_s", 0.0))
-        try:
-            async with asyncio.timeout(deadline):
-                transport = await connector.connect(self.followers[host])
-        except FollowerUnreachable as exc:
-            raise HostUnreachable(host, exc.reason) from None
-        except TimeoutError:
-            raise HostUnreachable(host, f"no path within {deadline:g}s") from None
-        executor = SshExecutor({host: transport})
-        return await executor.run(
+        follower = self.followers[host]
+        # The usual case (the path is fixed and up) needs no deadline, lock or task switch.
+        transport = connector.ready_transport(follower)
+        if transport is None:
+            deadline = max(self.connect_timeout, getattr(connector, "overall_timeout_s", 0.0))
+            try:
+                async with asyncio.timeout(deadline):
+                    transport = await connector.connect(follower)
+            except FollowerUnreachable as exc:
+                raise HostUnreachable(host, exc.reason) from None
+            except TimeoutError:
+                raise HostUnreachable(host, f"no path within {deadline:g}s") from None
+        self._transports[host] = transport
+        return await self._executor.run(
             host, command, on_stdout=on_stdout, on_stderr=on_stderr, timeout=timeout, warm=warm
         )
 
@@ -346,7 +374,7 @@ async def _thin_run(
     from .thin_fence import AgentLinks
 
     marks: list[tuple[str, float]] = [("received", time.perf_counter())]
-    params = parse_thin_request(request, run_command).params
+    params = parse_thin_request(request, run_command)
     fence = not params["no_fence"]
     if fence:
         from .thin_fence import fence_fallback_reason

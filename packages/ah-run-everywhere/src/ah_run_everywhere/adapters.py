@@ -37,7 +37,7 @@ import posixpath
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import PurePath, PurePosixPath, PureWindowsPath
-from typing import Protocol, TypeAlias
+from typing import Protocol, TypeAlias, TypeVar
 
 import msgspec
 
@@ -64,6 +64,8 @@ __all__ = [
 LogicalCommand: TypeAlias = Sequence[str] | str
 """An argv list (each element passed exactly) or a shell string (inserted verbatim)."""
 
+_V = TypeVar("_V")
+
 MAX_POSIX_COMMAND_BYTES = 131_071
 """Linux ``MAX_ARG_STRLEN`` (128 KiB incl. the NUL): sshd passes the whole command to the
 login shell as one argument, so no single argument may be longer."""
@@ -75,6 +77,49 @@ POWERSHELL_SINGLE_QUOTES = frozenset("'\u2018\u2019\u201a\u201b")
 """Characters PowerShell's tokenizer treats as a single quote (ASCII and typographic)."""
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_RENDER_CACHE_SIZE = 1024
+"""Rendered commands an adapter keeps (a long-lived process, the leader agent, renders the
+same commands for the same directories run after run)."""
+
+_RenderKey: TypeAlias = tuple[
+    "str | tuple[str, ...]", "str | None", "tuple[tuple[str, str], ...]", "tuple[str, ...]"
+]
+
+
+def _render_key(
+    command: LogicalCommand,
+    cwd: str | None,
+    env: Mapping[str, str] | None,
+    path_prepend: Sequence[str],
+) -> _RenderKey | None:
+    """What a rendering depends on, hashable; None when some part is not (no caching)."""
+    try:
+        key: _RenderKey = (
+            command if isinstance(command, str) else tuple(command),
+            cwd,
+            tuple((env or {}).items()),
+            tuple(path_prepend),
+        )
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+class _RenderCache:
+    """Rendering is a pure function of its arguments: results are kept (bounded), errors
+    are not (they are raised again each time)."""
+
+    def __init__(self) -> None:
+        self.rendered: dict[_RenderKey, str] = {}
+        self.warm: dict[_RenderKey, WarmCommand | None] = {}
+
+    @staticmethod
+    def keep(table: dict[_RenderKey, _V], key: _RenderKey, value: _V) -> _V:
+        if len(table) >= _RENDER_CACHE_SIZE:
+            table.clear()
+        table[key] = value
+        return value
 
 
 class AdapterError(DomainValidationError):
@@ -196,6 +241,7 @@ class PosixShellAdapter:
     def __init__(self, os: OsKind, shell: str) -> None:
         self.os = os
         self.shell = shell
+        self._cache = _RenderCache()
 
     def script(
         self,
@@ -243,6 +289,23 @@ class PosixShellAdapter:
         env: Mapping[str, str] | None = None,
         path_prepend: Sequence[str] = (),
     ) -> str:
+        key = _render_key(command, cwd, env, path_prepend)
+        found = self._cache.rendered.get(key) if key is not None else None
+        if found is not None:
+            return found
+        rendered = self._render(command, cwd=cwd, env=env, path_prepend=path_prepend)
+        if key is None:
+            return rendered
+        return self._cache.keep(self._cache.rendered, key, rendered)
+
+    def _render(
+        self,
+        command: LogicalCommand,
+        *,
+        cwd: str | None,
+        env: Mapping[str, str] | None,
+        path_prepend: Sequence[str],
+    ) -> str:
         script = self.script(command, cwd=cwd, env=env, path_prepend=path_prepend)
         rendered = f"{self.shell} -lc {posix_quote(script)}"
         size = len(rendered.encode("utf-8", errors="surrogatepass"))
@@ -267,8 +330,12 @@ class PosixShellAdapter:
         executor read once, so the profile's functions and aliases are not defined."""
         # The checks (and the size limit) are the rendered form's: fallback must be possible.
         self.render(command, cwd=cwd, env=env, path_prepend=path_prepend)
+        key = _render_key(command, cwd, env, path_prepend)
+        found = self._cache.warm.get(key) if key is not None else None
+        if found is not None:
+            return found  # frozen, and nobody changes its env: shared
         argv = None if isinstance(command, str) else tuple(command)
-        return WarmCommand(
+        warm = WarmCommand(
             shell=self.shell,
             argv=argv,
             script=command if isinstance(command, str) else None,
@@ -276,6 +343,9 @@ class PosixShellAdapter:
             env=dict(env or {}),
             path_prepend=tuple(path_prepend),
         )
+        if key is None:
+            return warm
+        return self._cache.keep(self._cache.warm, key, warm)
 
 
 class PowerShellAdapter:
@@ -402,6 +472,18 @@ def _flavour(os: OsKind) -> type[PurePath]:
     return PureWindowsPath if os is OsKind.WINDOWS else PurePosixPath
 
 
+def _is_absolute(path: str, os: OsKind) -> bool:
+    if os is OsKind.WINDOWS:
+        return PureWindowsPath(path).is_absolute()
+    return path.startswith("/")  # what PurePosixPath.is_absolute() means
+
+
+def _posix_normal(path: str) -> str:
+    """``str(_normalise(path, LINUX))`` for an absolute path: ``normpath`` leaves no ``.``,
+    ``..`` or empty components, and keeps two leading slashes exactly when pathlib does."""
+    return posixpath.normpath(path)
+
+
 def _normalise(path: str, os: OsKind) -> PurePath:
     """Lexically normalised absolute path (``.`` and ``..`` resolved) in ``os``'s flavour."""
     normpath = ntpath.normpath if os is OsKind.WINDOWS else posixpath.normpath
@@ -428,7 +510,7 @@ class PathMapping(msgspec.Struct, frozen=True, rename="camel"):
             ("follower", self.follower_root, self.follower_os),
         ):
             _reject_nul(root, f"{what} workspace root")
-            if not _flavour(os)(root).is_absolute():
+            if not _is_absolute(root, os):
                 raise AdapterError(
                     f"{what} workspace root {root!r} must be an absolute {os.value} path",
                     details={"value": root},
@@ -437,11 +519,27 @@ class PathMapping(msgspec.Struct, frozen=True, rename="camel"):
     def relative_parts(self, leader_path: str) -> tuple[str, ...]:
         """The components of ``leader_path`` below the leader root; error when outside."""
         _reject_nul(leader_path, "leader path")
-        flavour = _flavour(self.leader_os)
-        if not flavour(leader_path).is_absolute():
+        if not _is_absolute(leader_path, self.leader_os):
             raise PathOutsideWorkspaceError(
                 f"leader path {leader_path!r} must be absolute (inside the workspace "
                 f"{self.leader_root!r})",
+                details={"path": leader_path, "workspace": self.leader_root},
+            )
+        if self.leader_os is not OsKind.WINDOWS:
+            # Plain strings (pathlib is slow, and this runs per host per run): both are
+            # normalised, so below the root means "the root, then '/'".
+            root_text = _posix_normal(self.leader_root)
+            path_text = _posix_normal(leader_path)
+            if path_text == root_text:
+                return ()
+            prefix = root_text if root_text.endswith("/") else root_text + "/"
+            # ``/`` and ``//`` are different anchors to pathlib: never below one another.
+            same_anchor = (root_text[:2] == "//") == (path_text[:2] == "//")
+            if same_anchor and path_text.startswith(prefix):
+                return tuple(path_text[len(prefix) :].split("/"))
+            raise PathOutsideWorkspaceError(
+                f"leader path {leader_path!r} is outside the workspace {self.leader_root!r}; "
+                "only paths inside the synced tree exist on the followers",
                 details={"path": leader_path, "workspace": self.leader_root},
             )
         root = _normalise(self.leader_root, self.leader_os)
@@ -462,6 +560,11 @@ class PathMapping(msgspec.Struct, frozen=True, rename="camel"):
         if self.follower_os is OsKind.WINDOWS:
             for part in parts:
                 self._check_windows_component(part, leader_path)
+        if self.follower_os is not OsKind.WINDOWS:
+            root_text = _posix_normal(self.follower_root)
+            if not parts:
+                return root_text
+            return (root_text if root_text.endswith("/") else root_text + "/") + "/".join(parts)
         root = _normalise(self.follower_root, self.follower_os)
         return str(root.joinpath(*parts))
 

@@ -186,19 +186,29 @@ class _Lost(msgspec.Struct, frozen=True):
     reason: str
 
 
+_utf8_decoder = codecs.getincrementaldecoder("utf-8")
+"""Makes ``errors="strict"`` decoders by default; called with ``errors="replace"``."""
+
+
 class _LineStream:
     """Turns one job stream's chunks into lines and hands each to the engine."""
 
     def __init__(self, emit: Callable[[str], None]) -> None:
         self._emit = emit
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._decoder: codecs.IncrementalDecoder | None = None
+        """Made for the first bytes chunk (executors that hand out text never need one)."""
         self._pending = ""
         self.closed = False
 
     def feed(self, chunk: bytes | str) -> None:
         if self.closed:
             return
-        text = chunk if isinstance(chunk, str) else self._decoder.decode(chunk)
+        if isinstance(chunk, str):
+            text = chunk
+        else:
+            if self._decoder is None:
+                self._decoder = _utf8_decoder(errors="replace")
+            text = self._decoder.decode(chunk)
         if not text:
             return
         parts = (self._pending + text).split("\n")
@@ -209,7 +219,9 @@ class _LineStream:
     def close(self) -> None:
         if self.closed:
             return
-        tail = self._pending + self._decoder.decode(b"", final=True)
+        tail = self._pending
+        if self._decoder is not None:
+            tail += self._decoder.decode(b"", final=True)
         self._pending = ""
         if tail:
             self._emit(tail.removesuffix("\r"))
@@ -259,16 +271,31 @@ class RunEngine:
         self._warm: dict[tuple[str, int], WarmCommand | None] | None = (
             {} if getattr(executor, "accepts_warm_commands", False) else None
         )
+        # Rendering depends on the OS and the working directory only: hosts that share both
+        # share the rendered strings (typically every host of a fleet).
+        rendered_for: dict[tuple[OsKind, str | None], list[str]] = {}
+        warm_for: dict[tuple[OsKind, str | None], list[WarmCommand | None]] = {}
         for host in hosts:
-            adapter = adapter_for(host.os)
-            for index, command in enumerate(self._commands):
-                self._rendered[(host.name, index)] = adapter.render(
-                    command, cwd=host.cwd, env=env or {}, path_prepend=path_prepend
-                )
+            key = (host.os, host.cwd)
+            rendered = rendered_for.get(key)
+            if rendered is None:
+                adapter = adapter_for(host.os)
+                rendered = rendered_for[key] = [
+                    adapter.render(command, cwd=host.cwd, env=env or {}, path_prepend=path_prepend)
+                    for command in self._commands
+                ]
                 if self._warm is not None:
-                    self._warm[(host.name, index)] = adapter.warm_command(
-                        command, cwd=host.cwd, env=env or {}, path_prepend=path_prepend
-                    )
+                    warm_for[key] = [
+                        adapter.warm_command(
+                            command, cwd=host.cwd, env=env or {}, path_prepend=path_prepend
+                        )
+                        for command in self._commands
+                    ]
+            for index, text in enumerate(rendered):
+                self._rendered[(host.name, index)] = text
+            if self._warm is not None:
+                for index, warm in enumerate(warm_for[key]):
+                    self._warm[(host.name, index)] = warm
         self._timeout = timeout
         self._sink = sink
         self._printer = printer
@@ -279,9 +306,12 @@ class RunEngine:
         self._cancel_grace = cancel_grace
         self._clock = clock
         self._last_ts_ms = 0.0
-        self._cancel_requested = asyncio.Event()
+        self._cancel_requested = False
         self._cancel_reason = "cancelled"
-        self._emitted: set[int] = set()
+        self._wakeup: asyncio.Future[None] | None = None
+        """What :meth:`run` waits on between job ends (set by a job's end or a cancel)."""
+        self._results: dict[int, HostResult] = {}
+        """Job id → its result, made when the job was reported."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._started = False
@@ -300,7 +330,13 @@ class RunEngine:
         Safe to call from a signal handler running on the event loop; from another thread
         use ``loop.call_soon_threadsafe(engine.cancel)``."""
         self._cancel_reason = reason
-        self._cancel_requested.set()
+        self._cancel_requested = True
+        self._wake()
+
+    def _wake(self, _task: object = None) -> None:
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
 
     # ---- the run -------------------------------------------------------------------------
 
@@ -321,13 +357,13 @@ class RunEngine:
                 scheduler.host_ready(name)
         self._emit_new_reports()
         tasks: dict[asyncio.Task[JobOutcome | _Lost], Assignment] = {}
-        cancel_waiter = loop.create_task(self._cancel_requested.wait())
         cancelled_reason: str | None = None
         absorbed = False
         try:
             while True:
                 for assignment in scheduler.next_assignments():
                     task = loop.create_task(self._run_job(assignment))
+                    task.add_done_callback(self._wake)
                     tasks[task] = assignment
                 if scheduler.done:
                     break
@@ -335,10 +371,19 @@ class RunEngine:
                     raise RuntimeError(
                         "scheduler is not done but nothing is running (a host was never made ready)"
                     )
-                await asyncio.wait([*tasks, cancel_waiter], return_when=asyncio.FIRST_COMPLETED)
-                for task in [t for t in tasks if t.done()]:
+                # Until a job ends or cancel() is called (one future, woken by either,
+                # instead of asyncio.wait's callbacks on every running job per round).
+                done = [t for t in tasks if t.done()]
+                if not done and not self._cancel_requested:
+                    self._wakeup = loop.create_future()
+                    try:
+                        await self._wakeup
+                    finally:
+                        self._wakeup = None
+                    done = [t for t in tasks if t.done()]
+                for task in done:
                     self._apply(tasks.pop(task), task)
-                if cancel_waiter.done() and not scheduler.done:
+                if self._cancel_requested and not scheduler.done:
                     cancelled_reason = self._cancel_reason
                     break
         except asyncio.CancelledError:
@@ -351,8 +396,6 @@ class RunEngine:
             if tasks:
                 await asyncio.wait(tasks, timeout=self._cancel_grace)
             raise
-        finally:
-            cancel_waiter.cancel()
         if cancelled_reason is not None:
             await self._cancel_all(tasks, cancelled_reason)
             current = asyncio.current_task()
@@ -412,11 +455,15 @@ class RunEngine:
         log = self._run_dir.open_log(host) if self._run_dir is not None else None
         if log is not None:
             log.write_note(f"job {assignment.job_id} started: {assignment.command}")
-        self._emit(
-            HostStartedEvent(
-                session_id=self._sid, ts_ms=self._now_ms(), host=host, command=assignment.command
+        if self._sink is not None:
+            self._sink(
+                HostStartedEvent(
+                    session_id=self._sid,
+                    ts_ms=self._now_ms(),
+                    host=host,
+                    command=assignment.command,
+                )
             )
-        )
         out = _LineStream(lambda line: self._line(host, "stdout", line, log))
         err = _LineStream(lambda line: self._line(host, "stderr", line, log))
         started = time.monotonic()
@@ -425,20 +472,25 @@ class RunEngine:
             return max(0, round((time.monotonic() - started) * 1000))
 
         limit = None if self._timeout is None else self._timeout + self._timeout_grace
+        deadline: asyncio.Timeout | None = None
         try:
             key = (host, assignment.command_index)
             extra = {} if self._warm is None else {"warm": self._warm[key]}
-            async with asyncio.timeout(limit) as deadline:
-                outcome = await self._executor.run(
-                    host,
-                    self._rendered[key],
-                    on_stdout=self._threadsafe(out),
-                    on_stderr=self._threadsafe(err),
-                    timeout=self._timeout,
-                    **extra,
-                )
+            call = self._executor.run(
+                host,
+                self._rendered[key],
+                on_stdout=self._threadsafe(out),
+                on_stderr=self._threadsafe(err),
+                timeout=self._timeout,
+                **extra,
+            )
+            if limit is None:
+                outcome = await call
+            else:
+                async with asyncio.timeout(limit) as deadline:
+                    outcome = await call
         except TimeoutError as exc:
-            if not deadline.expired():
+            if deadline is None or not deadline.expired():
                 return JobOutcome(
                     state=HostState.FAILED,
                     took_ms=took_ms(),
@@ -460,9 +512,9 @@ class RunEngine:
             )
         finally:
             # Output callbacks from executor threads are queued on the loop before the
-            # executor's result; a barrier lets them all land before the streams close.
+            # executor's result; one loop pass lets them all land before the streams close.
             with contextlib.suppress(asyncio.CancelledError):
-                await self._barrier()
+                await asyncio.sleep(0)
             out.close()
             err.close()
         return self._judge(outcome, took_ms())
@@ -507,27 +559,17 @@ class RunEngine:
 
         return feed
 
-    async def _barrier(self) -> None:
-        loop = asyncio.get_running_loop()
-        reached: asyncio.Future[None] = loop.create_future()
-
-        def arrive() -> None:
-            if not reached.done():
-                reached.set_result(None)
-
-        loop.call_soon(arrive)
-        await reached
-
     def _line(self, host: str, stream: StreamName, line: str, log: HostLog | None) -> None:
         if self._printer is not None:
             self._printer.line(host, line)
         if log is not None:
             log.write_line(stream, line)
-        self._emit(
-            HostLogEvent(
-                session_id=self._sid, ts_ms=self._now_ms(), host=host, stream=stream, line=line
+        if self._sink is not None:
+            self._sink(
+                HostLogEvent(
+                    session_id=self._sid, ts_ms=self._now_ms(), host=host, stream=stream, line=line
+                )
             )
-        )
 
     def _now_ms(self) -> float:
         # Wall-clock ms, but never going backwards within a run (events must be ordered).
@@ -540,11 +582,8 @@ class RunEngine:
             self._sink(event)
 
     def _emit_new_reports(self) -> None:
-        for report in self._scheduler.report():
-            if report.job_id in self._emitted:
-                continue
-            self._emitted.add(report.job_id)
-            result = self._host_result(report)
+        for report in self._scheduler.take_new_reports():
+            result = self._results[report.job_id] = self._host_result(report)
             if self._run_dir is not None:
                 log = self._run_dir.open_log(result.host)
                 note = f"job {report.job_id} {result.state.value}"
@@ -554,15 +593,16 @@ class RunEngine:
                 if result.error:
                     note += f" -- {result.error}"
                 log.write_note(note)
-            self._emit(
-                HostExitedEvent(
-                    session_id=self._sid, ts_ms=self._now_ms(), host=result.host, result=result
+            if self._sink is not None:
+                self._sink(
+                    HostExitedEvent(
+                        session_id=self._sid, ts_ms=self._now_ms(), host=result.host, result=result
+                    )
                 )
-            )
 
     def _host_result(self, report: JobReport) -> HostResult:
         host = report.host or report.queued_on
-        log_path = str(self._run_dir.log_path(host)) if self._run_dir is not None else None
+        log_path = self._run_dir.log_file(host) if self._run_dir is not None else None
         return HostResult(
             host=host,
             os=report.os,
@@ -601,7 +641,7 @@ class RunEngine:
 
     def _finish(self) -> RunEnvelope:
         self._emit_new_reports()
-        results = [self._host_result(report) for report in self._scheduler.report()]
+        results = [self._results[report.job_id] for report in self._scheduler.report()]
         results += self._hosts_without_a_job({r.host for r in results})
         summary = RunSummary.from_results(results)
         self._emit(SummaryEvent(session_id=self._sid, ts_ms=self._now_ms(), summary=summary))

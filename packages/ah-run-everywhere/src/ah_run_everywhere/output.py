@@ -7,6 +7,7 @@ import os
 import queue
 import secrets
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal, TextIO
@@ -30,6 +31,8 @@ HOST_COLOURS: tuple[str, ...] = ("36", "33", "35", "32", "34", "91", "96", "93",
 """ANSI SGR foreground codes cycled over hosts (red is kept out: it reads as an error)."""
 
 _RESET = "\x1b[0m"
+_LOG_BUFFER_BYTES = 1 << 16
+"""A log's pending bytes are written once they reach this (or when the writer caught up)."""
 
 
 def colour_enabled(stream: TextIO, environ: Mapping[str, str] | None = None) -> bool:
@@ -83,81 +86,128 @@ class LinePrinter:
 
 
 class _LogWriter:
-    """The one thread that opens, writes and flushes a run directory's logs.
+    """Writes a run directory's logs on the process's one log-writing thread.
 
     Why a thread: a run's event loop shares the interpreter with one SSH worker thread per
     host, and every blocking file call it made itself (``open``, ``write``, ``flush``) gave
     up the GIL and then waited up to a switch interval to get it back — measured ~2 ms per
     ``open`` on a loaded 2-core machine, paid before each host's command could start. Here
-    the loop only enqueues; this thread writes in arrival order (so each log keeps its
+    the loop only enqueues; the thread writes in arrival order (so each log keeps its
     order) and flushes whenever it has caught up, so a log can still be followed live.
     The first I/O error is kept and raised by :meth:`drain`.
 
-    The thread starts writing ``start_delay_s`` after the first line, or at the first
-    :meth:`drain`, whichever comes first: a short run (a warm fan-out takes ~20 ms) then
-    writes its logs after its commands instead of while they run. Even a thread that only
-    opens files takes the GIL away from the loop and the SSH threads (each blocking call
-    costs up to a switch interval to get it back): measured ~10 ms more per 16-host run.
+    The thread starts writing a writer's lines ``start_delay_s`` after its first line, or at
+    its first :meth:`drain`, whichever comes first: a short run (a warm fan-out takes ~20 ms)
+    then writes its logs after its commands instead of while they run. Even a thread that
+    only opens files takes the GIL away from the loop and the SSH threads (each blocking
+    call costs up to a switch interval to get it back): measured ~10 ms more per 16-host run.
+
+    One thread serves every writer of the process (a long-lived process, the leader agent,
+    makes a run directory per run: a thread started per run costs a start-up hand-off on
+    the loop, and one left waiting per run piles up).
     """
 
     def __init__(self, start_delay_s: float = 0.1) -> None:
-        self._queue: queue.SimpleQueue[tuple[HostLog, str | None] | threading.Event] = (
-            queue.SimpleQueue()
-        )
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
         self._start_delay_s = start_delay_s
         self._go = threading.Event()
+        self._first_at: float | None = None
         self.error: OSError | None = None
 
     def submit(self, log: HostLog, text: str | None) -> None:
         """Append ``text`` to ``log`` (None: close its file)."""
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._work, name="ah-run-logs", daemon=True)
-                self._thread.start()
-        self._queue.put((log, text))
+        if self._first_at is None:
+            self._first_at = time.monotonic()
+        _writer_queue().put((self, log, text))
 
     def drain(self) -> None:
         """Wait until everything submitted so far is written; raise the first I/O error."""
-        with self._lock:
-            running = self._thread is not None
         self._go.set()
-        if running:
+        if self._first_at is not None:
             done = threading.Event()
-            self._queue.put(done)
+            _writer_queue().put((self, None, done))
             done.wait()
         if self.error is not None:
             error, self.error = self.error, None
             raise error
 
-    def _work(self) -> None:
-        self._go.wait(self._start_delay_s)
-        dirty: set[HostLog] = set()
-        while True:
-            item = self._queue.get()
-            try:
-                if isinstance(item, threading.Event):
-                    self._flush(dirty)
-                    item.set()
-                    continue
-                log, text = item
-                if text is None:
-                    log._close_file()
-                    dirty.discard(log)
-                else:
-                    log._append(text)
-                    dirty.add(log)
-                if self._queue.empty():
-                    self._flush(dirty)
-            except OSError as exc:
-                if self.error is None:
-                    self.error = exc
+    def close(self) -> None:
+        """:meth:`drain` (kept for the run directory's and a lone log's close)."""
+        self.drain()
 
-    def _flush(self, dirty: set[HostLog]) -> None:
-        for log in dirty:
+    def _hold_until_due(self) -> None:
+        """On the thread: wait out this writer's start delay (cut short by a drain)."""
+        if self._go.is_set() or self._first_at is None:
+            return
+        remaining = self._first_at + self._start_delay_s - time.monotonic()
+        if remaining > 0:
+            self._go.wait(remaining)
+        self._go.set()
+
+    def _failed(self, exc: OSError) -> None:
+        if self.error is None:
+            self.error = exc
+
+
+_WriterItem = tuple[_LogWriter, "HostLog | None", "str | threading.Event | None"]
+_queue_lock = threading.Lock()
+_shared_queue: queue.SimpleQueue[_WriterItem] | None = None
+
+
+def _writer_queue() -> queue.SimpleQueue[_WriterItem]:
+    """The queue of the process's log-writing thread (started on first use)."""
+    global _shared_queue
+    items = _shared_queue
+    if items is not None:
+        return items
+    with _queue_lock:
+        if _shared_queue is None:
+            _shared_queue = queue.SimpleQueue()
+            threading.Thread(
+                target=_write_logs, args=(_shared_queue,), name="ah-run-logs", daemon=True
+            ).start()
+        return _shared_queue
+
+
+def _forget_writer_queue() -> None:
+    # A forked child has no writer thread: it starts its own on first use.
+    global _shared_queue
+    _shared_queue = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_writer_queue)
+
+
+def _write_logs(items: queue.SimpleQueue[_WriterItem]) -> None:
+    dirty: set[HostLog] = set()
+    while True:
+        writer, log, item = items.get()
+        writer._hold_until_due()
+        if isinstance(item, threading.Event):
+            _flush(dirty)
+            item.set()
+            continue
+        assert log is not None
+        try:
+            if item is None:
+                dirty.discard(log)
+                log._close_file()
+            else:
+                log._append(item)
+                dirty.add(log)
+        except OSError as exc:
+            writer._failed(exc)
+        if items.empty():
+            _flush(dirty)
+
+
+def _flush(dirty: set[HostLog]) -> None:
+    for log in dirty:
+        try:
             log._flush()
-        dirty.clear()
+        except OSError as exc:
+            log._writer._failed(exc)
+    dirty.clear()
 
 
 class HostLog:
@@ -167,11 +217,21 @@ class HostLog:
     Writes go through the run directory's writer thread (see ``_LogWriter``); a log made
     on its own writes through a private one. :meth:`close` waits until all is written."""
 
-    def __init__(self, path: Path, writer: _LogWriter | None = None) -> None:
-        self.path = path
+    def __init__(self, path: Path | str, writer: _LogWriter | None = None) -> None:
+        self._name = os.fspath(path)
+        self._path = path if isinstance(path, Path) else None
         self._writer = writer if writer is not None else _LogWriter()
         self._own_writer = writer is None
-        self._file: TextIO | None = None
+        self._fd: int | None = None
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+
+    @property
+    def path(self) -> Path:
+        """The log file."""
+        if self._path is None:
+            self._path = Path(self._name)
+        return self._path
 
     def write_line(self, stream: StreamName, text: str) -> None:
         tag = "out" if stream == "stdout" else "err"
@@ -183,25 +243,42 @@ class HostLog:
     def close(self) -> None:
         self._writer.submit(self, None)
         if self._own_writer:
-            self._writer.drain()
+            self._writer.close()
 
     # -- the writer thread's side --
 
+    # A plain append-mode descriptor and UTF-8 bytes (what a text file opened with "a",
+    # utf-8, surrogateescape and newline="\n" writes), buffered here until the writer has
+    # caught up: no TextIOWrapper to build and tear down per host per run.
+
     def _append(self, text: str) -> None:
-        if self._file is None:
-            self._file = self.path.open(
-                "a", encoding="utf-8", errors="surrogateescape", newline="\n"
-            )
-        self._file.write(text)
+        if self._fd is None:
+            self._fd = os.open(self._name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        data = text.encode("utf-8", "surrogateescape")
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes >= _LOG_BUFFER_BYTES:
+            self._flush()
 
     def _flush(self) -> None:
-        if self._file is not None:
-            self._file.flush()
+        if self._fd is None or not self._pending:
+            return
+        data = memoryview(b"".join(self._pending))
+        self._pending.clear()
+        self._pending_bytes = 0
+        while data:
+            data = data[os.write(self._fd, data) :]
 
     def _close_file(self) -> None:
-        if self._file is not None:
-            file, self._file = self._file, None
-            file.close()
+        if self._fd is not None:
+            fd = self._fd
+            try:
+                self._flush()
+            finally:
+                self._fd = None
+                self._pending.clear()
+                self._pending_bytes = 0
+                os.close(fd)
 
 
 class RunDirectory:
@@ -254,13 +331,22 @@ class RunDirectory:
         self.path = candidate
         self.run_id = ident
         self._logs: dict[str, HostLog] = {}
-        self._paths: dict[str, Path] = {}
+        self._paths: dict[str, str] = {}
+        self._files: dict[str, str] = {}
+        self._prefix = os.path.join(str(candidate), "")
         self._lock = threading.Lock()
         self._writer = _LogWriter()
 
     def log_path(self, host: str) -> Path:
         """Where ``host``'s log goes (the name is validated, so it cannot escape the dir)."""
-        return self.path / f"{validate_host_name(host)}.log"
+        return Path(self.log_file(host))
+
+    def log_file(self, host: str) -> str:
+        """:meth:`log_path` as a string (kept per host: a run asks for it per job)."""
+        found = self._files.get(host)
+        if found is None:
+            found = self._files[host] = f"{self._prefix}{validate_host_name(host)}.log"
+        return found
 
     def open_log(self, host: str) -> HostLog:
         """The (shared, append-mode) log of ``host``; opened on first use (again after
@@ -268,14 +354,15 @@ class RunDirectory:
         with self._lock:
             log = self._logs.get(host)
             if log is None:
-                log = self._logs[host] = HostLog(self.log_path(host), self._writer)
-                self._paths[host] = log.path
+                name = self.log_file(host)
+                log = self._logs[host] = HostLog(name, self._writer)
+                self._paths[host] = name
             return log
 
     def log_paths(self) -> dict[str, Path]:
         """Every log written in this run directory so far, by host."""
         with self._lock:
-            return dict(self._paths)
+            return {host: Path(name) for host, name in self._paths.items()}
 
     def close(self) -> None:
         """Write out and close the open log files (the engine does this when its run ends);
@@ -284,7 +371,7 @@ class RunDirectory:
             for log in self._logs.values():
                 log.close()
             self._logs.clear()
-        self._writer.drain()
+        self._writer.close()
 
 
 class SpareRunDirectory:
@@ -298,9 +385,11 @@ class SpareRunDirectory:
         runs.mkdir(parents=True, exist_ok=True)
         self.runs = runs
         self.path: Path | None = runs / f".spare-{secrets.token_hex(6)}"
-        self.path.mkdir()
+        os.mkdir(self.path)
+        prefix = os.path.join(self.path, "")
         for host in self.hosts:
-            (self.path / f"{host}.log").touch()
+            # Path.touch() would first try utime() on the file that is not there yet.
+            os.close(os.open(f"{prefix}{host}.log", os.O_WRONLY | os.O_CREAT, 0o666))
         self._lock = threading.Lock()
 
     def claim(self, runs: Path) -> Path | None:

@@ -155,6 +155,8 @@ class ShardScheduler:
         self._commands = list(commands)
         self._jobs: list[_Job] = []
         self._reports: dict[int, JobReport] = {}
+        self._fresh: list[int] = []
+        """Job ids reported since the last :meth:`take_new_reports`."""
         # Per OS: the hosts in the order given, and where round-robin continues.
         self._os_hosts: dict[OsKind, list[str]] = {}
         for host in self._hosts.values():
@@ -212,6 +214,14 @@ class ShardScheduler:
     def report(self) -> list[JobReport]:
         """Every reported job, in job-id order (complete once :attr:`done`)."""
         return [self._reports[job_id] for job_id in sorted(self._reports)]
+
+    def take_new_reports(self) -> list[JobReport]:
+        """The jobs reported since the last call (in job-id order); each is handed out
+        once. Together the calls hand out exactly what :meth:`report` lists."""
+        fresh, self._fresh = self._fresh, []
+        if len(fresh) > 1:
+            fresh.sort()
+        return [self._reports[job_id] for job_id in fresh]
 
     # ---- events --------------------------------------------------------------------------
 
@@ -310,6 +320,7 @@ class ShardScheduler:
 
     def _record(self, job: _Job, *, ran: bool, outcome: JobOutcome) -> None:
         job.phase = _Phase.REPORTED
+        self._fresh.append(job.job_id)
         self._reports[job.job_id] = JobReport(
             job_id=job.job_id,
             command=job.command,

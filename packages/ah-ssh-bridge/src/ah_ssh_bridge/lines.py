@@ -10,6 +10,9 @@ DEFAULT_MAX_LINE_CHARS = 1 << 20
 """A line longer than this is handed out in pieces, so binary output cannot exhaust memory."""
 
 
+_utf8_decoder = codecs.getincrementaldecoder("utf-8")
+
+
 class LineSplitter:
     """Incremental UTF-8 decoder and line splitter.
 
@@ -22,7 +25,8 @@ class LineSplitter:
         if max_line_chars < 1:
             raise ValueError(f"max_line_chars must be >= 1, got {max_line_chars}")
         self.max_line_chars = max_line_chars
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._decoder: codecs.IncrementalDecoder | None = None
+        """Made on the first bytes (most commands of a fan-out print nothing at all)."""
         self._pending: list[str] = []
         self._pending_chars = 0
         self._finished = False
@@ -30,6 +34,8 @@ class LineSplitter:
     def feed(self, data: bytes) -> list[str]:
         if self._finished:
             raise ValueError("LineSplitter.feed after finish")
+        if self._decoder is None:
+            self._decoder = _utf8_decoder(errors="replace")
         return self._split(self._decoder.decode(data))
 
     def finish(self) -> list[str]:
@@ -37,7 +43,9 @@ class LineSplitter:
         if self._finished:
             return []
         self._finished = True
-        lines = self._split(self._decoder.decode(b"", final=True))
+        lines = (
+            self._split(self._decoder.decode(b"", final=True)) if self._decoder is not None else []
+        )
         if self._pending_chars:
             lines.append(self._take_pending(""))
         return lines

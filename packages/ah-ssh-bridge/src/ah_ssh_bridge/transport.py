@@ -266,7 +266,9 @@ class _Job:
         self.pgid: int | None = None
         self.pgid_seen = asyncio.Event()
         self.callback_error: BaseException | None = None
-        self.callback_failed = asyncio.Event()
+        self.on_callback_error: Callable[[], None] | None = None
+        """Wakes whoever waits for the job (set while :meth:`SshTransport._wait_job` runs)."""
+        self._loop_thread = threading.get_ident()
 
     # -- worker thread side --
 
@@ -299,7 +301,11 @@ class _Job:
 
     def _call(self, fn: Callable[..., object], *args: object) -> None:
         try:
-            self.loop.call_soon_threadsafe(fn, *args)
+            if threading.get_ident() == self._loop_thread:
+                # The warm executor's reader runs on the loop: no need to wake it up.
+                self.loop.call_soon(fn, *args)
+            else:
+                self.loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # the loop is closed: nobody is listening any more
             self.stopping = True
 
@@ -313,7 +319,8 @@ class _Job:
                 callback(line)
             except Exception as exc:
                 self.callback_error = exc
-                self.callback_failed.set()
+                if self.on_callback_error is not None:
+                    self.on_callback_error()
                 return
 
     def request_stop(self) -> None:
@@ -826,24 +833,42 @@ class SshTransport:
         timeout: float | None,
         cancel: asyncio.Event | None,
     ) -> StopReason | None:
-        callback_failed = asyncio.ensure_future(job.callback_failed.wait())
-        cancelled = asyncio.ensure_future(cancel.wait()) if cancel is not None else None
-        waiters: set[asyncio.Future[Any]] = {worker, callback_failed}
-        if cancelled is not None:
-            waiters.add(cancelled)
+        # One future woken by whichever comes first (the job's end, a failed callback, the
+        # cancel event, the timeout): no task per job for the rare cases.
+        if worker.done():
+            return None
+        if job.callback_error is not None:
+            return "callback"
+        if cancel is not None and cancel.is_set():
+            return "cancel"
+        loop = asyncio.get_running_loop()
+        woken: asyncio.Future[None] = loop.create_future()
+
+        def wake(_: object = None) -> None:
+            if not woken.done():
+                woken.set_result(None)
+
+        worker.add_done_callback(wake)
+        job.on_callback_error = wake
+        cancelled = None
+        if cancel is not None:
+            cancelled = asyncio.ensure_future(cancel.wait())
+            cancelled.add_done_callback(wake)
+        timer = loop.call_later(timeout, wake) if timeout is not None else None
         try:
-            done, _ = await asyncio.wait(
-                waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
+            await woken
         finally:
-            callback_failed.cancel()
+            worker.remove_done_callback(wake)
+            job.on_callback_error = None
             if cancelled is not None:
                 cancelled.cancel()
-        if worker in done:
+            if timer is not None:
+                timer.cancel()
+        if worker.done():
             return None
-        if callback_failed in done:
+        if job.callback_error is not None:
             return "callback"
-        if cancelled is not None and cancelled in done:
+        if cancel is not None and cancel.is_set():
             return "cancel"
         return "timeout"
 
