@@ -8,6 +8,7 @@ is still importable from here, loaded on first access.
 
 from __future__ import annotations
 
+import os
 import sys
 
 TYPE_CHECKING = False  # not typing's: importing typing would cost the thin path ~10 modules
@@ -23,7 +24,15 @@ def main() -> None:
 
     code = try_thin_run(sys.argv[1:])
     if code is not None:
-        sys.exit(code)
+        # The agent ran it and everything went out through os.write: leave without the
+        # interpreter's teardown (module and GC clean-up, ~2 ms of a ~40 ms warm run). Nothing
+        # on this path registers atexit work or buffers output; the flush is a safeguard.
+        for stream in (sys.stdout, sys.stderr):
+            try:  # noqa: SIM105 - contextlib is not loaded on this path
+                stream.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+        os._exit(code)
     from .app import main as full_main
 
     full_main()
