@@ -137,7 +137,7 @@ async def start_when_free(server: ControlAndPushServer, port: int, timeout: floa
 
 
 @contextlib.asynccontextmanager
-async def running(client: LeaderPushClient) -> Any:
+async def running(client: LeaderPushClient | LeaderPushConnection) -> Any:
     task = asyncio.ensure_future(client.run())
     try:
         yield task
@@ -364,18 +364,6 @@ def make_connection(fleet: Any, port: int, **kw: Any) -> LeaderPushConnection:
     )
 
 
-@contextlib.asynccontextmanager
-async def connection_running(connection: LeaderPushConnection) -> Any:
-    task = asyncio.ensure_future(connection.run())
-    try:
-        yield task
-    finally:
-        await connection.stop()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
 def test_sessions_share_one_connection_and_each_arrives_once_in_order(
     run: Callable[..., Any], fleet: Any, handler: Any, signer: TokenSigner
 ) -> None:
@@ -387,7 +375,7 @@ def test_sessions_share_one_connection_and_each_arrives_once_in_order(
         async with make_server(fleet, handler, ingest) as server:
             port = await server.start()
             connection = make_connection(fleet, port)
-            async with connection_running(connection):
+            async with running(connection):
                 # Four concurrent sessions, their events interleaved.
                 sessions = [connection.open_session(token=token, session_id=n) for n in names]
                 for i in range(300):
@@ -425,7 +413,7 @@ def test_a_refused_session_ends_alone_and_the_connection_stays_up(
         async with make_server(fleet, handler, ingest) as server:
             port = await server.start()
             connection = make_connection(fleet, port)
-            async with connection_running(connection):
+            async with running(connection):
                 first = connection.open_session(token=good, session_id="s-good-1")
                 refused = connection.open_session(token=reader, session_id="s-refused")
                 for event in notes(0, 50):
@@ -462,7 +450,7 @@ def test_a_storage_failure_refuses_one_stream_and_only_that_session_retries(
         async with make_server(fleet, handler, ingest) as server:
             port = await server.start()
             connection = make_connection(fleet, port)
-            async with connection_running(connection):
+            async with running(connection):
                 other = connection.open_session(token=token, session_id="s-other")
                 other.emit(notes(0, 1)[0])
                 assert await other.flush(10.0)
@@ -513,7 +501,7 @@ def test_every_open_session_resumes_after_the_access_point_restarts(
         first = make_server(fleet, handler, ingest)
         port = await first.start()
         connection = make_connection(fleet, port, answer_timeout_s=0.5)
-        async with connection_running(connection):
+        async with running(connection):
             sessions = [connection.open_session(token=token, session_id=n) for n in names]
             for session in sessions:
                 for event in notes(0, 200):

@@ -29,7 +29,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -64,6 +64,7 @@ __all__ = [
 ]
 
 E = TypeVar("E", bound=Event)
+_R = TypeVar("_R")
 
 DEFAULT_CLOSE_TIMEOUT_S = 5.0
 DEFAULT_MAX_BUFFERED = 100_000
@@ -242,6 +243,28 @@ class _SinkBase:
             f"the access point refused the session events ({reason}); going on without "
             f"them{self._local_note()}",
         )
+
+    async def _until_reached(self, api_url: str, attempt: Callable[[], Awaitable[_R]]) -> _R | None:
+        """``attempt()`` again and again (with backoff) until it gets through to the access
+        point at ``api_url``; None when the access point refused us (said once, as is being
+        unreachable)."""
+        from ah_connectivity.backoff import Backoff
+
+        backoff = Backoff(base_s=0.5, cap_s=10.0)
+        while True:
+            try:
+                return await attempt()
+            except _Refused as exc:
+                self._refused_by(str(exc))
+                return None
+            except Exception as exc:
+                self._error = f"cannot reach the access point {api_url}: {_describe(exc)}"
+                self._warn_once(
+                    "unreachable",
+                    f"{self._error}; session events will be sent when it answers"
+                    f"{self._local_note()}",
+                )
+                await asyncio.sleep(backoff.next_delay())
 
     def _on_push_status(self, status: PushStatus) -> None:
         if status.connected:
@@ -468,37 +491,28 @@ class SessionEventSink(_SinkBase):
 
     async def _push(self) -> None:
         """Discover the push endpoint, then keep the QUIC client running."""
-        from ah_connectivity.backoff import Backoff
         from ah_connectivity.leader_push import LeaderPushClient
 
         assert self.session_id is not None
-        backoff = Backoff(base_s=0.5, cap_s=10.0)
         if self.connect_delay_s > 0 and self._closing is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.connect_delay_s):
                     await self._closing.wait()
-        while True:
-            try:
-                if self.push_target is None:
-                    self.push_target = await discover_push_target(
-                        self.api_url, self._token, self._verify, self._ca_pem,
-                        self.connect_timeout_s,
-                    )  # fmt: skip
-                host, port, trust_domain, ca_pem = self.push_target
-                break
-            except _Refused as exc:
-                self._refused_by(str(exc))
-                with self._lock:
-                    self._inbox.clear()
-                return
-            except Exception as exc:
-                self._error = f"cannot reach the access point {self.api_url}: {_describe(exc)}"
-                self._warn_once(
-                    "unreachable",
-                    f"{self._error}; session events will be sent when it answers"
-                    f"{self._local_note()}",
-                )
-                await asyncio.sleep(backoff.next_delay())
+
+        async def discover() -> tuple[str, int, str, str]:
+            if self.push_target is None:
+                self.push_target = await discover_push_target(
+                    self.api_url, self._token, self._verify, self._ca_pem,
+                    self.connect_timeout_s,
+                )  # fmt: skip
+            return self.push_target
+
+        target = await self._until_reached(self.api_url, discover)
+        if target is None:
+            with self._lock:
+                self._inbox.clear()
+            return
+        host, port, trust_domain, ca_pem = target
         client = LeaderPushClient(
             host=host,
             port=port,
@@ -749,26 +763,11 @@ class AgentSessionSink(_SinkBase):
             self._attaching = asyncio.get_running_loop().create_task(self._attach())
 
     async def _attach(self) -> None:
-        from ah_connectivity.backoff import Backoff
-
         assert self.session_id is not None
-        backoff = Backoff(base_s=0.5, cap_s=10.0)
-        while True:
-            try:
-                connection = await self.push.connect()
-                break
-            except _Refused as exc:
-                self._refused_by(str(exc))
-                self._held.clear()
-                return
-            except Exception as exc:
-                self._error = f"cannot reach the access point {self.push.api_url}: {_describe(exc)}"
-                self._warn_once(
-                    "unreachable",
-                    f"{self._error}; session events will be sent when it answers"
-                    f"{self._local_note()}",
-                )
-                await asyncio.sleep(backoff.next_delay())
+        connection = await self._until_reached(self.push.api_url, self.push.connect)
+        if connection is None:
+            self._held.clear()
+            return
         held, self._held = self._held, deque()
         # A run that already answered sends its hello, events and end in one flight.
         session = connection.open_session(

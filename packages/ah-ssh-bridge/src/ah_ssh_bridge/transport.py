@@ -835,12 +835,19 @@ class SshTransport:
     ) -> StopReason | None:
         # One future woken by whichever comes first (the job's end, a failed callback, the
         # cancel event, the timeout): no task per job for the rare cases.
-        if worker.done():
-            return None
-        if job.callback_error is not None:
-            return "callback"
-        if cancel is not None and cancel.is_set():
-            return "cancel"
+        def ended() -> tuple[bool, StopReason | None]:
+            """(decided, why it stopped: None when the job itself ended)."""
+            if worker.done():
+                return True, None
+            if job.callback_error is not None:
+                return True, "callback"
+            if cancel is not None and cancel.is_set():
+                return True, "cancel"
+            return False, None
+
+        decided, reason = ended()
+        if decided:
+            return reason
         loop = asyncio.get_running_loop()
         woken: asyncio.Future[None] = loop.create_future()
 
@@ -864,13 +871,8 @@ class SshTransport:
                 cancelled.cancel()
             if timer is not None:
                 timer.cancel()
-        if worker.done():
-            return None
-        if job.callback_error is not None:
-            return "callback"
-        if cancel is not None and cancel.is_set():
-            return "cancel"
-        return "timeout"
+        decided, reason = ended()
+        return reason if decided else "timeout"
 
     async def _stop_job(self, job: _Job, worker: asyncio.Future[int | None]) -> None:
         """Kill the command's remote process group, then make sure its channel is closed."""
