@@ -237,6 +237,7 @@ async def thin_fence_command(
         parse_thin_request,
         selection_and_session,
         send_error,
+        start_event_sink,
     )
 
     params = parse_thin_request(request, fence_command)
@@ -262,18 +263,7 @@ async def thin_fence_command(
         return send_error(send, exc, json_mode)
     engine = choose_engine()
     loop = asyncio.get_running_loop()
-
-    def warn(message: str) -> None:
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(send, ThinOutReply(fd=2, text=f"warning: {message}\n"))
-
-    events = None
-    try:
-        events = agent.event_sink(Path(defaults.runs_base) / "sessions", warn)
-        events.start(session_id)
-    except Exception as exc:  # the fence matters more than its event stream
-        send(ThinOutReply(fd=2, text=f"warning: session events are off for this run: {exc}\n"))
-        events = None
+    events, _ = start_event_sink(agent, defaults, send, session_id)
     send(ThinStartedReply())
     links = AgentLinks(
         selected,

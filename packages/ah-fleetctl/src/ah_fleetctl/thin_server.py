@@ -61,8 +61,15 @@ if TYPE_CHECKING:
 
     from .agent import LeaderAgent
     from .context import FleetContext
+    from .events import AgentSessionSink
 
-__all__ = ["SERVED_PARAMS", "config_flags_given", "serve_thin_run", "write_thin_index"]
+__all__ = [
+    "SERVED_PARAMS",
+    "config_flags_given",
+    "serve_thin_run",
+    "start_event_sink",
+    "write_thin_index",
+]
 
 SERVED_PARAMS = frozenset(
     {
@@ -298,6 +305,29 @@ def selection_and_session(
     return selector, (validate_session_id(session_flag) if session_flag else None)
 
 
+def start_event_sink(
+    agent: LeaderAgent,
+    defaults: ThinDefaults,
+    send: Callable[[ThinReply], None],
+    session_id: str | None,
+) -> tuple[AgentSessionSink | None, str | None]:
+    """This run's session-event sink, started, and the session id it got; (None, the id
+    asked for) with a warning to the CLI when the sink cannot start: the run (or fence)
+    matters more than its event stream. The sink's own warnings go to the CLI too."""
+    loop = asyncio.get_running_loop()
+
+    def warn(message: str) -> None:
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(send, ThinOutReply(fd=2, text=f"warning: {message}\n"))
+
+    try:
+        events = agent.event_sink(Path(defaults.runs_base) / "sessions", warn)
+        return events, events.start(session_id)
+    except Exception as exc:
+        send(ThinOutReply(fd=2, text=f"warning: session events are off for this run: {exc}\n"))
+        return None, session_id
+
+
 def _error_text(exc: CliError | DomainValidationError, json_mode: bool) -> tuple[str, str, int]:
     """(stdout, stderr, code) the full CLI prints for ``exc``."""
     code, kind, message = int(exc.exit_code), exc.kind, exc.message
@@ -416,18 +446,7 @@ async def _thin_run(
 
     timeout = params["timeout_s"] if params["timeout_s"] is not None else defaults.timeout_s
     loop = asyncio.get_running_loop()
-
-    def warn(message: str) -> None:
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(send, ThinOutReply(fd=2, text=f"warning: {message}\n"))
-
-    events = None
-    try:
-        events = agent.event_sink(Path(defaults.runs_base) / "sessions", warn)
-        session_id = events.start(session_id)
-    except Exception as exc:  # the run matters more than its event stream
-        send(ThinOutReply(fd=2, text=f"warning: session events are off for this run: {exc}\n"))
-        events = None
+    events, session_id = start_event_sink(agent, defaults, send, session_id)
     marks.append(("events", time.perf_counter()))
     send(ThinStartedReply())
     names = [t.name for t in targets]
