@@ -36,8 +36,9 @@ retried, since the commands may have run.
 The wire format is :class:`ah_fleetctl.agent_proto.ThinRunRequest` and the ``Thin*Reply``
 Structs as plain dicts in :mod:`marshal` (the agent validates with msgspec). Why marshal and
 not JSON: it is built into the interpreter and already loaded, while ``json`` pulls in ``re``,
-and this module imports nothing that is not (``_socket``, ``_signal`` and ``zlib`` are small
-C modules; no ``typing``, ``collections``, ``socket``, ``signal``, ``hashlib``). Both ends run
+and this module imports nothing that is not (``_socket`` and ``_signal`` are small C
+modules; no ``typing``, ``collections``, ``socket``, ``signal``, ``hashlib``, not even
+``zlib``: on an interpreter built with shared extension modules each is a ``dlopen``). Both ends run
 the same interpreter (the agent is started with the CLI's own), and the socket and the index
 are private to the user, so marshal's lack of hardening against hostile input does not
 matter here. ``python -X importtime`` shows what this path costs.
@@ -50,7 +51,6 @@ import _socket
 import marshal
 import os
 import sys
-import zlib
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -88,11 +88,21 @@ def relevant_env(environ: Mapping[str, str]) -> dict[str, str]:
     }
 
 
+_KEY_PRIMES = ((1 << 64) - 59, (1 << 62) - 57)
+"""The largest primes below 2**64 and 2**62: the key is the invocation's bytes, read as one
+integer, modulo each (a polynomial hash over 8-byte words; int arithmetic, no module), each
+then multiplied by `_KEY_MIX` (so a one-byte change moves every digit of the name)."""
+_KEY_MIX = 0x9E3779B97F4A7C15
+
+
 def thin_key(cwd: str, environ: Mapping[str, str]) -> str:
     """The index file name of an invocation (the entry itself holds the exact cwd and
-    variables, compared on use, so this only needs to spread well)."""
+    variables, compared on use, so this only needs to spread well and be the same in
+    every process: not ``hash()``, which is salted per process)."""
     blob = repr((cwd, relevant_env(environ))).encode("utf-8", "surrogatepass")
-    return f"{zlib.crc32(blob):08x}{zlib.adler32(blob):08x}{len(blob):x}"
+    number = int.from_bytes(blob, "little")
+    low, high = (number % prime * _KEY_MIX % prime for prime in _KEY_PRIMES)
+    return f"{low:016x}{high:016x}{len(blob):x}"
 
 
 def index_dir(environ: Mapping[str, str] | None = None) -> str:
