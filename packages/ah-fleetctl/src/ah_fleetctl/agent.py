@@ -83,6 +83,13 @@ __all__ = [
 DEFAULT_IDLE_S = 600.0
 _START_TIMEOUT_S = 20.0
 _FOLLOWERS_TTL_S = 2.0
+"""A run never uses a follower list older than this (it fetches one first)."""
+_FOLLOWERS_REFRESH_AHEAD_S = 0.5
+"""While the agent is in use the list is fetched again this long before it gets too old,
+in the background, so runs a few seconds apart (a user, a coding agent) never wait for
+it."""
+_FOLLOWERS_KEEP_FRESH_S = 60.0
+"""...for this long after the last request (then the next run fetches it itself)."""
 _EVENT_RELEASE_DELAY_S = 0.25
 """A run's session events are pushed when it answered, or this long after it started if
 that comes first: short runs do not share the CPU with their own events."""
@@ -429,6 +436,11 @@ class LeaderAgent:
         self._event_push: AgentEventPush | None = None
         self._spare_run_dirs: dict[tuple[str, frozenset[str]], SpareRunDirectory] = {}
         self.gc = GcPolicy()
+        self._refresher: asyncio.Task[None] | None = None
+        self.follower_fetches_in_runs = 0
+        """Follower-list fetches a request had to wait for (the ping reports it)."""
+        self.follower_fetches_ahead = 0
+        """Fetches made in the background, before the list got too old for a run."""
 
     async def serve(self) -> int:
         from .paths import make_path_connector
@@ -467,6 +479,10 @@ class LeaderAgent:
             server.close()
             with contextlib.suppress(FileNotFoundError):
                 self.socket_path.unlink()
+            if self._refresher is not None:
+                self._refresher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._refresher
             if self._background:
                 await asyncio.wait(set(self._background), timeout=30.0)
             if self._event_push is not None:  # every run's events flushed above (bounded)
@@ -480,13 +496,23 @@ class LeaderAgent:
             self._client.close()
         return int(ExitCode.OK)
 
+    def _followers_usable(self, names: list[str]) -> bool:
+        fresh = time.monotonic() - self._fetched_at <= _FOLLOWERS_TTL_S
+        return fresh and all(n in self._followers for n in names)
+
+    async def _fetch_followers(self) -> None:
+        response = await asyncio.to_thread(self._client.followers)
+        self._followers = {f.info.name: f for f in response.followers}
+        self._fetched_at = time.monotonic()
+
     async def _followers_named(self, names: list[str]) -> list[FollowerStatus]:
-        async with self._fetch_lock:
-            stale = time.monotonic() - self._fetched_at > _FOLLOWERS_TTL_S
-            if stale or any(n not in self._followers for n in names):
-                response = await asyncio.to_thread(self._client.followers)
-                self._followers = {f.info.name: f for f in response.followers}
-                self._fetched_at = time.monotonic()
+        if not self._followers_usable(names):
+            async with self._fetch_lock:
+                if not self._followers_usable(names):  # (not fetched while we waited)
+                    self.follower_fetches_in_runs += 1
+                    await self._fetch_followers()
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.get_running_loop().create_task(self._keep_followers_fresh())
         if not names:
             return list(self._followers.values())
         unknown = [n for n in names if n not in self._followers]
@@ -497,6 +523,25 @@ class LeaderAgent:
                 kind="validation",
             )
         return [self._followers[n] for n in names]
+
+    async def _keep_followers_fresh(self) -> None:
+        """Fetch the follower list again shortly before a run would have to, for as long as
+        the agent is in use (see `_FOLLOWERS_REFRESH_AHEAD_S`)."""
+        while time.monotonic() - self._last_activity < _FOLLOWERS_KEEP_FRESH_S:
+            due = self._fetched_at + _FOLLOWERS_TTL_S - _FOLLOWERS_REFRESH_AHEAD_S
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            async with self._fetch_lock:
+                if (
+                    time.monotonic()
+                    < self._fetched_at + _FOLLOWERS_TTL_S - _FOLLOWERS_REFRESH_AHEAD_S
+                ):
+                    continue  # a run fetched it meanwhile
+                try:
+                    await self._fetch_followers()
+                except Exception as exc:  # the next run fetches it itself, and reports
+                    _log.debug("background follower-list fetch failed: {}", exc)
+                    return
+                self.follower_fetches_ahead += 1
 
     def event_sink(self, local_copy_dir: Path, warn: Callable[[str], None]) -> AgentSessionSink:
         """A session event sink for one run, on this agent's one push connection (see
@@ -612,6 +657,8 @@ class LeaderAgent:
             pid=os.getpid(),
             access_point=self.app.access_point(),
             push_connections=push.connections if push is not None else 0,
+            follower_fetches_in_runs=self.follower_fetches_in_runs,
+            follower_fetches_ahead=self.follower_fetches_ahead,
         )
         if isinstance(request, PingRequest):
             self._send(writer, pong)
