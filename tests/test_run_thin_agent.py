@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from ah_fleetctl.agent_proto import PongReply
 from ah_harness_local import wait_for
 from ah_harness_local.agent_fleet import (
     HEAVY_MODULES,
@@ -289,14 +290,40 @@ def test_the_session_events_of_thin_runs_reach_the_access_point(thin_fleet: Agen
         assert {e["line"] for e in got if e["type"] == "hostLog"} == {word}
 
 
-def _push_connections(thin: AgentFleet) -> int:
-    """The agent's count of QUIC connections made for session events (its ping says)."""
+def _ping(thin: AgentFleet) -> PongReply:
+    """What the agent's ping reply says about it."""
     import asyncio
 
     from ah_fleetctl.agent import AgentClient
 
     (sock,) = list(thin.agents.glob("*.sock"))
-    return asyncio.run(AgentClient(sock).ping()).push_connections
+    return asyncio.run(AgentClient(sock).ping())
+
+
+def _push_connections(thin: AgentFleet) -> int:
+    """The agent's count of QUIC connections made for session events (its ping says)."""
+    return _ping(thin).push_connections
+
+
+def test_runs_seconds_apart_find_the_follower_list_fresh(thin_fleet: AgentFleet) -> None:
+    """A user or a coding agent types the next run a few seconds later: by then the list
+    the last run used is too old (2 s), and the agent has fetched it again in the
+    background, so the run does not wait for the access point."""
+    thin = thin_fleet
+    _warm(thin)
+    seen = _ping(thin)
+    # Long enough for the list to have gone stale twice over, had nobody refreshed it.
+    wait_for(
+        lambda: _ping(thin).follower_fetches_ahead >= seen.follower_fetches_ahead + 2,
+        30.0,
+        interval=0.2,
+        what="two background fetches of the follower list",
+    )
+    before = _ping(thin)
+    result = thin.thin("run", "--no-fence", "--json", *_hosts(GOOD), "--", "true")
+    assert result.returncode == 0, result
+    after = _ping(thin)
+    assert after.follower_fetches_in_runs == before.follower_fetches_in_runs, (before, after)
 
 
 def test_the_agent_s_thin_runs_push_their_events_over_one_connection(

@@ -4,8 +4,6 @@ Commands: ``login``, ``fleet list``, ``exec --mock``, ``config show``. Entry poi
 :func:`ah_fleetctl.cli.main`; the REST client is :class:`ah_fleetctl.client.ApiClient`.
 """
 
-from __future__ import annotations
-
 __version__ = "0.1.0"
 
 __all__ = ["__version__"]

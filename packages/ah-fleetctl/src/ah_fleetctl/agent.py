@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import gc
 import hashlib
 import os
 import subprocess
@@ -82,11 +83,58 @@ __all__ = [
 DEFAULT_IDLE_S = 600.0
 _START_TIMEOUT_S = 20.0
 _FOLLOWERS_TTL_S = 2.0
+"""A run never uses a follower list older than this (it fetches one first)."""
+_FOLLOWERS_REFRESH_AHEAD_S = 0.5
+"""While the agent is in use the list is fetched again this long before it gets too old,
+in the background, so runs a few seconds apart (a user, a coding agent) never wait for
+it."""
+_FOLLOWERS_KEEP_FRESH_S = 60.0
+"""...for this long after the last request (then the next run fetches it itself)."""
 _EVENT_RELEASE_DELAY_S = 0.25
 """A run's session events are pushed when it answered, or this long after it started if
 that comes first: short runs do not share the CPU with their own events."""
 _MAX_SPARE_RUN_DIRS = 4
 """Spare run directories kept (one per recent host selection; see prepare_spare_run_dir)."""
+
+
+class GcPolicy:
+    """When the agent's garbage collector runs: between requests, not in the middle of one.
+
+    With CPython's defaults a collection of the youngest generation runs every 700 new
+    container objects, several times per 16-host run, and every so often a full one walks
+    every object the agent holds (~70,000 after start-up: click, paramiko, aioquic, the
+    transports), ~40 ms in the middle of somebody's run. So: the objects alive after
+    start-up are frozen (never walked again), automatic collections only start after
+    `young_threshold` new objects (a long run with much output still gets them), the young
+    generations are collected after every request, once its answer went out (while the next
+    CLI process starts up, on the other core), and a full collection runs when the agent has
+    been idle for `full_after_idle_s`, which also re-freezes what is alive then (lazily
+    imported modules, transports opened since)."""
+
+    def __init__(self, *, young_threshold: int = 50_000, full_after_idle_s: float = 2.0) -> None:
+        self.young_threshold = young_threshold
+        self.full_after_idle_s = full_after_idle_s
+        self.full_due = False
+        """A request was served since the last full collection."""
+
+    def start(self) -> None:
+        gc.collect()
+        gc.freeze()
+        _, middle, old = gc.get_threshold()
+        gc.set_threshold(self.young_threshold, middle, old)
+
+    def after_request(self) -> None:
+        gc.collect(1)
+        self.full_due = True
+
+    def when_idle(self, idle_for_s: float) -> None:
+        if self.full_due and idle_for_s >= self.full_after_idle_s:
+            self.full_due = False
+            gc.unfreeze()  # what was frozen and died since (a closed transport) goes now
+            gc.collect()
+            gc.freeze()
+
+
 _log = logger.bind(component="ah-fleetctl.agent")
 
 _REQUEST_DECODER_TYPE: Any = AgentRequest
@@ -387,6 +435,12 @@ class LeaderAgent:
         self._background: set[asyncio.Task[None]] = set()
         self._event_push: AgentEventPush | None = None
         self._spare_run_dirs: dict[tuple[str, frozenset[str]], SpareRunDirectory] = {}
+        self.gc = GcPolicy()
+        self._refresher: asyncio.Task[None] | None = None
+        self.follower_fetches_in_runs = 0
+        """Follower-list fetches a request had to wait for (the ping reports it)."""
+        self.follower_fetches_ahead = 0
+        """Fetches made in the background, before the list got too old for a run."""
 
     async def serve(self) -> int:
         from .paths import make_path_connector
@@ -402,6 +456,7 @@ class LeaderAgent:
             )
         finally:
             os.umask(old_umask)
+        self.gc.start()
         _log.info(
             "leader agent (pid {}) for {} on {}; exits after {:g}s idle",
             os.getpid(),
@@ -415,6 +470,8 @@ class LeaderAgent:
                 if self._active == 0 and idle_for >= self.idle_s:
                     _log.info("leader agent idle for {:.0f}s: exiting", idle_for)
                     break
+                if self._active == 0 and not self._background:
+                    self.gc.when_idle(idle_for)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(max(0.05, min(1.0, self.idle_s - idle_for))):
                         await self._stop.wait()
@@ -422,6 +479,10 @@ class LeaderAgent:
             server.close()
             with contextlib.suppress(FileNotFoundError):
                 self.socket_path.unlink()
+            if self._refresher is not None:
+                self._refresher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._refresher
             if self._background:
                 await asyncio.wait(set(self._background), timeout=30.0)
             if self._event_push is not None:  # every run's events flushed above (bounded)
@@ -435,13 +496,23 @@ class LeaderAgent:
             self._client.close()
         return int(ExitCode.OK)
 
+    def _followers_usable(self, names: list[str]) -> bool:
+        fresh = time.monotonic() - self._fetched_at <= _FOLLOWERS_TTL_S
+        return fresh and all(n in self._followers for n in names)
+
+    async def _fetch_followers(self) -> None:
+        response = await asyncio.to_thread(self._client.followers)
+        self._followers = {f.info.name: f for f in response.followers}
+        self._fetched_at = time.monotonic()
+
     async def _followers_named(self, names: list[str]) -> list[FollowerStatus]:
-        async with self._fetch_lock:
-            stale = time.monotonic() - self._fetched_at > _FOLLOWERS_TTL_S
-            if stale or any(n not in self._followers for n in names):
-                response = await asyncio.to_thread(self._client.followers)
-                self._followers = {f.info.name: f for f in response.followers}
-                self._fetched_at = time.monotonic()
+        if not self._followers_usable(names):
+            async with self._fetch_lock:
+                if not self._followers_usable(names):  # (not fetched while we waited)
+                    self.follower_fetches_in_runs += 1
+                    await self._fetch_followers()
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.get_running_loop().create_task(self._keep_followers_fresh())
         if not names:
             return list(self._followers.values())
         unknown = [n for n in names if n not in self._followers]
@@ -452,6 +523,25 @@ class LeaderAgent:
                 kind="validation",
             )
         return [self._followers[n] for n in names]
+
+    async def _keep_followers_fresh(self) -> None:
+        """Fetch the follower list again shortly before a run would have to, for as long as
+        the agent is in use (see `_FOLLOWERS_REFRESH_AHEAD_S`)."""
+        while time.monotonic() - self._last_activity < _FOLLOWERS_KEEP_FRESH_S:
+            due = self._fetched_at + _FOLLOWERS_TTL_S - _FOLLOWERS_REFRESH_AHEAD_S
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            async with self._fetch_lock:
+                if (
+                    time.monotonic()
+                    < self._fetched_at + _FOLLOWERS_TTL_S - _FOLLOWERS_REFRESH_AHEAD_S
+                ):
+                    continue  # a run fetched it meanwhile
+                try:
+                    await self._fetch_followers()
+                except Exception as exc:  # the next run fetches it itself, and reports
+                    _log.debug("background follower-list fetch failed: {}", exc)
+                    return
+                self.follower_fetches_ahead += 1
 
     def event_sink(self, local_copy_dir: Path, warn: Callable[[str], None]) -> AgentSessionSink:
         """A session event sink for one run, on this agent's one push connection (see
@@ -549,6 +639,7 @@ class LeaderAgent:
             writer.close()
             with contextlib.suppress(OSError, ConnectionError):
                 await writer.wait_closed()
+            self.gc.after_request()
 
     @staticmethod
     def _send(writer: asyncio.StreamWriter, reply: AgentReply) -> None:
@@ -566,6 +657,8 @@ class LeaderAgent:
             pid=os.getpid(),
             access_point=self.app.access_point(),
             push_connections=push.connections if push is not None else 0,
+            follower_fetches_in_runs=self.follower_fetches_in_runs,
+            follower_fetches_ahead=self.follower_fetches_ahead,
         )
         if isinstance(request, PingRequest):
             self._send(writer, pong)

@@ -109,6 +109,11 @@ class PongReply(_Reply, frozen=True, tag="pong"):
     push_connections: int = 0
     """QUIC connections the agent made to the access point for session events so far (one
     for all its runs while the access point stays up)."""
+    follower_fetches_in_runs: int = 0
+    """Follower-list fetches that a request had to wait for (the list was too old)."""
+    follower_fetches_ahead: int = 0
+    """Follower-list fetches made in the background while the agent was in use, so that
+    requests did not have to wait for one."""
 
 
 class PathsReply(_Reply, frozen=True, tag="paths"):

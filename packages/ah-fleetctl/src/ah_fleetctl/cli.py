@@ -6,8 +6,6 @@ the full click application (:mod:`ah_fleetctl.app`) imported. ``cli`` (the root 
 is still importable from here, loaded on first access.
 """
 
-from __future__ import annotations
-
 import os
 import sys
 
@@ -38,7 +36,7 @@ def main() -> None:
     full_main()
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> "Any":
     if name == "cli":
         from .app import cli
 

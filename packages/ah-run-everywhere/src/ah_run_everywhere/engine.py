@@ -199,6 +199,8 @@ class _LineStream:
         """Made for the first bytes chunk (executors that hand out text never need one)."""
         self._pending = ""
         self.closed = False
+        self.handed_over = False
+        """Some chunk came from another thread (queued on the loop, maybe not fed yet)."""
 
     def feed(self, chunk: bytes | str) -> None:
         if self.closed:
@@ -513,8 +515,10 @@ class RunEngine:
         finally:
             # Output callbacks from executor threads are queued on the loop before the
             # executor's result; one loop pass lets them all land before the streams close.
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.sleep(0)
+            # (Not needed, and not paid for, when every chunk came on the loop's thread.)
+            if out.handed_over or err.handed_over:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(0)
             out.close()
             err.close()
         return self._judge(outcome, took_ms())
@@ -555,6 +559,7 @@ class RunEngine:
             if threading.get_ident() == self._loop_thread:
                 stream.feed(chunk)
             else:
+                stream.handed_over = True  # before the hand-over, so the job sees it after
                 loop.call_soon_threadsafe(stream.feed, chunk)
 
         return feed
