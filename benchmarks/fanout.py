@@ -44,10 +44,15 @@ first.
 
 The cold rows (and ansible) run as one block of rounds each. The warm rows — both ``warm via
 agent`` rows, the warm library, OpenSSH ControlMaster and parallel-ssh's reused client (kept
-in a process of its own, asked for one round at a time) — run interleaved: one round of each
-in turn, the order rotated every round, so each ratio compares rounds taken under the same
-conditions (on a shared 2-core VM a block measured a minute later can be 10-20 % slower or
-faster, which moves a ratio more than most changes do).
+in a process of its own, asked for one round at a time) — take turns: in its turn a row runs
+one uncounted round, then three counted ones back to back, and the order of the rows rotates
+every cycle (`interleaved`). Back to back, each tool pays for its own leftovers (sshd sessions
+ending, session events sent after the answer) as in repeated use; in turns, every ratio
+compares rounds taken under the same conditions (on a shared 2-core VM a block measured a
+minute later can be 10-20 % slower or faster, which moves a ratio more than most changes
+do). Strictly alternating single rounds would charge each row with the previous row's
+leftovers instead: measured that way, parallel-ssh's rounds (whose sshd sessions end after
+its answer) looked 35 % faster and ah's 40 % slower.
 
 parallel-ssh and ansible-core, and ah from this checkout's wheels, are installed into a
 throwaway virtual environment this script creates with ``uv venv`` (the interpreter the script
@@ -491,16 +496,26 @@ class WarmRow(Protocol):
     def close(self) -> None: ...
 
 
+INTERLEAVE_BLOCK = 3
+"""Counted rounds per row in a row's turn (after one uncounted round)."""
+
+
 def interleaved(rows: dict[str, WarmRow], rounds: int) -> dict[str, list[float]]:
-    """``rounds`` rounds of every row, one row after the other within a round and the order
-    rotated each round: every row meets the same machine (load, other tenants, frequency)
-    over the same stretch of time, so their ratio does not depend on when each ran."""
+    """At least ``rounds`` rounds of every row, taken in turns: each row in its turn runs one
+    uncounted round, then `INTERLEAVE_BLOCK` counted ones back to back; the order of the rows
+    rotates every cycle. Back to back, as a user repeating a command (or hyperfine) sees
+    it: each tool pays for its own leftovers (sshd sessions ending, events sent after the
+    answer), and the uncounted round absorbs the previous row's. In turns, so every row
+    meets the same machine (load, other tenants) over the same stretch of time, and a ratio
+    does not depend on when each row ran."""
     names = list(rows)
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(rounds):
+    cycles = -(-rounds // INTERLEAVE_BLOCK)
+    for i in range(cycles):
         shift = i % len(names)
         for name in names[shift:] + names[:shift]:
-            samples[name].append(rows[name].round())
+            rows[name].round()
+            samples[name] += [rows[name].round() for _ in range(INTERLEAVE_BLOCK)]
     return samples
 
 
@@ -725,8 +740,8 @@ def main() -> None:
         "(start to exit; the venv's console script, not uv run); 'ah library' and "
         "'parallel-ssh' rows run inside an already-started Python process (no interpreter "
         "start-up or imports); OpenSSH rows are 16 ssh processes in parallel. The warm rows "
-        "ran interleaved (one round of each in turn, the order rotating), the cold rows and "
-        "ansible one block each."
+        f"took turns (one uncounted and {INTERLEAVE_BLOCK} counted rounds back to back per "
+        "turn, the order rotating), the cold rows and ansible ran one block each."
     )
     print(f"ah CLI rows: {cli_what}; the leader agent ran {agent_python}")
     print(f"the agent's paths to the followers: {methods}")
