@@ -18,6 +18,7 @@ from ssh_bridge_support import FAST, open_transport, pid_gone, read_pids, sleepe
 from ah_harness_local import RunningSshd, wait_for, wait_for_async
 from ah_harness_local.pytest_plugin import SshdFactory
 from ah_ssh_bridge import (
+    IDLE_READ_TIMEOUT_S,
     HostKeyMismatch,
     SshAuthError,
     SshConnectError,
@@ -315,6 +316,28 @@ def test_transport_over_a_socket_the_caller_connected(shared_sshd: RunningSshd, 
             await t.run("true")
 
     run(body())
+
+
+def test_an_idle_transport_reads_with_a_long_timeout_and_closing_ends_its_thread_at_once(
+    shared_sshd: RunningSshd, run: Run
+) -> None:
+    """paramiko's own 0.1 s read timeout would wake each idle connection's thread ten times
+    a second; ours is IDLE_READ_TIMEOUT_S, and close() must not wait that long for the
+    thread (it shuts the socket down, which ends the read)."""
+
+    async def body() -> Any:
+        t = await open_transport(shared_sshd, host="follower-idle")
+        assert (await t.capture("echo up")).stdout == ["up"]
+        reader = t._transport  # paramiko's Transport is the reading thread
+        assert reader.sock.gettimeout() == IDLE_READ_TIMEOUT_S
+        assert reader.is_alive()
+        await t.close()
+        return reader
+
+    reader = run(body())
+    # Well under the read timeout: the thread did not sit out its recv().
+    wait_for(lambda: not reader.is_alive(), IDLE_READ_TIMEOUT_S / 2, interval=0.02,
+             what="the transport thread to end after close()")  # fmt: skip
 
 
 def test_connect_refused_is_classified(run: Run) -> None:

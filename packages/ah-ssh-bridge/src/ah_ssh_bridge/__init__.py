@@ -19,6 +19,7 @@ from ah_ssh_bridge.pool import FingerprintLookup, SocketFactory, SshBridge, SshP
 from ah_ssh_bridge.remote import kill_group_script, wrap_command
 from ah_ssh_bridge.transport import (
     DEFAULT_CIPHERS,
+    IDLE_READ_TIMEOUT_S,
     PROBE_COMMAND,
     CommandOutput,
     ExecOutcome,
@@ -36,6 +37,7 @@ from ah_ssh_bridge.warm import WarmCommand
 __all__ = [
     "DEFAULT_CIPHERS",
     "DEFAULT_MAX_LINE_CHARS",
+    "IDLE_READ_TIMEOUT_S",
     "PROBE_COMMAND",
     "CommandOutput",
     "ExecOutcome",

@@ -52,6 +52,7 @@ from ah_ssh_bridge.warm import (
 
 __all__ = [
     "DEFAULT_CIPHERS",
+    "IDLE_READ_TIMEOUT_S",
     "PROBE_COMMAND",
     "CommandOutput",
     "ExecOutcome",
@@ -95,6 +96,13 @@ _SERVER_CLOSE_WAIT_S = 1.0
 # After a channel closes without an exit status, how long to let the transport thread notice
 # a dead connection before concluding the command really ended without a status (a signal).
 _LOSS_SETTLE_S = 0.2
+# paramiko's transport thread reads the socket with a 0.1 s timeout, only to look at its own
+# "closed" flag: ten wake-ups a second per idle connection (a leader agent holding 16
+# followers spent ~12 ms of CPU a second doing nothing, 200 followers would be ~15 % of a
+# core, and each wake-up takes the interpreter lock from whoever works). Once logged in the
+# timeout is this instead; close() shuts the socket down first, which wakes the thread at
+# once, so closing does not wait for it. (Liveness is our keepalive's job, not paramiko's.)
+IDLE_READ_TIMEOUT_S = 5.0
 
 StdinData = bytes | bytearray | memoryview | Iterable[bytes]
 OutputCallback = Callable[[str], None]
@@ -1281,8 +1289,15 @@ class SshTransport:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._keepalive
         with contextlib.suppress(Exception):
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._transport.close)
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._close_blocking)
         self._executor.shutdown(wait=False)
+
+    def _close_blocking(self) -> None:
+        # The transport thread may be in recv() for up to IDLE_READ_TIMEOUT_S: a shutdown
+        # ends that read (EOF) so the thread leaves now, not at its next timeout.
+        with contextlib.suppress(OSError):
+            self._transport.sock.shutdown(socket.SHUT_RDWR)
+        self._transport.close()
 
     async def __aenter__(self) -> SshTransport:
         return self
@@ -1424,6 +1439,7 @@ def _handshake(
                 f"{host} wants further authentication after the public key "
                 f"({', '.join(further) or 'unspecified'}); only public keys are used",
             )
+        sock.settimeout(IDLE_READ_TIMEOUT_S)  # see IDLE_READ_TIMEOUT_S
         return transport
     except BaseException:
         transport.close()
