@@ -688,9 +688,11 @@ def main() -> None:
                     warm_rows["parallel-ssh, warm client"] = ParallelSshWarm(python, fleet)
                 rows.update(interleaved(warm_rows, args.rounds))
             finally:
-                for row in warm_rows.values():
-                    with contextlib.suppress(Exception):
+                for name, row in warm_rows.items():
+                    try:
                         row.close()
+                    except Exception as exc:  # the others still get closed
+                        print(f"closing {name!r} failed: {exc!r}", file=sys.stderr)
                 for runtime in runtimes:
                     stop_agents(runtime)
                     shutil.rmtree(runtime, ignore_errors=True)
