@@ -100,8 +100,9 @@ _LOSS_SETTLE_S = 0.2
 # "closed" flag: ten wake-ups a second per idle connection (a leader agent holding 16
 # followers spent ~12 ms of CPU a second doing nothing, 200 followers would be ~15 % of a
 # core, and each wake-up takes the interpreter lock from whoever works). Once logged in the
-# timeout is this instead; close() shuts the socket down first, which wakes the thread at
-# once, so closing does not wait for it. (Liveness is our keepalive's job, not paramiko's.)
+# timeout is this instead; close() shuts the socket's reading side down first, which wakes
+# the thread at once, so closing does not wait for it. (Liveness is our keepalive's job,
+# not paramiko's.)
 IDLE_READ_TIMEOUT_S = 5.0
 
 StdinData = bytes | bytearray | memoryview | Iterable[bytes]
@@ -1293,10 +1294,11 @@ class SshTransport:
         self._executor.shutdown(wait=False)
 
     def _close_blocking(self) -> None:
-        # The transport thread may be in recv() for up to IDLE_READ_TIMEOUT_S: a shutdown
-        # ends that read (EOF) so the thread leaves now, not at its next timeout.
+        # The transport thread may be in recv() for up to IDLE_READ_TIMEOUT_S: shutting the
+        # reading side down ends that read (EOF) so the thread leaves now, not at its next
+        # timeout; the connection itself closes as paramiko always closed it.
         with contextlib.suppress(OSError):
-            self._transport.sock.shutdown(socket.SHUT_RDWR)
+            self._transport.sock.shutdown(socket.SHUT_RD)
         self._transport.close()
 
     async def __aenter__(self) -> SshTransport:
