@@ -78,6 +78,7 @@ import argparse
 import asyncio
 import contextlib
 import email.parser
+import functools
 import json
 import os
 import re
@@ -89,6 +90,7 @@ import tempfile
 import textwrap
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -479,16 +481,20 @@ class ParallelSshWarm:
 
 
 class CliWarm:
-    """``ah-fleetctl run`` as a new process each round, with a leader agent running."""
+    """``ah-fleetctl run`` as a new process each round, with a leader agent running: the
+    first run of the turn starts the agent (the full CLI), the second takes the thin path;
+    neither is counted. The agent stops at the end of the turn."""
 
-    def __init__(self, env: dict[str, str], work: Path, hosts: int) -> None:
-        self.env, self.work, self.hosts = env, work, hosts
+    def __init__(self, env: dict[str, str], work: Path, hosts: int, runtime: Path) -> None:
+        self.env, self.work, self.hosts, self.runtime = env, work, hosts, runtime
+        ah_cli_round(env, work, hosts)  # starts the agent, records the thin index
+        ah_cli_round(env, work, hosts)
 
     def round(self) -> float:
         return ah_cli_round(self.env, self.work, self.hosts)
 
     def close(self) -> None:
-        pass
+        stop_agents(self.runtime)
 
 
 class WarmRow(Protocol):
@@ -497,25 +503,30 @@ class WarmRow(Protocol):
 
 
 INTERLEAVE_BLOCK = 3
-"""Counted rounds per row in a row's turn (after one uncounted round)."""
+"""Counted rounds per row in a row's turn (after its set-up and one uncounted round)."""
 
 
-def interleaved(rows: dict[str, WarmRow], rounds: int) -> dict[str, list[float]]:
-    """At least ``rounds`` rounds of every row, taken in turns: each row in its turn runs one
-    uncounted round, then `INTERLEAVE_BLOCK` counted ones back to back; the order of the rows
-    rotates every cycle. Back to back, as a user repeating a command (or hyperfine) sees
-    it: each tool pays for its own leftovers (sshd sessions ending, events sent after the
-    answer), and the uncounted round absorbs the previous row's. In turns, so every row
-    meets the same machine (load, other tenants) over the same stretch of time, and a ratio
-    does not depend on when each row ran."""
+def interleaved(rows: dict[str, Callable[[], WarmRow]], rounds: int) -> dict[str, list[float]]:
+    """At least ``rounds`` rounds of every row, taken in turns. In its turn a row sets up
+    (connections, agent, client: nothing of another row is open meanwhile), runs one
+    uncounted round, then `INTERLEAVE_BLOCK` counted ones back to back, and closes; the order
+    of the rows rotates every cycle. Back to back, as a user repeating a command (or
+    hyperfine) sees it: each tool pays for its own leftovers (sshd sessions ending, events
+    sent after the answer). In turns, so every row meets the same machine (load, other
+    tenants) over the same stretch of time, and a ratio does not depend on when each row
+    ran."""
     names = list(rows)
     samples: dict[str, list[float]] = {name: [] for name in names}
     cycles = -(-rounds // INTERLEAVE_BLOCK)
     for i in range(cycles):
         shift = i % len(names)
         for name in names[shift:] + names[:shift]:
-            rows[name].round()
-            samples[name] += [rows[name].round() for _ in range(INTERLEAVE_BLOCK)]
+            row = rows[name]()
+            try:
+                row.round()
+                samples[name] += [row.round() for _ in range(INTERLEAVE_BLOCK)]
+            finally:
+                row.close()
     return samples
 
 
@@ -629,9 +640,9 @@ def main() -> None:
             methods: dict[str, dict[str, int]] = {}
             agent_python = ""
             runtimes: list[Path] = []
-            warm_rows: dict[str, WarmRow] = {}
+            warm_rows: dict[str, Callable[[], WarmRow]] = {}
             try:
-                # Cold rows first, each a block of rounds; then every warm row, interleaved.
+                # Cold rows first, each a block of rounds; then every warm row, in turns.
                 for path in ("direct", "connect") if args.path == "both" else (args.path,):
                     policy = {"AH_PATH_POLICY_ALLOW_DIRECT": "false"} if path == "connect" else {}
                     via = " via CONNECT" if path == "connect" else ""
@@ -643,7 +654,7 @@ def main() -> None:
                     # The leader agent: private runtime dir (its socket, the thin index),
                     # short path for sockaddr_un; the first run starts it and records the
                     # thin index. The path policy is part of the agent's key: each path gets
-                    # its own agent (both stay up for the interleaved warm rounds).
+                    # its own agent, started anew in each of its turns.
                     runtime = Path(tempfile.mkdtemp(prefix="ahf-", dir="/tmp"))
                     runtimes.append(runtime)
                     agent_env = cli_env(
@@ -656,12 +667,13 @@ def main() -> None:
                         },
                     )
                     ah_cli_round(agent_env, work, args.followers)  # starts the agent
-                    thin_modules = thin_path_imports(agent_env, work)
                     ah_cli_round(agent_env, work, args.followers)  # not counted
+                    thin_modules = thin_path_imports(agent_env, work)
                     methods[path] = agent_path_methods(agent_env, work)
                     agent_python = agent_interpreter(runtime)
-                    warm_rows[f"ah run (CLI){via}, warm via agent"] = CliWarm(
-                        agent_env, work, args.followers
+                    stop_agents(runtime)
+                    warm_rows[f"ah run (CLI){via}, warm via agent"] = functools.partial(
+                        CliWarm, agent_env, work, args.followers, runtime
                     )
                 floor = python_floor(args.rounds)
                 rows["ah library, cold (in-process)"] = asyncio.run(
@@ -680,19 +692,18 @@ def main() -> None:
                     rows["ansible -m raw (CLI)"] = ansible(
                         python, fleet, known, scratch, args.rounds
                     )
-                warm_rows["ah library, warm transports (in-process)"] = LibraryWarm(
-                    followers, connector
+                warm_rows["ah library, warm transports (in-process)"] = functools.partial(
+                    LibraryWarm, followers, connector
                 )
-                warm_rows["OpenSSH ControlMaster parallel, warm"] = OpenSshWarm(config, names)
+                warm_rows["OpenSSH ControlMaster parallel, warm"] = functools.partial(
+                    OpenSshWarm, config, names
+                )
                 if python is not None:
-                    warm_rows["parallel-ssh, warm client"] = ParallelSshWarm(python, fleet)
+                    warm_rows["parallel-ssh, warm client"] = functools.partial(
+                        ParallelSshWarm, python, fleet
+                    )
                 rows.update(interleaved(warm_rows, args.rounds))
             finally:
-                for name, row in warm_rows.items():
-                    try:
-                        row.close()
-                    except Exception as exc:  # the others still get closed
-                        print(f"closing {name!r} failed: {exc!r}", file=sys.stderr)
                 for runtime in runtimes:
                     stop_agents(runtime)
                     shutil.rmtree(runtime, ignore_errors=True)
@@ -742,8 +753,9 @@ def main() -> None:
         "(start to exit; the venv's console script, not uv run); 'ah library' and "
         "'parallel-ssh' rows run inside an already-started Python process (no interpreter "
         "start-up or imports); OpenSSH rows are 16 ssh processes in parallel. The warm rows "
-        f"took turns (one uncounted and {INTERLEAVE_BLOCK} counted rounds back to back per "
-        "turn, the order rotating), the cold rows and ansible ran one block each."
+        f"took turns (each set up alone, one uncounted and {INTERLEAVE_BLOCK} counted rounds "
+        "back to back, closed; the order rotating), the cold rows and ansible ran one block "
+        "each."
     )
     print(f"ah CLI rows: {cli_what}; the leader agent ran {agent_python}")
     print(f"the agent's paths to the followers: {methods}")
