@@ -19,10 +19,17 @@ repeated ``--rounds`` times (median reported):
 * **ah library, warm transports** — ``RunEngine`` over transports already open
   (``FleetLinks`` kept across rounds), in-process: no interpreter, no socket hop.
 
-Every CLI row runs the venv's console script (``.venv/bin/ah-fleetctl``) directly, not
-through ``uv run`` (which adds its own start-up), with bytecode cached as an installed tool
-has it (``PYTHONDONTWRITEBYTECODE`` is removed for those processes; a first, uncounted round
-writes the cache). ``--no-fence`` everywhere: the peers do not sync or verify a tree first.
+Every ah CLI row runs ``ah-fleetctl`` as a user has it after ``pip install ah-fleetctl``:
+the script builds wheels of this checkout's packages and installs them (not editable) into
+the benchmark environment (``--venv-dir``, next to the peers), then runs that venv's console
+script directly, not through ``uv run`` (which adds its own start-up); the leader agent it
+starts runs from there too. ``--cli dev`` runs the workspace's own ``.venv/bin/ah-fleetctl``
+instead, where every package is an *editable* install: twelve ``.pth`` files (which CPython's
+``site`` reads twice in a venv) and twelve more ``sys.path`` entries that every import
+scans, ~2-3 ms more per process start that no user pays. Bytecode is cached as an installed
+tool has it (``PYTHONDONTWRITEBYTECODE`` is removed for those processes; a first, uncounted
+round writes the cache). ``--no-fence`` everywhere: the peers do not sync or verify a tree
+first.
 
 * **OpenSSH, cold** — 16 ``ssh ... true`` in parallel (asyncio subprocesses), each a new
   connection (``ControlMaster no``).
@@ -35,9 +42,23 @@ writes the cache). ``--no-fence`` everywhere: the peers do not sync or verify a 
 * **ansible, -m raw** — ``ansible all -m raw -a true -f 16`` as a fresh process (ansible's
   own OpenSSH ControlPersist is on, so after the first round its connections are warm).
 
-parallel-ssh and ansible-core are installed into a throwaway virtual environment this script
-creates with ``uv venv`` under ``--venv-dir`` (default: the user cache), never into the
-workspace. Host keys: ah and OpenSSH pin them; parallel-ssh does not check them (its
+The cold rows (and ansible) run as one block of rounds each. The warm rows — both ``warm via
+agent`` rows, the warm library, OpenSSH ControlMaster and parallel-ssh's reused client (kept
+in a process of its own, asked for one round at a time) — take turns: in its turn a row runs
+one uncounted round, then three counted ones back to back, and the order of the rows rotates
+every cycle (`interleaved`). Back to back, each tool pays for its own leftovers (sshd sessions
+ending, session events sent after the answer) as in repeated use; in turns, every ratio
+compares rounds taken under the same conditions (on a shared 2-core VM a block measured a
+minute later can be 10-20 % slower or faster, which moves a ratio more than most changes
+do). Strictly alternating single rounds would charge each row with the previous row's
+leftovers instead: measured that way, parallel-ssh's rounds (whose sshd sessions end after
+its answer) looked 35 % faster and ah's 40 % slower.
+
+parallel-ssh and ansible-core, and ah from this checkout's wheels, are installed into a
+throwaway virtual environment this script creates with ``uv venv`` (the interpreter the script
+runs with) under ``--venv-dir`` (default: the user cache), never into the workspace; ah's
+wheels are rebuilt and reinstalled on every run, the peers and third-party packages only
+installed once. Host keys: ah and OpenSSH pin them; parallel-ssh does not check them (its
 default); ansible uses a known_hosts file written from the verified keys.
 
 Also printed, not compared: the floor of any CLI row (``python -c pass`` with the same
@@ -48,7 +69,7 @@ peers do) and once only through the access point's CONNECT tunnel (``--path both
 issue's setting: followers behind NAT are reached that way); the target is checked for each.
 
     uv run python benchmarks/fanout.py [--followers 16] [--rounds 5] [--path direct|connect|both]
-        [--skip-peers] [--json]
+        [--cli installed|dev] [--skip-peers] [--json]
 """
 
 from __future__ import annotations
@@ -56,8 +77,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import email.parser
+import functools
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -65,7 +89,10 @@ import sys
 import tempfile
 import textwrap
 import time
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import msgspec
 from loguru import logger
@@ -85,20 +112,64 @@ def default_venv_dir() -> Path:
     return Path(cache) / "agent-harbor" / "bench-fanout-venv"
 
 
-def ensure_peer_venv(venv: Path) -> Path:
-    """A throwaway venv with parallel-ssh and ansible-core; returns its python."""
+WORKSPACE = Path(__file__).resolve().parents[1]
+
+
+def ensure_bench_venv(venv: Path, *, peers: bool) -> Path:
+    """The benchmark environment (made once): with parallel-ssh and ansible-core when
+    ``peers``; returns its python."""
     python = venv / "bin" / "python"
     if not python.exists():
         subprocess.run(["uv", "venv", "--quiet", "--python", sys.executable, str(venv)], check=True)
-    probe = subprocess.run(
-        [str(python), "-c", "import pssh, ansible"], capture_output=True, check=False
-    )
-    if probe.returncode != 0:
+    if peers:
+        probe = subprocess.run(
+            [str(python), "-c", "import pssh, ansible"], capture_output=True, check=False
+        )
+        if probe.returncode != 0:
+            subprocess.run(
+                ["uv", "pip", "install", "--quiet", "--python", str(python), *PEER_PACKAGES],
+                check=True,
+            )
+    return python
+
+
+def _wheel_requirements(wheel: Path) -> list[str]:
+    """The distribution names a wheel requires (its METADATA's ``Requires-Dist``)."""
+    name = wheel.name.split("-")[0]
+    with zipfile.ZipFile(wheel) as archive:
+        metadata = archive.read(f"{name}-{wheel.name.split('-')[1]}.dist-info/METADATA")
+    message = email.parser.BytesParser().parsebytes(metadata)
+    return [
+        re.split(r"[\s;<>=!~\[(]", value, maxsplit=1)[0].lower().replace("_", "-")
+        for value in message.get_all("Requires-Dist") or []
+    ]
+
+
+def install_ah_from_wheels(python: Path) -> list[str]:
+    """Build this checkout's wheels and install ``ah-fleetctl`` and the ah packages it needs
+    (not editable: as ``pip install ah-fleetctl`` gives it) with ``python``; returns them."""
+    with tempfile.TemporaryDirectory(prefix="ah-fanout-wheels-") as out:
         subprocess.run(
-            ["uv", "pip", "install", "--quiet", "--python", str(python), *PEER_PACKAGES],
+            ["uv", "build", "--quiet", "--all-packages", "--wheel", "-o", out],
+            cwd=WORKSPACE,
             check=True,
         )
-    return python
+        wheels = {w.name.split("-")[0].replace("_", "-"): w for w in Path(out).glob("*.whl")}
+        needed: list[str] = []
+        todo = ["ah-fleetctl"]
+        while todo:
+            name = todo.pop()
+            if name in needed:
+                continue
+            needed.append(name)
+            todo += [r for r in _wheel_requirements(wheels[name]) if r in wheels]
+        reinstall = [arg for name in needed for arg in ("--reinstall-package", name)]
+        subprocess.run(
+            ["uv", "pip", "install", "--quiet", "--no-sources", "--python", str(python),
+             *reinstall, *(str(wheels[name]) for name in needed)],
+            check=True,
+        )  # fmt: skip
+    return sorted(needed)
 
 
 def median_ms(samples: list[float]) -> float:
@@ -108,9 +179,13 @@ def median_ms(samples: list[float]) -> float:
 # --------------------------------------------------------------------------- ah
 
 
+CLI_PYTHON = Path(sys.executable)
+"""The interpreter whose environment's ``ah-fleetctl`` the CLI rows run (``--cli``)."""
+
+
 def fleetctl_argv() -> list[str]:
-    script = Path(sys.executable).parent / "ah-fleetctl"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "ah_fleetctl"]
+    script = CLI_PYTHON.parent / "ah-fleetctl"
+    return [str(script)] if script.is_file() else [str(CLI_PYTHON), "-m", "ah_fleetctl"]
 
 
 def cli_env(fleet: LocalFleet, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -140,7 +215,7 @@ def ah_cli_round(env: dict[str, str], work: Path, hosts: int) -> float:
 
 def _imported(argv: list[str], env: dict[str, str] | None, cwd: Path | None) -> list[str]:
     done = subprocess.run(
-        [sys.executable, "-X", "importtime", *argv],
+        [str(CLI_PYTHON), "-X", "importtime", *argv],
         env=env,
         cwd=cwd,
         capture_output=True,
@@ -201,26 +276,36 @@ def stop_agents(runtime: Path) -> None:
         asyncio.run(stop(sock))
 
 
+def agent_interpreter(runtime: Path) -> str:
+    """The interpreter the leader agent under ``runtime`` runs (its argv[0], from its ping's
+    pid): the CLI starts it with its own."""
+    from ah_fleetctl.agent import AgentClient
+
+    (sock,) = (runtime / "agent-harbor" / "agents").glob("*.sock")
+    pid = asyncio.run(AgentClient(sock).ping()).pid
+    return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+
+
 def python_floor(rounds: int) -> list[float]:
     samples = []
     for _ in range(rounds):
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        subprocess.run([str(CLI_PYTHON), "-c", "pass"], check=True)
         samples.append(time.perf_counter() - started)
     return samples
 
 
-async def ah_library(
+async def _library_once(links: FleetLinks, targets: list[TargetHost], *, warm: bool) -> None:
+    executor = SshExecutor(links.transports, warm=warm)
+    envelope = await RunEngine(executor, targets, [["true"]]).run()
+    if envelope.summary.succeeded != len(targets):
+        raise RuntimeError(f"library run failed: {envelope.summary}")
+
+
+async def ah_library_cold(
     followers: list[FollowerStatus], connector: DirectConnector, rounds: int
-) -> tuple[list[float], list[float]]:
+) -> list[float]:
     targets = [TargetHost(name=f.info.name, os=OsKind.LINUX) for f in followers]
-
-    async def once(links: FleetLinks, *, warm: bool = True) -> None:
-        executor = SshExecutor(links.transports, warm=warm)
-        envelope = await RunEngine(executor, targets, [["true"]]).run()
-        if envelope.summary.succeeded != len(targets):
-            raise RuntimeError(f"library run failed: {envelope.summary}")
-
     cold: list[float] = []
     for _ in range(rounds):
         started = time.perf_counter()
@@ -228,18 +313,33 @@ async def ah_library(
         try:
             if links.unreachable:
                 raise RuntimeError(f"unreachable: {links.unreachable}")
-            await once(links, warm=False)  # one run per transport: exec channels, as the CLI
+            # One run per transport: exec channels, as the cold CLI.
+            await _library_once(links, targets, warm=False)
         finally:
             await links.close()
         cold.append(time.perf_counter() - started)
-    warm: list[float] = []
-    async with await FleetLinks.open(followers, connector, connect_timeout=30) as links:
-        await once(links)  # not counted: the first channel of each transport
-        for _ in range(rounds):
-            started = time.perf_counter()
-            await once(links)
-            warm.append(time.perf_counter() - started)
-    return cold, warm
+    return cold
+
+
+class LibraryWarm:
+    """``RunEngine`` over transports kept open (its own event loop, kept across rounds)."""
+
+    def __init__(self, followers: list[FollowerStatus], connector: DirectConnector) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.targets = [TargetHost(name=f.info.name, os=OsKind.LINUX) for f in followers]
+        self.links = self.loop.run_until_complete(
+            FleetLinks.open(followers, connector, connect_timeout=30)
+        )
+        self.loop.run_until_complete(_library_once(self.links, self.targets, warm=True))
+
+    def round(self) -> float:
+        started = time.perf_counter()
+        self.loop.run_until_complete(_library_once(self.links, self.targets, warm=True))
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.links.close())
+        self.loop.close()
 
 
 # --------------------------------------------------------------------------- OpenSSH
@@ -274,12 +374,23 @@ async def openssh_round(config: Path, names: list[str], extra: list[str]) -> flo
     return took
 
 
-async def openssh(config: Path, names: list[str], rounds: int) -> tuple[list[float], list[float]]:
+def openssh_cold(config: Path, names: list[str], rounds: int) -> list[float]:
     no_master = ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
-    cold = [await openssh_round(config, names, no_master) for _ in range(rounds)]
-    await openssh_round(config, names, [])  # establishes the masters (not counted)
-    warm = [await openssh_round(config, names, []) for _ in range(rounds)]
-    return cold, warm
+    return [asyncio.run(openssh_round(config, names, no_master)) for _ in range(rounds)]
+
+
+class OpenSshWarm:
+    """16 ``ssh`` processes through ControlMaster connections established first."""
+
+    def __init__(self, config: Path, names: list[str]) -> None:
+        self.config, self.names = config, names
+        asyncio.run(openssh_round(config, names, []))  # establishes the masters
+
+    def round(self) -> float:
+        return asyncio.run(openssh_round(self.config, self.names, []))
+
+    def close(self) -> None:
+        stop_control_masters(self.config, self.names)
 
 
 # --------------------------------------------------------------------------- parallel-ssh
@@ -303,28 +414,32 @@ PSSH_SCRIPT = textwrap.dedent(
         if codes != [0] * len(codes):
             raise SystemExit(f"parallel-ssh: exit codes {codes} {[o.exception for o in output]}")
 
-    cold = []
-    for _ in range(spec["rounds"]):
-        t = time.perf_counter(); c = client(); once(c); cold.append(time.perf_counter() - t)
-        del c
-    c = client(); once(c)
-    warm = []
-    for _ in range(spec["rounds"]):
-        t = time.perf_counter(); once(c); warm.append(time.perf_counter() - t)
-    print(json.dumps({"cold": cold, "warm": warm}))
+    if spec["mode"] == "cold":
+        cold = []
+        for _ in range(spec["rounds"]):
+            t = time.perf_counter(); c = client(); once(c); cold.append(time.perf_counter() - t)
+            del c
+        print(json.dumps(cold))
+    else:  # warm: one round per line on stdin, its time on stdout
+        c = client(); once(c)
+        print("ready", flush=True)
+        for _ in sys.stdin:
+            t = time.perf_counter(); once(c)
+            print(time.perf_counter() - t, flush=True)
     """
 )
 
 
-def parallel_ssh(python: Path, fleet: LocalFleet, rounds: int) -> tuple[list[float], list[float]]:
-    spec = {
+def _pssh_spec(fleet: LocalFleet, mode: str, rounds: int = 0) -> str:
+    return json.dumps({
         "ports": [f.sshd.port for f in fleet.followers.values()],
-        "user": fleet.ssh_user,
-        "key": str(fleet.leader_key),
-        "rounds": rounds,
-    }
+        "user": fleet.ssh_user, "key": str(fleet.leader_key), "mode": mode, "rounds": rounds,
+    })  # fmt: skip
+
+
+def parallel_ssh_cold(python: Path, fleet: LocalFleet, rounds: int) -> list[float]:
     done = subprocess.run(
-        [str(python), "-c", PSSH_SCRIPT, json.dumps(spec)],
+        [str(python), "-c", PSSH_SCRIPT, _pssh_spec(fleet, "cold", rounds)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -332,8 +447,87 @@ def parallel_ssh(python: Path, fleet: LocalFleet, rounds: int) -> tuple[list[flo
     )
     if done.returncode != 0:
         raise RuntimeError(f"parallel-ssh failed: {done.stderr[-3000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    return result["cold"], result["warm"]
+    return [float(x) for x in json.loads(done.stdout.strip().splitlines()[-1])]
+
+
+class ParallelSshWarm:
+    """One ``ParallelSSHClient`` kept in a process of its own; a round per request (its
+    in-process time, as the client reports it)."""
+
+    def __init__(self, python: Path, fleet: LocalFleet) -> None:
+        self.proc = subprocess.Popen(
+            [str(python), "-c", PSSH_SCRIPT, _pssh_spec(fleet, "warm")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("parallel-ssh: the warm client did not start")
+
+    def round(self) -> float:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("round\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"parallel-ssh: the warm client ended ({self.proc.wait()})")
+        return float(line)
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+class CliWarm:
+    """``ah-fleetctl run`` as a new process each round, with a leader agent running: the
+    first run of the turn starts the agent (the full CLI), the second takes the thin path;
+    neither is counted. The agent stops at the end of the turn."""
+
+    def __init__(self, env: dict[str, str], work: Path, hosts: int, runtime: Path) -> None:
+        self.env, self.work, self.hosts, self.runtime = env, work, hosts, runtime
+        ah_cli_round(env, work, hosts)  # starts the agent, records the thin index
+        ah_cli_round(env, work, hosts)
+
+    def round(self) -> float:
+        return ah_cli_round(self.env, self.work, self.hosts)
+
+    def close(self) -> None:
+        stop_agents(self.runtime)
+
+
+class WarmRow(Protocol):
+    def round(self) -> float: ...
+    def close(self) -> None: ...
+
+
+INTERLEAVE_BLOCK = 3
+"""Counted rounds per row in a row's turn (after its set-up and one uncounted round)."""
+
+
+def interleaved(rows: dict[str, Callable[[], WarmRow]], rounds: int) -> dict[str, list[float]]:
+    """At least ``rounds`` rounds of every row, taken in turns. In its turn a row sets up
+    (connections, agent, client: nothing of another row is open meanwhile), runs one
+    uncounted round, then `INTERLEAVE_BLOCK` counted ones back to back, and closes; the order
+    of the rows rotates every cycle. Back to back, as a user repeating a command (or
+    hyperfine) sees it: each tool pays for its own leftovers (sshd sessions ending, events
+    sent after the answer). In turns, so every row meets the same machine (load, other
+    tenants) over the same stretch of time, and a ratio does not depend on when each row
+    ran."""
+    names = list(rows)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    cycles = -(-rounds // INTERLEAVE_BLOCK)
+    for i in range(cycles):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            row = rows[name]()
+            try:
+                row.round()
+                samples[name] += [row.round() for _ in range(INTERLEAVE_BLOCK)]
+            finally:
+                row.close()
+    return samples
 
 
 # --------------------------------------------------------------------------- ansible
@@ -396,10 +590,34 @@ def main() -> None:
         "CONNECT tunnel (direct disallowed), or both (default: one pair of rows each). "
         "The library rows always link directly.",
     )
+    parser.add_argument(
+        "--cli",
+        choices=("installed", "dev"),
+        default="installed",
+        help="which ah-fleetctl the CLI rows run: this checkout's wheels installed into the "
+        "benchmark environment (default: what pip install gives a user), or the workspace "
+        "venv's editable install",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    python = None if args.skip_peers else ensure_peer_venv(args.venv_dir)
+    global CLI_PYTHON
+    bench_python = None
+    if args.cli == "installed" or not args.skip_peers:
+        bench_python = ensure_bench_venv(args.venv_dir, peers=not args.skip_peers)
+    python = None if args.skip_peers else bench_python
+    if args.cli == "installed":
+        assert bench_python is not None
+        installed = install_ah_from_wheels(bench_python)
+        CLI_PYTHON = bench_python
+        cli_what = (
+            f"ah-fleetctl installed from this checkout's wheels ({len(installed)} ah packages, "
+            f"not editable, as pip install gives it) into {args.venv_dir}"
+        )
+    else:
+        cli_what = (
+            f"the workspace venv's editable install ({Path(sys.executable).parent / 'ah-fleetctl'})"
+        )
     logger.remove()  # the library's debug lines would drown the table
     logger.add(sys.stderr, level="WARNING")
     load_before = os.getloadavg()
@@ -420,62 +638,84 @@ def main() -> None:
 
             thin_modules: list[str] = []
             methods: dict[str, dict[str, int]] = {}
-            for path in ("direct", "connect") if args.path == "both" else (args.path,):
-                policy = {"AH_PATH_POLICY_ALLOW_DIRECT": "false"} if path == "connect" else {}
-                via = " via CONNECT" if path == "connect" else ""
-                env = cli_env(fleet, policy)
-                ah_cli_round(env, work, args.followers)  # warm-up: bytecode, page cache
-                rows[f"ah run (CLI){via}, cold"] = [
-                    ah_cli_round(env, work, args.followers) for _ in range(args.rounds)
-                ]
-                # The leader agent: private runtime dir (its socket, the thin index), short
-                # path for sockaddr_un; the first run starts it and records the thin index.
-                # The path policy is part of the agent's key: each path gets its own agent.
-                runtime = Path(tempfile.mkdtemp(prefix="ahf-", dir="/tmp"))
-                agent_env = cli_env(
-                    fleet,
-                    {
-                        "AH_AGENT_ENABLED": "true",
-                        "AH_AGENT_IDLE": "300s",
-                        "XDG_RUNTIME_DIR": str(runtime),
-                        **policy,
-                    },
-                )
-                try:
-                    ah_cli_round(agent_env, work, args.followers)  # starts the agent
-                    thin_modules = thin_path_imports(agent_env, work)
-                    ah_cli_round(agent_env, work, args.followers)  # not counted
-                    rows[f"ah run (CLI){via}, warm via agent"] = [
-                        ah_cli_round(agent_env, work, args.followers) for _ in range(args.rounds)
+            agent_python = ""
+            runtimes: list[Path] = []
+            warm_rows: dict[str, Callable[[], WarmRow]] = {}
+            try:
+                # Cold rows first, each a block of rounds; then every warm row, in turns.
+                for path in ("direct", "connect") if args.path == "both" else (args.path,):
+                    policy = {"AH_PATH_POLICY_ALLOW_DIRECT": "false"} if path == "connect" else {}
+                    via = " via CONNECT" if path == "connect" else ""
+                    env = cli_env(fleet, policy)
+                    ah_cli_round(env, work, args.followers)  # warm-up: bytecode, page cache
+                    rows[f"ah run (CLI){via}, cold"] = [
+                        ah_cli_round(env, work, args.followers) for _ in range(args.rounds)
                     ]
+                    # The leader agent: private runtime dir (its socket, the thin index),
+                    # short path for sockaddr_un; the first run starts it and records the
+                    # thin index. The path policy is part of the agent's key: each path gets
+                    # its own agent, started anew in each of its turns.
+                    runtime = Path(tempfile.mkdtemp(prefix="ahf-", dir="/tmp"))
+                    runtimes.append(runtime)
+                    agent_env = cli_env(
+                        fleet,
+                        {
+                            "AH_AGENT_ENABLED": "true",
+                            "AH_AGENT_IDLE": "600s",
+                            "XDG_RUNTIME_DIR": str(runtime),
+                            **policy,
+                        },
+                    )
+                    ah_cli_round(agent_env, work, args.followers)  # starts the agent
+                    ah_cli_round(agent_env, work, args.followers)  # not counted
+                    thin_modules = thin_path_imports(agent_env, work)
                     methods[path] = agent_path_methods(agent_env, work)
-                finally:
+                    agent_python = agent_interpreter(runtime)
+                    stop_agents(runtime)
+                    warm_rows[f"ah run (CLI){via}, warm via agent"] = functools.partial(
+                        CliWarm, agent_env, work, args.followers, runtime
+                    )
+                floor = python_floor(args.rounds)
+                rows["ah library, cold (in-process)"] = asyncio.run(
+                    ah_library_cold(followers, connector, args.rounds)
+                )
+
+                async def ssh_config() -> Path:
+                    async with await FleetLinks.open(followers, connector) as links:
+                        return links.ssh_config(scratch / "ssh_config")
+
+                config = asyncio.run(ssh_config())
+                rows["OpenSSH parallel, cold"] = openssh_cold(config, names, args.rounds)
+                if python is not None:
+                    rows["parallel-ssh, cold"] = parallel_ssh_cold(python, fleet, args.rounds)
+                    known = config.with_name(config.name + ".known_hosts")
+                    rows["ansible -m raw (CLI)"] = ansible(
+                        python, fleet, known, scratch, args.rounds
+                    )
+                warm_rows["ah library, warm transports (in-process)"] = functools.partial(
+                    LibraryWarm, followers, connector
+                )
+                warm_rows["OpenSSH ControlMaster parallel, warm"] = functools.partial(
+                    OpenSshWarm, config, names
+                )
+                if python is not None:
+                    warm_rows["parallel-ssh, warm client"] = functools.partial(
+                        ParallelSshWarm, python, fleet
+                    )
+                rows.update(interleaved(warm_rows, args.rounds))
+            finally:
+                for runtime in runtimes:
                     stop_agents(runtime)
                     shutil.rmtree(runtime, ignore_errors=True)
-            floor = python_floor(args.rounds)
-            cold, warm = asyncio.run(ah_library(followers, connector, args.rounds))
-            rows["ah library, cold (in-process)"] = cold
-            rows["ah library, warm transports (in-process)"] = warm
 
-            async def ssh_config() -> Path:
-                async with await FleetLinks.open(followers, connector) as links:
-                    return links.ssh_config(scratch / "ssh_config")
-
-            config = asyncio.run(ssh_config())
-            try:
-                cold, warm = asyncio.run(openssh(config, names, args.rounds))
-                rows["OpenSSH parallel, cold"] = cold
-                rows["OpenSSH ControlMaster parallel, warm"] = warm
-            finally:
-                stop_control_masters(config, names)
-            if python is not None:
-                cold, warm = parallel_ssh(python, fleet, args.rounds)
-                rows["parallel-ssh, cold"] = cold
-                rows["parallel-ssh, warm client"] = warm
-                known = config.with_name(config.name + ".known_hosts")
-                rows["ansible -m raw (CLI)"] = ansible(python, fleet, known, scratch, args.rounds)
-
-    medians = {name: median_ms(samples) for name, samples in rows.items()}
+    order = [
+        "ah run (CLI), cold", "ah run (CLI), warm via agent",
+        "ah run (CLI) via CONNECT, cold", "ah run (CLI) via CONNECT, warm via agent",
+        "ah library, cold (in-process)", "ah library, warm transports (in-process)",
+        "OpenSSH parallel, cold", "OpenSSH ControlMaster parallel, warm",
+        "parallel-ssh, cold", "parallel-ssh, warm client", "ansible -m raw (CLI)",
+    ]  # fmt: skip
+    medians = {name: median_ms(rows[name]) for name in order if name in rows}
     peers = {n: m for n, m in medians.items() if not n.startswith("ah ")}
     fastest_peer = min(peers, key=peers.__getitem__)
     load_after = os.getloadavg()
@@ -489,7 +729,8 @@ def main() -> None:
         print(json.dumps({"followers": args.followers, "rounds": args.rounds,
                           "medianMs": medians, "fastestPeer": fastest_peer,
                           "pythonFloorMs": median_ms(floor), "thinModules": thin_modules,
-                          "agentPaths": methods,
+                          "agentPaths": methods, "cli": cli_what,
+                          "agentPython": agent_python,
                           "loadBefore": load_before, "loadAfter": load_after,
                           "bytecode": bytecode}, indent=2))  # fmt: skip
         return
@@ -511,8 +752,12 @@ def main() -> None:
         "what the rows measure: 'ah run (CLI)' rows and 'ansible' are whole processes "
         "(start to exit; the venv's console script, not uv run); 'ah library' and "
         "'parallel-ssh' rows run inside an already-started Python process (no interpreter "
-        "start-up or imports); OpenSSH rows are 16 ssh processes in parallel."
+        "start-up or imports); OpenSSH rows are 16 ssh processes in parallel. The warm rows "
+        f"took turns (each set up alone, one uncounted and {INTERLEAVE_BLOCK} counted rounds "
+        "back to back, closed; the order rotating), the cold rows and ansible ran one block "
+        "each."
     )
+    print(f"ah CLI rows: {cli_what}; the leader agent ran {agent_python}")
     print(f"the agent's paths to the followers: {methods}")
     print(f"floor of every CLI row: `python -c pass` {median_ms(floor):.0f} ms; beyond it the "
           f"warm run imported {len(thin_modules)} modules ({', '.join(thin_modules)}); "
