@@ -527,14 +527,14 @@ class LeaderAgent:
     async def _keep_followers_fresh(self) -> None:
         """Fetch the follower list again shortly before a run would have to, for as long as
         the agent is in use (see `_FOLLOWERS_REFRESH_AHEAD_S`)."""
+
+        def refresh_due() -> float:  # (read again after each wait: a run may have fetched)
+            return self._fetched_at + _FOLLOWERS_TTL_S - _FOLLOWERS_REFRESH_AHEAD_S
+
         while time.monotonic() - self._last_activity < _FOLLOWERS_KEEP_FRESH_S:
-            due = self._fetched_at + _FOLLOWERS_TTL_S - _FOLLOWERS_REFRESH_AHEAD_S
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            await asyncio.sleep(max(0.0, refresh_due() - time.monotonic()))
             async with self._fetch_lock:
-                if (
-                    time.monotonic()
-                    < self._fetched_at + _FOLLOWERS_TTL_S - _FOLLOWERS_REFRESH_AHEAD_S
-                ):
+                if time.monotonic() < refresh_due():
                     continue  # a run fetched it meanwhile
                 try:
                     await self._fetch_followers()
