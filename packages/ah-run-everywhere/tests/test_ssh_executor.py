@@ -185,7 +185,13 @@ def test_the_warm_executor_gives_what_exec_channels_give(
     cold, cold_printed, cold_pid = run_async(once(False))
     warm, warm_printed, warm_pid = run_async(once(True))
     assert cold_pid is None and warm_pid is not None
-    assert warm_printed == cold_printed
+    # stdout and stderr travel on separate pipes, so only each stream's own order is
+    # defined: where the stderr line falls among stdout lines depends on scheduling.
+    def stdout_lines(printed: str) -> list[str]:
+        return [line for line in printed.splitlines() if line != "box | err"]
+
+    assert stdout_lines(warm_printed) == stdout_lines(cold_printed)
+    assert sorted(warm_printed.splitlines()) == sorted(cold_printed.splitlines())
     assert [(h.state, h.exit_code) for h in warm.hosts] == [
         (h.state, h.exit_code) for h in cold.hosts
     ]
