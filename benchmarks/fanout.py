@@ -115,12 +115,31 @@ def default_venv_dir() -> Path:
 WORKSPACE = Path(__file__).resolve().parents[1]
 
 
-def ensure_bench_venv(venv: Path, *, peers: bool) -> Path:
-    """The benchmark environment (made once): with parallel-ssh and ansible-core when
-    ``peers``; returns its python."""
+def base_interpreter(python: Path | str) -> str:
+    """The interpreter behind ``python`` (a venv's python resolves to the one it was made
+    from) and its version: what the benchmark environment is keyed on."""
+    script = "import os, sys; print(os.path.realpath(sys._base_executable), sys.version.split()[0])"
+    done = subprocess.run(
+        [str(python), "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+def ensure_bench_venv(venv: Path, *, peers: bool, interpreter: Path | None = None) -> Path:
+    """The benchmark environment (made once per interpreter: ``interpreter``, default the
+    one running this script; an environment made from another is made anew): with
+    parallel-ssh and ansible-core when ``peers``; returns its python."""
     python = venv / "bin" / "python"
+    wanted = base_interpreter(interpreter or sys.executable)
+    if python.exists() and base_interpreter(python) != wanted:
+        shutil.rmtree(venv)
     if not python.exists():
-        subprocess.run(["uv", "venv", "--quiet", "--python", sys.executable, str(venv)], check=True)
+        subprocess.run(
+            ["uv", "venv", "--quiet", "--python", wanted.split()[0], str(venv)], check=True
+        )
     if peers:
         probe = subprocess.run(
             [str(python), "-c", "import pssh, ansible"], capture_output=True, check=False
@@ -598,13 +617,29 @@ def main() -> None:
         "benchmark environment (default: what pip install gives a user), or the workspace "
         "venv's editable install",
     )
+    parser.add_argument(
+        "--python",
+        type=Path,
+        default=None,
+        help="the interpreter of the benchmark environment (the CLI rows, the leader agent, "
+        "parallel-ssh, ansible); default: the one running this script. Process start-up "
+        "differs a lot between builds (on the reference VM: ~12 ms for Debian's static "
+        "python3.11, ~15-21 ms for a pyenv build with a shared libpython), and only the CLI "
+        "rows and ansible pay it",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.python is not None and args.cli == "dev":
+        parser.error(
+            "--python applies to the benchmark environment; --cli dev runs the workspace's"
+        )
 
     global CLI_PYTHON
     bench_python = None
     if args.cli == "installed" or not args.skip_peers:
-        bench_python = ensure_bench_venv(args.venv_dir, peers=not args.skip_peers)
+        bench_python = ensure_bench_venv(
+            args.venv_dir, peers=not args.skip_peers, interpreter=args.python
+        )
     python = None if args.skip_peers else bench_python
     if args.cli == "installed":
         assert bench_python is not None
@@ -757,7 +792,10 @@ def main() -> None:
         "back to back, closed; the order rotating), the cold rows and ansible ran one block "
         "each."
     )
-    print(f"ah CLI rows: {cli_what}; the leader agent ran {agent_python}")
+    print(
+        f"ah CLI rows: {cli_what}; the leader agent ran {agent_python}, built on "
+        f"{base_interpreter(CLI_PYTHON)} (--python picks another)"
+    )
     print(f"the agent's paths to the followers: {methods}")
     print(f"floor of every CLI row: `python -c pass` {median_ms(floor):.0f} ms; beyond it the "
           f"warm run imported {len(thin_modules)} modules ({', '.join(thin_modules)}); "
