@@ -385,3 +385,50 @@ def test_concurrent_thin_runs_over_the_same_transports_lose_no_output_lines(
                 f"run {i} on {name}: {len(got)} lines"
             )
         assert lines[-1] == "3 succeeded, 0 failed, 0 unreachable"
+
+
+def test_a_warning_that_comes_after_a_thin_run_answered_is_shown_by_the_next_one(
+    thin_fleet: AgentFleet, tmp_path: Path
+) -> None:
+    """A thin run answers before its session events are pushed; an access point that then
+    refuses them says so to nobody on that run. The agent logs it and the next thin run's
+    CLI shows it, once."""
+    fleet = thin_fleet.fleet
+    # Lists followers (read-logs) but may not push session events (that needs exec).
+    token = fleet.signer.issue_user("late-reader", scopes=["read-logs", "ssh"])
+    with AgentFleet.running(
+        fleet, thin_fleet.work, tmp_path / "home", extra_env={"AH_TOKEN": token}
+    ) as late:
+
+        def run() -> tuple[str, str]:
+            result, modules = late.cli(
+                "run", "--no-fence", "--json", *_hosts(GOOD), "--", "true", importtime=True
+            )
+            assert result.returncode == 0 and not HEAVY_MODULES & modules, result
+            return result.stderr, result.json()["sessionId"]
+
+        def refusal_logged(session: str) -> bool:
+            return any(
+                "after a run answered" in line and session in line and "refused" in line
+                for line in late.agent_log().splitlines()
+            )
+
+        # The full CLI (it starts the agent and records the thin index) waits for its own
+        # events: it reports the refusal itself.
+        full, _ = late.cli("run", "--no-fence", *_hosts(GOOD), "--", "true")
+        assert full.returncode == 0, full
+        assert "refused the session events" in full.stderr, full
+        first_stderr, first = run()
+        assert "after an earlier run answered" not in first_stderr, first_stderr
+        wait_for(lambda: refusal_logged(first), 30.0, what=f"the refusal of {first} logged")
+        second_stderr, second = run()
+        late_lines = [
+            line
+            for line in second_stderr.splitlines()
+            if line.startswith("warning: after an earlier run answered: ")
+        ]
+        assert any("refused the session events" in line for line in late_lines), second_stderr
+        assert all(first in line for line in late_lines), second_stderr
+        wait_for(lambda: refusal_logged(second), 30.0, what=f"the refusal of {second} logged")
+        third_stderr, _ = run()
+        assert second in third_stderr and first not in third_stderr, third_stderr

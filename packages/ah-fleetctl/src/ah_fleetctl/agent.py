@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -95,6 +96,10 @@ _EVENT_RELEASE_DELAY_S = 0.25
 that comes first: short runs do not share the CPU with their own events."""
 _MAX_SPARE_RUN_DIRS = 4
 """Spare run directories kept (one per recent host selection; see prepare_spare_run_dir)."""
+_MAX_LATE_WARNINGS = 20
+"""Warnings kept for the next thin run (see LeaderAgent.keep_late_warning); older ones are
+counted, and every one is in the agent's log."""
+_LATE_PREFIX = "warning: "
 
 
 class GcPolicy:
@@ -441,6 +446,8 @@ class LeaderAgent:
         """Follower-list fetches a request had to wait for (the ping reports it)."""
         self.follower_fetches_ahead = 0
         """Fetches made in the background, before the list got too old for a run."""
+        self._late_warnings: deque[str] = deque(maxlen=_MAX_LATE_WARNINGS)
+        self._late_dropped = 0
 
     async def serve(self) -> int:
         from .paths import make_path_connector
@@ -594,6 +601,33 @@ class LeaderAgent:
         for old in stale:
             if old is not None:
                 await asyncio.to_thread(old.discard)
+
+    def keep_late_warning(self, text: str) -> None:
+        """Keep ``text``, a warning for a thin run's CLI that came when that CLI was gone
+        (most often the run's session events failing after it answered), for the next thin
+        run to show; and log it. Nothing the user should know is dropped on the floor."""
+        message = text.strip()
+        if message.startswith(_LATE_PREFIX):
+            message = message[len(_LATE_PREFIX) :]
+        _log.warning("after a run answered: {}", message)
+        if len(self._late_warnings) == self._late_warnings.maxlen:
+            self._late_dropped += 1
+        self._late_warnings.append(message)
+
+    def take_late_warnings(self) -> list[str]:
+        """The warnings kept since the last call, as lines for a CLI's stderr."""
+        lines = [
+            f"{_LATE_PREFIX}after an earlier run answered: {message}\n"
+            for message in self._late_warnings
+        ]
+        if self._late_dropped:
+            lines.append(
+                f"{_LATE_PREFIX}{self._late_dropped} more such warning(s) are only in the "
+                f"agent's log {self.socket_path.with_suffix('.log')}\n"
+            )
+        self._late_warnings.clear()
+        self._late_dropped = 0
+        return lines
 
     def in_background(self, awaitable: Awaitable[object]) -> None:
         """Finish ``awaitable`` after the reply went out (awaited before the agent exits)."""

@@ -344,18 +344,40 @@ async def serve_thin_run(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
 ) -> None:
-    """Serve one thin ``run`` on this connection (see :mod:`ah_fleetctl.thin`)."""
+    """Serve one thin ``run`` on this connection (see :mod:`ah_fleetctl.thin`).
+
+    A warning meant for this CLI that comes after it got its answer (the run's session
+    events are pushed after the answer: an access point that refuses them says so then) or
+    after it went away is kept by the agent and shown by the next thin run's CLI."""
+    answered = False
 
     def send(reply: ThinReply) -> None:
-        if not writer.is_closing():
-            frame = _encode(reply)
-            writer.write(len(frame).to_bytes(4, "big") + frame)
+        if answered or writer.is_closing():
+            if isinstance(reply, ThinOutReply) and reply.fd == 2:
+                agent.keep_late_warning(reply.text)
+            return
+        frame = _encode(reply)
+        writer.write(len(frame).to_bytes(4, "big") + frame)
 
+    try:
+        await _serve(agent, payload, reader, send)
+    finally:
+        answered = True
+
+
+async def _serve(
+    agent: LeaderAgent,
+    payload: bytes,
+    reader: asyncio.StreamReader,
+    send: Callable[[ThinReply], None],
+) -> None:
     try:
         request = _decode(payload, ThinRunRequest)
     except msgspec.ValidationError as exc:
         send(ThinFallbackReply(reason=f"unreadable thin request: {exc}"))
         return
+    for text in agent.take_late_warnings():
+        send(ThinOutReply(fd=2, text=text))
     started: list[bool] = []
 
     def send_tracked(reply: ThinReply) -> None:
