@@ -115,6 +115,34 @@ def default_venv_dir() -> Path:
 WORKSPACE = Path(__file__).resolve().parents[1]
 
 
+def default_scratch_dir() -> Path:
+    """Where the benchmark's fleet and the leader's state go: a tmpfs when there is one
+    (``/dev/shm``), else the system's temporary directory. Why not the disk: see
+    `run_dir_cost_ms` and the benchmarks README."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        return shm
+    return Path(tempfile.gettempdir())
+
+
+def run_dir_cost_ms(base: Path, hosts: int = 16, samples: int = 9) -> float:
+    """Median CPU (ms) to create what the leader creates for every run under ``base``: a
+    run directory with one log file per host. On a disk that behaves it is well under a
+    millisecond; on the development VM's journal-less ext4 it was 10-20 ms for minutes
+    after many files were deleted (a new inode skips every recently deleted one)."""
+    base.mkdir(parents=True, exist_ok=True)
+    costs = []
+    with tempfile.TemporaryDirectory(prefix="ah-rundir-cost-", dir=base) as tmp:
+        for i in range(samples):
+            started = time.process_time()
+            run = os.path.join(tmp, f"run{i}")
+            os.mkdir(run)
+            for h in range(hosts):
+                os.close(os.open(os.path.join(run, f"h{h:02d}.log"), os.O_WRONLY | os.O_CREAT))
+            costs.append(time.process_time() - started)
+    return statistics.median(costs) * 1000.0
+
+
 def base_interpreter(python: Path | str) -> str:
     """The interpreter behind ``python`` (a venv's python resolves to the one it was made
     from) and its version: what the benchmark environment is keyed on."""
@@ -618,6 +646,15 @@ def main() -> None:
         "venv's editable install",
     )
     parser.add_argument(
+        "--scratch-dir",
+        type=Path,
+        default=default_scratch_dir(),
+        help="where the fleet (access point, followers, their sshd) and the leader's state "
+        "(run logs, session-event copies) are made; default: /dev/shm when there is one. "
+        "The leader creates a run directory with a log per host on every run; the report "
+        "prints what that costs here and on the disk",
+    )
+    parser.add_argument(
         "--python",
         type=Path,
         default=None,
@@ -658,7 +695,12 @@ def main() -> None:
     load_before = os.getloadavg()
     rows: dict[str, list[float]] = {}
     specs = [FollowerSpec(f"f{i:02d}") for i in range(args.followers)]
-    with tempfile.TemporaryDirectory(prefix="ah-fanout-") as tmp:
+    disk = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "agent-harbor"
+    run_dir_costs = {
+        f"the scratch dir ({args.scratch_dir})": run_dir_cost_ms(args.scratch_dir),
+        f"the disk ({disk})": run_dir_cost_ms(disk),
+    }
+    with tempfile.TemporaryDirectory(prefix="ah-fanout-", dir=args.scratch_dir) as tmp:
         scratch = Path(tmp)
         started = time.perf_counter()
         with LocalFleet(specs, base_dir=scratch / "fleet", heartbeat_interval="2s",
@@ -765,7 +807,7 @@ def main() -> None:
                           "medianMs": medians, "fastestPeer": fastest_peer,
                           "pythonFloorMs": median_ms(floor), "thinModules": thin_modules,
                           "agentPaths": methods, "cli": cli_what,
-                          "agentPython": agent_python,
+                          "agentPython": agent_python, "runDirCostMs": run_dir_costs,
                           "loadBefore": load_before, "loadAfter": load_after,
                           "bytecode": bytecode}, indent=2))  # fmt: skip
         return
@@ -800,6 +842,11 @@ def main() -> None:
     print(f"floor of every CLI row: `python -c pass` {median_ms(floor):.0f} ms; beyond it the "
           f"warm run imported {len(thin_modules)} modules ({', '.join(thin_modules)}); "
           f"{bytecode}")  # fmt: skip
+    print(
+        f"a run directory with {args.followers} log files (the leader makes one per run) "
+        "costs "
+        + ", ".join(f"{cost:.1f} ms of CPU in {where}" for where, cost in run_dir_costs.items())
+    )
 
 
 if __name__ == "__main__":
