@@ -263,12 +263,23 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_sessions_that_keep_failing_on_a_host_are_given_up() -> None:
-    """No fleet needed: a "server" that exits at once, three times in a row."""
+@pytest.mark.parametrize(
+    "script",
+    [
+        "echo 'python3: not found' >&2; exit 127",
+        # Its standard input is seen closed before its last words arrive: the error still
+        # carries them (it used to say only "its standard input is closed").
+        "exec 0<&-; sleep 0.2; echo 'python3: not found' >&2; exit 127",
+    ],
+    ids=["exits-at-once", "closes-stdin-first"],
+)
+def test_sessions_that_keep_failing_on_a_host_are_given_up(script: str) -> None:
+    """No fleet needed: a "server" that dies at once, three times in a row; each failure
+    names what it printed."""
 
     async def scenario() -> None:
         sessions = DigestSessions()
-        argv = ["sh", "-c", "echo 'python3: not found' >&2; exit 127"]
+        argv = ["sh", "-c", script]
         key = ("ah-x", "/ws", (), True, True)
         try:
             for _ in range(DigestSessions.MAX_FAILURES):

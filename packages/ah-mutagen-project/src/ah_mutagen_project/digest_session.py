@@ -239,7 +239,10 @@ class DigestSession:
         assert self._transport is not None
         stdin = self._transport.get_pipe_transport(0)
         if stdin is None or stdin.is_closing():
+            # It died before we could ask (e.g. "python3: not found"): the reason should say
+            # how, so let its exit status and the rest of its standard error arrive first.
             self._died("its standard input is closed")
+            await self._last_words()
             raise DigestSessionError(f"{self.what}: the digest session ended: {self.reason}")
         if not self.hello:
             kind, body = await self._next_frame()
