@@ -97,7 +97,11 @@ class RunQueueSampler(threading.Thread):
 
 def udp_receive_buffer_errors() -> int:
     """Datagrams this machine dropped for a full socket receive buffer so far (every process)."""
-    lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines() if line.startswith("Udp:")]
+    lines = [
+        line.split()
+        for line in Path("/proc/net/snmp").read_text().splitlines()
+        if line.startswith("Udp:")
+    ]
     return int(lines[1][lines[0].index("RcvbufErrors")])
 
 
@@ -271,9 +275,10 @@ def main() -> None:
 
     quic_watch = QuicWatch()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AH_")}
-    with tempfile.TemporaryDirectory(prefix="ah-bench-events-") as tmp, ProcessGroup(
-        Path(tmp) / "logs"
-    ) as group:
+    with (
+        tempfile.TemporaryDirectory(prefix="ah-bench-events-") as tmp,
+        ProcessGroup(Path(tmp) / "logs") as group,
+    ):
         state_dir = Path(tmp) / "ap"
         subprocess.run(
             [sys.executable, "-m", "ah_access_pointd", "init", "--state-dir", str(state_dir)],
@@ -350,7 +355,9 @@ def main() -> None:
                 emit_ns[emitted + 1] = time.monotonic_ns()
                 emit_wall_ns[emitted + 1] = time.time_ns()
                 sink.emit(
-                    sink.make(HostLogEvent, host="bench", stream="stdout", line=f"{emitted} {payload}")
+                    sink.make(
+                        HostLogEvent, host="bench", stream="stdout", line=f"{emitted} {payload}"
+                    )
                 )
             next_tick = started + (emitted / args.rate)
             delay = next_tick - time.monotonic()

@@ -43,8 +43,6 @@ def _console_script() -> list[str]:
 CLI = _console_script()
 
 
-
-
 class LineReader:
     """Collects a pipe's lines in a thread, so a test can wait for one with a deadline."""
 

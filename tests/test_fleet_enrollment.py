@@ -18,13 +18,19 @@ from ah_connectivity import FleetCA, Identity, TokenSigner, peer_spiffe_id, spif
 from ah_harness_local.fleet import daemon_argv
 
 
-def _enroll(fleet: Any, state_dir: Path, token: str, *extra: str) -> subprocess.CompletedProcess[str]:
+def _enroll(
+    fleet: Any, state_dir: Path, token: str, *extra: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
-            *daemon_argv("ah-followerd"), "enroll",
-            "--access-point", f"127.0.0.1:{fleet.api_port}",
-            "--token", token,
-            "--state-dir", str(state_dir),
+            *daemon_argv("ah-followerd"),
+            "enroll",
+            "--access-point",
+            f"127.0.0.1:{fleet.api_port}",
+            "--token",
+            token,
+            "--state-dir",
+            str(state_dir),
             *extra,
         ],
         capture_output=True,
@@ -86,7 +92,10 @@ def test_enrollment_succeeds_once_and_every_bad_token_is_refused(
     for case, words in refusals.items():
         result = results[case]
         assert result.returncode == 4, (case, result.stderr)
-        assert "refused to enroll" in result.stderr and words in result.stderr, (case, result.stderr)
+        assert "refused to enroll" in result.stderr and words in result.stderr, (
+            case,
+            result.stderr,
+        )
     assert "'enr-right', not 'enr-wrong'" in results["wrong-name"].stderr
 
     mismatch = results["pin-mismatch"]

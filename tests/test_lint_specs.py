@@ -85,7 +85,10 @@ def test_complete_milestone_needs_all_boxes_and_subsections(tmp_path: Path) -> N
 
 
 def test_missing_status_line_is_reported(tmp_path: Path) -> None:
-    text = STATUS.read_text().replace("## M7 — run-everywhere Scheduler\n\n- **Status**:", "## M7 — run-everywhere Scheduler\n\n- Status:")
+    text = STATUS.read_text().replace(
+        "## M7 — run-everywhere Scheduler\n\n- **Status**:",
+        "## M7 — run-everywhere Scheduler\n\n- Status:",
+    )
     problems = lint_specs.lint(_write(tmp_path, text), ROOT)
     assert any("M7: missing '- **Status**" in p for p in problems), problems
 

@@ -171,7 +171,9 @@ def test_foreign_ca_wrong_name_and_unenrolled_certificates_are_refused(serving_a
             assert "certificate not issued by this fleet CA" in (rogues["foreign"].last_error or "")
             assert "name mismatch" in (rogues["wrong-name"].last_error or "")
             assert "is not enrolled" in (rogues["ghost"].last_error or "")
-            listed = {f["info"]["name"]: f["health"] for f in api(ap, "GET", "/followers")["followers"]}
+            listed = {
+                f["info"]["name"]: f["health"] for f in api(ap, "GET", "/followers")["followers"]
+            }
             assert listed.get("cp-good") == "healthy"
             assert "cp-beta" not in listed and "cp-ghost" not in listed
             assert good.sessions == 1, "refusing others must not disturb a connected follower"
@@ -267,9 +269,13 @@ def test_a_bad_frame_closes_only_that_stream(serving_ap: Any, bad: bytes, code: 
                 assert raw.terminated is None
                 # ... it saw the raw follower go offline ...
                 await await_in_thread(
-                    lambda: {
-                        f["info"]["name"]: f["health"] for f in api(ap, "GET", "/followers")["followers"]
-                    }.get(raw_name) == "offline",
+                    lambda: (
+                        {
+                            f["info"]["name"]: f["health"]
+                            for f in api(ap, "GET", "/followers")["followers"]
+                        }.get(raw_name)
+                        == "offline"
+                    ),
                     10,
                     f"{raw_name} offline",
                 )

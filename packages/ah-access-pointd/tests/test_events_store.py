@@ -39,7 +39,9 @@ class Clock:
         return self.now
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     plan=st.lists(
         st.tuples(
@@ -149,7 +151,11 @@ def test_reads_filter_page_sort_and_count(tmp_path: Path) -> None:
         assert store.count("s-1", types=["hostStarted"]) == 10
         assert [e.seq for e in store.read("s-1", types=["hostStarted"], limit=3)] == [2, 4, 6]
         assert [e.seq for e in store.read("s-1", after=5, until=8, limit=50)] == [6, 7, 8]
-        assert [e.seq for e in store.read("s-1", limit=3, offset=3, descending=True)] == [17, 16, 15]
+        assert [e.seq for e in store.read("s-1", limit=3, offset=3, descending=True)] == [
+            17,
+            16,
+            15,
+        ]
         assert [s.id for s in store.list_sessions()] == ["s-2", "s-1"], "newest first"
         assert store.get_session("nope") is None
     finally:
@@ -157,8 +163,12 @@ def test_reads_filter_page_sort_and_count(tmp_path: Path) -> None:
 
 
 def test_session_hosts_follow_the_latest_path_event(tmp_path: Path) -> None:
-    direct = PathRecord(method=TransportMethod.DIRECT, target="10.0.0.5:22", relay=None, rtt_estimate_ms=1.5)
-    via_ap = PathRecord(method=TransportMethod.CONNECT, target="lin-b:22", relay=None, rtt_estimate_ms=9.0)
+    direct = PathRecord(
+        method=TransportMethod.DIRECT, target="10.0.0.5:22", relay=None, rtt_estimate_ms=1.5
+    )
+    via_ap = PathRecord(
+        method=TransportMethod.CONNECT, target="lin-b:22", relay=None, rtt_estimate_ms=9.0
+    )
     store = EventStore(tmp_path / "events.db")
     try:
         store.open_session("s-1", "alice", "p")
@@ -167,13 +177,19 @@ def test_session_hosts_follow_the_latest_path_event(tmp_path: Path) -> None:
             "p",
             1,
             [
-                FenceStartedEvent(session_id="", ts_ms=0, snapshot_id="x", hosts=["lin-a", "lin-b", "lin-c"]),
+                FenceStartedEvent(
+                    session_id="", ts_ms=0, snapshot_id="x", hosts=["lin-a", "lin-b", "lin-c"]
+                ),
                 PathFixedEvent(session_id="", ts_ms=0, host="lin-a", path=direct),
                 PathFixedEvent(session_id="", ts_ms=0, host="lin-b", path=direct),
-                PathDegradedEvent(session_id="", ts_ms=0, host="lin-b", path=direct, failures=3, error="timeout"),
+                PathDegradedEvent(
+                    session_id="", ts_ms=0, host="lin-b", path=direct, failures=3, error="timeout"
+                ),
                 PathRestoredEvent(session_id="", ts_ms=0, host="lin-b", path=via_ap),
                 PathFixedEvent(session_id="", ts_ms=0, host="lin-c", path=direct),
-                PathDegradedEvent(session_id="", ts_ms=0, host="lin-c", path=direct, failures=3, error="reset"),
+                PathDegradedEvent(
+                    session_id="", ts_ms=0, host="lin-c", path=direct, failures=3, error="reset"
+                ),
                 HostStartedEvent(session_id="", ts_ms=0, host="lin-d", command="make"),
             ],
         )

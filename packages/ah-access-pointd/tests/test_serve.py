@@ -91,7 +91,9 @@ def test_sigterm_stops_gracefully_and_serve_restarts_on_the_same_ports(
     assert f"127.0.0.1:{second.ready['apiPort']}" in clash.stderr
     assert not ready_file.exists()
     assert quic_clash.returncode == 5, quic_clash.stderr
-    assert f"cannot listen for QUIC on 127.0.0.1:{second.ready['quicPort']}/udp" in quic_clash.stderr
+    assert (
+        f"cannot listen for QUIC on 127.0.0.1:{second.ready['quicPort']}/udp" in quic_clash.stderr
+    )
     assert second.process.terminate(10) == 0
 
 

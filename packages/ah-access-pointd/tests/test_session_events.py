@@ -212,9 +212,15 @@ def test_sse_reconnect_with_last_event_id_gets_the_rest_exactly_once(fresh_ap: A
 def _realistic_events() -> list[Event]:
     hosts = ["lin-a", "lin-b", "win-1"]
     paths = [
-        PathRecord(method=TransportMethod.DIRECT, target="10.0.0.5:22", relay=None, rtt_estimate_ms=0.8),
-        PathRecord(method=TransportMethod.CONNECT, target="lin-b:22", relay=None, rtt_estimate_ms=4.2),
-        PathRecord(method=TransportMethod.RELAY, target="win-1:22", relay="ap-2", rtt_estimate_ms=31.0),
+        PathRecord(
+            method=TransportMethod.DIRECT, target="10.0.0.5:22", relay=None, rtt_estimate_ms=0.8
+        ),
+        PathRecord(
+            method=TransportMethod.CONNECT, target="lin-b:22", relay=None, rtt_estimate_ms=4.2
+        ),
+        PathRecord(
+            method=TransportMethod.RELAY, target="win-1:22", relay="ap-2", rtt_estimate_ms=31.0
+        ),
     ]
     events: list[Event] = [
         PathFixedEvent(session_id="", ts_ms=0, host=host, path=path)

@@ -369,7 +369,9 @@ class InMemorySessions:
     summaries: dict[str, SessionSummary] = field(default_factory=dict)
     events: dict[str, list[StoredEvent]] = field(default_factory=dict)
 
-    async def append(self, session_id: str, events: Sequence[Event], leader: str = "alice") -> list[int]:
+    async def append(
+        self, session_id: str, events: Sequence[Event], leader: str = "alice"
+    ) -> list[int]:
         stored = self.events.setdefault(session_id, [])
         summary = self.summaries.get(session_id)
         if summary is None:
@@ -398,7 +400,9 @@ class InMemorySessions:
         return [
             e
             for e in self.events.get(session_id, [])
-            if e.seq > after and (until is None or e.seq <= until) and (not types or e.type in types)
+            if e.seq > after
+            and (until is None or e.seq <= until)
+            and (not types or e.type in types)
         ]
 
     def read_events(
@@ -451,7 +455,9 @@ class InMemorySessions:
         )
 
     def push_endpoint(self) -> PushEndpoint | None:
-        return PushEndpoint(host="127.0.0.1", port=4433, alpn="ah-leader/1", trust_domain=TRUST_DOMAIN)
+        return PushEndpoint(
+            host="127.0.0.1", port=4433, alpn="ah-leader/1", trust_domain=TRUST_DOMAIN
+        )
 
 
 SSE_TEST_SETTINGS = SseSettings(keepalive_s=0.2, queue_size=40, history_page=7, retry_ms=50)

@@ -117,7 +117,9 @@ def test_openapi_documents_the_session_routes(
     assert set(ok["content"]) == {"application/json", "text/event-stream"}
     assert ok["headers"]["X-AH-Last-Seq"]["required"] is True
     params = {p["name"]: p for p in events["parameters"]}
-    assert {"type", "since", "until", "page", "perPage", "sort", "after", "Last-Event-ID"} <= set(params)
+    assert {"type", "since", "until", "page", "perPage", "sort", "after", "Last-Event-ID"} <= set(
+        params
+    )
     assert params["Last-Event-ID"]["in"] == "header"
     assert params["perPage"]["schema"]["maximum"] == 200
     assert "404" in events["responses"] and "400" in events["responses"]
@@ -129,7 +131,9 @@ def test_openapi_documents_the_session_routes(
 def test_sessions_list_info_and_push_endpoint(
     sessions_api: Any, scheck: Any, signer: TokenSigner
 ) -> None:
-    sessions_api.append("s-info-1", [FenceStartedEvent(session_id="", ts_ms=0, snapshot_id="abc", hosts=["lin-a"])])
+    sessions_api.append(
+        "s-info-1", [FenceStartedEvent(session_id="", ts_ms=0, snapshot_id="abc", hosts=["lin-a"])]
+    )
     with sessions_api.client(token(signer, "read-logs")) as client:
         listed = scheck.json(client.get(SESSIONS), SESSIONS, status=200)
         assert "s-info-1" in [s["id"] for s in listed["sessions"]]
@@ -165,10 +169,17 @@ def test_events_history_pages_filters_and_sorts(
     with sessions_api.client(token(signer, "read-logs")) as client:
         first = scheck.json(client.get(url, params={"perPage": 15}), EVENTS, status=200)
         assert [e["seq"] for e in first["events"]] == list(range(1, 16))
-        assert (first["total"], first["page"], first["perPage"], first["lastSeq"]) == (40, 1, 15, 40)
+        assert (first["total"], first["page"], first["perPage"], first["lastSeq"]) == (
+            40,
+            1,
+            15,
+            40,
+        )
         third = scheck.json(client.get(url, params={"perPage": 15, "page": 3}), EVENTS, status=200)
         assert [e["seq"] for e in third["events"]] == list(range(31, 41))
-        desc = scheck.json(client.get(url, params={"sort": "desc", "perPage": 3}), EVENTS, status=200)
+        desc = scheck.json(
+            client.get(url, params={"sort": "desc", "perPage": 3}), EVENTS, status=200
+        )
         assert [e["seq"] for e in desc["events"]] == [40, 39, 38]
         window = scheck.json(client.get(url, params={"since": 10, "until": 12}), EVENTS, status=200)
         assert [e["seq"] for e in window["events"]] == [11, 12] and window["total"] == 2
@@ -186,7 +197,9 @@ def test_events_history_pages_filters_and_sorts(
         too_many = scheck.json(response, EVENTS, status=400)
         assert "perPage" in too_many["detail"] or "per_page" in too_many["detail"]
         bad_type = scheck.json(client.get(url, params={"type": "nope"}), EVENTS, status=400)
-        assert bad_type["type"] == "urn:ah:problem:bad-event-type" and "'nope'" in bad_type["detail"]
+        assert (
+            bad_type["type"] == "urn:ah:problem:bad-event-type" and "'nope'" in bad_type["detail"]
+        )
         unknown = scheck.json(client.get(f"{SESSIONS}/s-unknown/events"), EVENTS, status=404)
         assert unknown["type"] == "urn:ah:problem:unknown-session"
 

@@ -58,7 +58,11 @@ class MemoryIngest:
         try:
             claims = self.signer.verifier().verify_user(token, required_scope="exec")
         except TokenError as exc:
-            code = PushRefusal.FORBIDDEN if exc.reason == "missing-scope" else PushRefusal.UNAUTHENTICATED
+            code = (
+                PushRefusal.FORBIDDEN
+                if exc.reason == "missing-scope"
+                else PushRefusal.UNAUTHENTICATED
+            )
             raise PushRefusedError(code, str(exc)) from None
         stored = self.events.setdefault(session_id, [])
         return PushGrant(
@@ -170,7 +174,11 @@ def test_push_and_follower_share_the_port(
             follower_task = asyncio.ensure_future(follower.run())
             token = signer.issue_user("alice", scopes=["exec"])
             client = make_client(
-                fleet, port, token, session, on_ack=lambda r: acked.append((r.first_seq, r.last_seq))
+                fleet,
+                port,
+                token,
+                session,
+                on_ack=lambda r: acked.append((r.first_seq, r.last_seq)),
             )
             async with running(client):
                 for event in notes(0, 1500):

@@ -61,7 +61,9 @@ class Link:
     to_client: list[PushMessage] = field(default_factory=list)
 
 
-def run_actions(receiver: PushReceiver, store: Store, actions: list[PushAction]) -> list[PushMessage]:
+def run_actions(
+    receiver: PushReceiver, store: Store, actions: list[PushAction]
+) -> list[PushMessage]:
     """The access point's shell: authenticate, store, collect what it sends."""
     out: list[PushMessage] = []
     queue = list(actions)
@@ -181,9 +183,7 @@ def test_batches_respect_event_and_byte_limits() -> None:
         sender.emit(note(n))
     assert sender.next_batch() is None, "nothing is sent before a welcome"
     sender.on_welcome(
-        PushWelcome(
-            session_id=SESSION, producer="p", acked_lseq=0, last_seq=0, max_batch_events=4
-        )
+        PushWelcome(session_id=SESSION, producer="p", acked_lseq=0, last_seq=0, max_batch_events=4)
     )
     sizes = []
     while (batch := sender.next_batch()) is not None:
@@ -281,23 +281,34 @@ def test_receiver_skips_a_resent_prefix_and_refuses_gaps_and_foreign_events() ->
     assert isinstance(store, StoreEvents)
     assert store.first_lseq == 3 and [e.message for e in store.events] == ["event 3"]  # type: ignore[attr-defined]
     (ack,) = receiver.stored(9, 9)
-    assert isinstance(ack, SendPush) and ack.message == PushAck(last_lseq=3, first_seq=9, last_seq=9)
+    assert isinstance(ack, SendPush) and ack.message == PushAck(
+        last_lseq=3, first_seq=9, last_seq=9
+    )
     # All resent: an empty store, acked with zero seqs by the shell.
     (store,) = receiver.receive(PushBatch(first_lseq=2, events=[note(2), note(3)]))
     assert isinstance(store, StoreEvents) and not store.events
     (ack,) = receiver.stored(0, 0)
-    assert isinstance(ack, SendPush) and ack.message == PushAck(last_lseq=3, first_seq=0, last_seq=0)
+    assert isinstance(ack, SendPush) and ack.message == PushAck(
+        last_lseq=3, first_seq=0, last_seq=0
+    )
 
     gap = open_receiver(acked=2)
-    assert "would be missing" in refusal(gap.receive(PushBatch(first_lseq=4, events=[note(4)]))).message
+    assert (
+        "would be missing"
+        in refusal(gap.receive(PushBatch(first_lseq=4, events=[note(4)]))).message
+    )
     foreign = open_receiver()
-    assert "of session 'other'" in refusal(
-        foreign.receive(PushBatch(first_lseq=1, events=[note(1, session_id="other")]))
-    ).message
+    assert (
+        "of session 'other'"
+        in refusal(
+            foreign.receive(PushBatch(first_lseq=1, events=[note(1, session_id="other")]))
+        ).message
+    )
     big = open_receiver()
-    assert "over the limit" in refusal(
-        big.receive(PushBatch(first_lseq=1, events=[note(n) for n in range(4)]))
-    ).message
+    assert (
+        "over the limit"
+        in refusal(big.receive(PushBatch(first_lseq=1, events=[note(n) for n in range(4)]))).message
+    )
 
 
 def test_receiver_queues_pipelined_batches_and_closes_after_the_last_one() -> None:
@@ -313,6 +324,8 @@ def test_receiver_queues_pipelined_batches_and_closes_after_the_last_one() -> No
     ack, store = receiver.stored(1, 1)
     assert isinstance(store, StoreEvents) and store.first_lseq == 2
     ack, close = receiver.stored(2, 2)
-    assert isinstance(ack, SendPush) and ack.message == PushAck(last_lseq=2, first_seq=2, last_seq=2)
+    assert isinstance(ack, SendPush) and ack.message == PushAck(
+        last_lseq=2, first_seq=2, last_seq=2
+    )
     assert close == ClosePush("leader finished the push stream", error=False)
     assert receiver.phase is PushReceiverPhase.CLOSED

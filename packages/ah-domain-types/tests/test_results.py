@@ -75,7 +75,9 @@ def test_exit_ok_iff_something_ran_and_every_host_ok_or_idle(states: list[HostSt
     )
     assert summary.idle == states.count(HostState.IDLE)
     assert summary.succeeded == states.count(HostState.OK)
-    expected_ok = HostState.OK in states and all(s in (HostState.OK, HostState.IDLE) for s in states)
+    expected_ok = HostState.OK in states and all(
+        s in (HostState.OK, HostState.IDLE) for s in states
+    )
     assert (summary.exit_code is ExitCode.OK) == expected_ok
     assert summary.line().startswith(
         f"{summary.succeeded} succeeded, {summary.failed} failed, {summary.unreachable} unreachable"

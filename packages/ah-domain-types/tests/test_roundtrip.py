@@ -419,9 +419,7 @@ REGISTRY: dict[type[msgspec.Struct], st.SearchStrategy[Any]] = {
 REGISTRY[PushBatch] = st.builds(
     PushBatch,
     first_lseq=st.integers(1, 2**40),
-    events=st.lists(
-        st.one_of([REGISTRY[tp] for tp in adt.Event.__args__]), min_size=1, max_size=3
-    ),
+    events=st.lists(st.one_of([REGISTRY[tp] for tp in adt.Event.__args__]), min_size=1, max_size=3),
 )
 REGISTRY[ErrorEnvelope] = st.builds(ErrorEnvelope, error=REGISTRY[ErrorBody])
 REGISTRY[ConfigFile] = st.builds(

@@ -53,8 +53,6 @@ def _console_script() -> list[str]:
 CLI = _console_script()
 
 
-
-
 def hermetic_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """An environment that sees no configuration but what the test writes."""
     env = {

@@ -30,7 +30,9 @@ def test_cli_errors_have_their_exit_codes(tmp_path: Path, followerd: Any, fake_f
                                  "--state-dir", str(enrolled)]),
     }  # fmt: skip
     with ThreadPoolExecutor(max_workers=len(cases)) as pool:
-        results = dict(zip(cases, pool.map(lambda c: followerd(*c[1]), cases.values()), strict=True))
+        results = dict(
+            zip(cases, pool.map(lambda c: followerd(*c[1]), cases.values()), strict=True)
+        )
     for what, (code, _) in cases.items():
         assert results[what].returncode == code, (what, results[what].stderr)
 

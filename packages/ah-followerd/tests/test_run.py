@@ -26,24 +26,33 @@ def test_run_says_hello_answers_rpcs_and_says_goodbye_on_sigterm(
 ) -> None:
     state_dir = fake_fleet.write_state(tmp_path / "state", "win-7", {"pool": "ci"})
     host_key = tmp_path / "ssh_host_ed25519_key"
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True
-    )
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True)
     ready_file = tmp_path / "ready.json"
     workspace = tmp_path / "ws"
     process = ManagedProcess(
         [
-            sys.executable, *FOLLOWERD_RUN,
-            "--state-dir", str(state_dir),
-            "--ssh-host-key-file", f"{host_key}.pub",
-            "--direct-address", "127.0.0.1:2222",
-            "--workspace", str(workspace),
-            "--os", "windows",
-            "--tag", "gpu=none",
-            "--tag", "pool=ignored-by-nobody",
-            "--exec", "mock",
-            "--mock-exit-code", "3",
-            "--ready-file", str(ready_file),
+            sys.executable,
+            *FOLLOWERD_RUN,
+            "--state-dir",
+            str(state_dir),
+            "--ssh-host-key-file",
+            f"{host_key}.pub",
+            "--direct-address",
+            "127.0.0.1:2222",
+            "--workspace",
+            str(workspace),
+            "--os",
+            "windows",
+            "--tag",
+            "gpu=none",
+            "--tag",
+            "pool=ignored-by-nobody",
+            "--exec",
+            "mock",
+            "--mock-exit-code",
+            "3",
+            "--ready-file",
+            str(ready_file),
         ],
         log_dir=tmp_path / "logs",
         name="followerd",

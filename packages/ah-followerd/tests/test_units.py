@@ -24,9 +24,7 @@ from ah_followerd.state import FollowerStateError, load_follower_state
 @pytest.mark.parametrize("key_type", ["ed25519", "ecdsa", "rsa"])
 def test_host_key_fingerprint_matches_ssh_keygen(tmp_path: Path, key_type: str) -> None:
     key = tmp_path / f"host_{key_type}"
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", key_type, "-N", "", "-f", str(key)], check=True
-    )
+    subprocess.run(["ssh-keygen", "-q", "-t", key_type, "-N", "", "-f", str(key)], check=True)
     listed = subprocess.run(
         ["ssh-keygen", "-lf", f"{key}.pub"], capture_output=True, text=True, check=True
     ).stdout.split()[1]
@@ -47,7 +45,11 @@ def test_mock_answers_are_distinct_per_host_and_name_the_command() -> None:
     a = answer_rpc("lin-a", ExecMode.MOCK, 0, request)
     b = answer_rpc("lin-b", ExecMode.MOCK, 5, request)
     assert isinstance(a, ExecResult) and isinstance(b, ExecResult)
-    assert a.stdout == "mock exec on lin-a: make 'test; rm -rf /'\n" == mock_stdout("lin-a", request.command)
+    assert (
+        a.stdout
+        == "mock exec on lin-a: make 'test; rm -rf /'\n"
+        == mock_stdout("lin-a", request.command)
+    )
     assert a.stdout != b.stdout and (a.exit_code, b.exit_code) == (0, 5)
     assert a.request_id == b.request_id == "7"
 
@@ -71,7 +73,12 @@ def test_build_info_reports_overrides() -> None:
         workspace="/ws",
         os_kind=OsKind.MACOS,
     )
-    assert (info.name, info.os, info.tags, info.workspace) == ("mac-1", OsKind.MACOS, {"role": "x"}, "/ws")
+    assert (info.name, info.os, info.tags, info.workspace) == (
+        "mac-1",
+        OsKind.MACOS,
+        {"role": "x"},
+        "/ws",
+    )
     assert info.arch and info.resources.cpus >= 1
 
 

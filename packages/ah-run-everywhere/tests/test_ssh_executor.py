@@ -185,6 +185,7 @@ def test_the_warm_executor_gives_what_exec_channels_give(
     cold, cold_printed, cold_pid = run_async(once(False))
     warm, warm_printed, warm_pid = run_async(once(True))
     assert cold_pid is None and warm_pid is not None
+
     # stdout and stderr travel on separate pipes, so only each stream's own order is
     # defined: where the stderr line falls among stdout lines depends on scheduling.
     def stdout_lines(printed: str) -> list[str]:

@@ -210,7 +210,9 @@ class EventStore:
                 (session_id, producer),
             ).fetchone()
         except sqlite3.Error as exc:
-            raise EventStoreError(f"{self.path}: cannot open session {session_id!r}: {exc}") from None
+            raise EventStoreError(
+                f"{self.path}: cannot open session {session_id!r}: {exc}"
+            ) from None
         return (int(row[0]) if row else 0), self._head(session_id).last_seq
 
     def append(
@@ -342,7 +344,9 @@ class EventStore:
             f"ORDER BY seq {order} LIMIT ? OFFSET ?",
             [*params, limit, offset],
         ).fetchall()
-        return [StoredEvent(int(seq), str(kind), float(ts), bytes(body)) for seq, kind, ts, body in rows]
+        return [
+            StoredEvent(int(seq), str(kind), float(ts), bytes(body)) for seq, kind, ts, body in rows
+        ]
 
     def count(
         self,
@@ -353,7 +357,9 @@ class EventStore:
         types: Collection[str] | None = None,
     ) -> int:
         where, params = self._where(session_id, after, until, types)
-        return int(self._db.execute(f"SELECT COUNT(*) FROM events WHERE {where}", params).fetchone()[0])
+        return int(
+            self._db.execute(f"SELECT COUNT(*) FROM events WHERE {where}", params).fetchone()[0]
+        )
 
     def session_hosts(self, session_id: str) -> SessionHosts:
         """Followers the session's events name, and each one's latest path."""

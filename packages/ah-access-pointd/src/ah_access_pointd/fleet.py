@@ -252,7 +252,9 @@ class AccessPointFleet:
         statuses: list[FollowerStatus] = []
         for record in self.registry.followers():
             live = self._live.get(record.name)
-            info = live.conn.info if live is not None and live.conn.info is not None else record.info
+            info = (
+                live.conn.info if live is not None and live.conn.info is not None else record.info
+            )
             if info is None:
                 continue
             merged = {**info.tags, **record.enrolled_tags}
@@ -306,7 +308,9 @@ class AccessPointFleet:
 
         live = self._live.get(host)
         if live is None or not live.conn.connected:
-            return failure("unreachable", f"follower {host!r} is not connected to this access point")
+            return failure(
+                "unreachable", f"follower {host!r} is not connected to this access point"
+            )
         request = ExecRequest(
             request_id=uuid.uuid4().hex, command=list(command), timeout_ms=timeout_ms
         )
@@ -321,7 +325,9 @@ class AccessPointFleet:
         except FrameError as exc:
             return failure("failed", f"request not sent: {exc.message}")
         if not isinstance(reply, ExecResult):
-            return failure("failed", f"follower {host!r} answered {type(reply).__name__}, expected ExecResult")
+            return failure(
+                "failed", f"follower {host!r} answered {type(reply).__name__}, expected ExecResult"
+            )
         ok = reply.exit_code == 0
         return HostExec(
             host=host,
@@ -339,7 +345,9 @@ class AccessPointFleet:
         try:
             claims = self._verifier.verify_enroll(req.token, req.name)
         except TokenError as exc:
-            _log.warning("refused enrollment of {!r}: token {}: {}", req.name, exc.reason, exc.message)
+            _log.warning(
+                "refused enrollment of {!r}: token {}: {}", req.name, exc.reason, exc.message
+            )
             raise EnrollmentRefused(_REFUSALS.get(exc.reason, "unknown"), exc.message) from None
         trust_domain = self.state.trust_domain
         try:

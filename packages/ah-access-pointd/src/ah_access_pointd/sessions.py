@@ -68,7 +68,9 @@ class SessionService:
             claims = self._verify_exec(token)
         except TokenError as exc:
             code = (
-                PushRefusal.FORBIDDEN if exc.reason == "missing-scope" else PushRefusal.UNAUTHENTICATED
+                PushRefusal.FORBIDDEN
+                if exc.reason == "missing-scope"
+                else PushRefusal.UNAUTHENTICATED
             )
             _log.warning("refused an event push to session {!r}: {}", session_id, exc.message)
             raise PushRefusedError(code, exc.message) from None
@@ -177,5 +179,8 @@ class SessionService:
         if self.push_host is None or self.push_port is None:
             return None
         return PushEndpoint(
-            host=self.push_host, port=self.push_port, alpn=LEADER_ALPN, trust_domain=self.trust_domain
+            host=self.push_host,
+            port=self.push_port,
+            alpn=LEADER_ALPN,
+            trust_domain=self.trust_domain,
         )

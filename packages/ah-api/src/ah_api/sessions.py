@@ -214,7 +214,9 @@ def session_routes(
             raise ApiProblem(
                 404, ProblemType.UNKNOWN_SESSION, f"no session {session_id!r} on this access point"
             )
-        followers = [f for f in info.followers if fnmatch.fnmatchcase(f.info.name, principal.hosts_glob)]
+        followers = [
+            f for f in info.followers if fnmatch.fnmatchcase(f.info.name, principal.hosts_glob)
+        ]
         if len(followers) != len(info.followers):
             info = msgspec.structs.replace(info, followers=followers)
         return info

@@ -225,7 +225,10 @@ class _PushConnection:
             stream = self.streams.pop(event.stream_id, None)
             if stream is not None:
                 _log.info(
-                    "{}: push stream {} reset (code {})", self.label, event.stream_id, event.error_code
+                    "{}: push stream {} reset (code {})",
+                    self.label,
+                    event.stream_id,
+                    event.error_code,
                 )
         elif isinstance(event, events.ConnectionTerminated):
             if self._hello_timer is not None:
@@ -237,7 +240,11 @@ class _PushConnection:
     def _hello_timeout(self) -> None:
         self._hello_timer = None
         if not self.authenticated and not self.proto.is_terminated:
-            _log.warning("{}: no pushHello within {:g} s; closing", self.label, self.server.push_hello_timeout_s)
+            _log.warning(
+                "{}: no pushHello within {:g} s; closing",
+                self.label,
+                self.server.push_hello_timeout_s,
+            )
             self.proto.close(
                 error_code=ConnectionCloseCode.PEER_REFUSED,
                 reason_phrase="no pushHello in time",
@@ -287,9 +294,7 @@ class _PushConnection:
             if stream.decoder.buffered:
                 self._apply(
                     stream,
-                    stream.receiver.refuse(
-                        PushRefusal.INVALID, "push stream ended inside a frame"
-                    ),
+                    stream.receiver.refuse(PushRefusal.INVALID, "push stream ended inside a frame"),
                 )
                 return
             self._apply(stream, stream.receiver.peer_finished())
@@ -302,7 +307,9 @@ class _PushConnection:
                 self._send(stream, action.message)
             elif isinstance(action, ClosePush):
                 if action.error:
-                    _log.warning("{}: push stream {} refused: {}", self.label, stream.sid, action.reason)
+                    _log.warning(
+                        "{}: push stream {} refused: {}", self.label, stream.sid, action.reason
+                    )
                 self._finish(stream)
             elif isinstance(action, Authenticate):
                 queue[:0] = self._authenticate(stream, action)
@@ -320,7 +327,8 @@ class _PushConnection:
         except Exception as exc:
             _log.exception("{}: opening push session {!r} failed", self.label, hello.session_id)
             return stream.receiver.refuse(
-                PushRefusal.INTERNAL, f"cannot open session {hello.session_id!r}: {type(exc).__name__}"
+                PushRefusal.INTERNAL,
+                f"cannot open session {hello.session_id!r}: {type(exc).__name__}",
             )
         stream.grant = grant
         # Said once per connection; a leader agent opens a stream per run on it.
@@ -351,7 +359,9 @@ class _PushConnection:
         except PushRefusedError as exc:
             return stream.receiver.refuse(exc.code, exc.message)
         except Exception as exc:
-            _log.exception("{}: storing events of session {!r} failed", self.label, grant.session_id)
+            _log.exception(
+                "{}: storing events of session {!r} failed", self.label, grant.session_id
+            )
             return stream.receiver.refuse(
                 PushRefusal.INTERNAL, f"cannot store events: {type(exc).__name__}: {exc}"
             )
@@ -516,7 +526,12 @@ def _read_datagrams_in_batches(transport: asyncio.DatagramTransport) -> None:
     read_ready = getattr(transport, "_read_ready", None)
     fd = getattr(transport, "_sock_fd", None)
     loop = getattr(transport, "_loop", None)
-    if sock is None or read_ready is None or fd is None or not isinstance(loop, asyncio.AbstractEventLoop):
+    if (
+        sock is None
+        or read_ready is None
+        or fd is None
+        or not isinstance(loop, asyncio.AbstractEventLoop)
+    ):
         return
     protocol = transport.get_protocol()
     max_size = int(getattr(transport, "max_size", 256 * 1024))
@@ -1203,9 +1218,7 @@ class LeaderPushConnection:
             is_client=True, alpn_protocols=[LEADER_ALPN], idle_timeout=self.idle_timeout_s
         )
         config.verify_mode = ssl.CERT_REQUIRED
-        config.load_verify_locations(
-            cadata=self.ca_cert.public_bytes(serialization.Encoding.PEM)
-        )
+        config.load_verify_locations(cadata=self.ca_cert.public_bytes(serialization.Encoding.PEM))
         # The access point is identified by its SPIFFE ID (checked after the handshake),
         # whatever address it was dialled at.
         config.server_name = self.server_name
@@ -1279,9 +1292,7 @@ class LeaderPushConnection:
                 ping_task.cancel()
             if proto.termination is None:
                 # close() transmits the CONNECTION_CLOSE at once, before the socket goes.
-                proto.close(
-                    error_code=ConnectionCloseCode.NO_ERROR, reason_phrase="leader closing"
-                )
+                proto.close(error_code=ConnectionCloseCode.NO_ERROR, reason_phrase="leader closing")
             transport.close()
 
     async def _keepalive(self, proto: _PushClientProtocol) -> None:

@@ -494,8 +494,7 @@ class PushReceiver:
         if len(batch.events) > self.max_batch_events:
             return self.refuse(
                 PushRefusal.INVALID,
-                f"batch of {len(batch.events)} events is over the limit of "
-                f"{self.max_batch_events}",
+                f"batch of {len(batch.events)} events is over the limit of {self.max_batch_events}",
             )
         if batch.first_lseq > self.acked_lseq + 1:
             return self.refuse(

@@ -235,9 +235,7 @@ async def run_agent(state: FollowerState, options: RunOptions) -> int:
         started = time.monotonic()
         reply = answer_rpc(name, options.exec_mode, options.mock_exit_code, request)
         if isinstance(reply, ExecResult) and isinstance(request, ExecRequest):
-            reply = msgspec.structs.replace(
-                reply, took_ms=int((time.monotonic() - started) * 1000)
-            )
+            reply = msgspec.structs.replace(reply, took_ms=int((time.monotonic() - started) * 1000))
             _log.info(
                 "exec ({}) {}: exit code {}",
                 options.exec_mode.value,

@@ -132,9 +132,13 @@ class _Api:
                 ) from None
             if expect_spiffe is not None:
                 sock = conn.sock
-                der = sock.getpeercert(binary_form=True) if isinstance(sock, ssl.SSLSocket) else None
+                der = (
+                    sock.getpeercert(binary_form=True) if isinstance(sock, ssl.SSLSocket) else None
+                )
                 if der is None:
-                    raise EnrollError(ExitCode.AUTH, f"access point {self.where} sent no certificate")
+                    raise EnrollError(
+                        ExitCode.AUTH, f"access point {self.where} sent no certificate"
+                    )
                 ca_cert, spiffe = expect_spiffe
                 try:
                     verify_peer(der, ca_cert, spiffe)
@@ -192,7 +196,8 @@ def enroll(
         claims = peek_enroll_claims(token)
     except TokenError as exc:
         raise EnrollError(
-            ExitCode.AUTH, f"enrollment token refused before use ({exc.reason}): {exc.message}",
+            ExitCode.AUTH,
+            f"enrollment token refused before use ({exc.reason}): {exc.message}",
             reason=exc.reason,
         ) from None
     follower_name = name or claims.name
@@ -267,7 +272,8 @@ def enroll(
         cert = x509.load_pem_x509_certificate(response.certificate_pem.encode())
     except (msgspec.DecodeError, ValueError) as exc:
         raise EnrollError(
-            ExitCode.NETWORK, f"access point {api.where} sent an unreadable enrollment answer: {exc}"
+            ExitCode.NETWORK,
+            f"access point {api.where} sent an unreadable enrollment answer: {exc}",
         ) from None
     expected = spiffe_id_for_follower(trust_domain, follower_name)
     try:

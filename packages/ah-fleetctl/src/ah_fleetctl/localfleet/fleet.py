@@ -187,9 +187,12 @@ class FollowerHandle:
             [
                 *daemon_argv("ah-followerd"),
                 "enroll",
-                "--access-point", f"127.0.0.1:{self.fleet.api_port}",
-                "--token", token,
-                "--state-dir", str(self.state_dir),
+                "--access-point",
+                f"127.0.0.1:{self.fleet.api_port}",
+                "--token",
+                token,
+                "--state-dir",
+                str(self.state_dir),
             ],
             env=self.fleet.daemon_env,
             what=f"enroll follower {self.name}",
@@ -366,9 +369,7 @@ class LocalFleet:
                 future.result()
         for follower in self.followers.values():
             follower.start()
-        self.wait_health(
-            {name: "healthy" for name in self.followers}, timeout=self.start_timeout
-        )
+        self.wait_health({name: "healthy" for name in self.followers}, timeout=self.start_timeout)
         self._write_fleetctl_config()
         self.startup_seconds = time.monotonic() - started
         return self
@@ -389,8 +390,10 @@ class LocalFleet:
             [
                 *daemon_argv("ah-access-pointd"),
                 "init",
-                "--state-dir", str(self.ap_dir),
-                "--trust-domain", self.trust_domain,
+                "--state-dir",
+                str(self.ap_dir),
+                "--trust-domain",
+                self.trust_domain,
             ],
             env=self.daemon_env,
             what="ah-access-pointd init",
@@ -414,12 +417,18 @@ class LocalFleet:
             [
                 *daemon_argv("ah-access-pointd"),
                 "serve",
-                "--state-dir", str(self.ap_dir),
-                "--quic-port", str(quic_port),
-                "--api-port", str(api_port),
-                "--connect-port", str(connect_port),
-                "--ready-file", str(self.ap_ready_file),
-                "--heartbeat-interval", self.heartbeat_interval,
+                "--state-dir",
+                str(self.ap_dir),
+                "--quic-port",
+                str(quic_port),
+                "--api-port",
+                str(api_port),
+                "--connect-port",
+                str(connect_port),
+                "--ready-file",
+                str(self.ap_ready_file),
+                "--heartbeat-interval",
+                self.heartbeat_interval,
             ],
             name="ah-access-pointd",
             env=self.daemon_env,

@@ -263,9 +263,7 @@ def prepare_sshd(
 
     extra_keys = [_read_public_key(path) for path in authorized_keys]
     authorized_keys_path = base_dir / "authorized_keys"
-    authorized_keys_path.write_text(
-        "".join(f"{key}\n" for key in [client_public_key, *extra_keys])
-    )
+    authorized_keys_path.write_text("".join(f"{key}\n" for key in [client_public_key, *extra_keys]))
     known_hosts = base_dir / "known_hosts"
     known_hosts.write_text(f"{_known_hosts_host(listen, port)} {host_public_key}\n")
 
