@@ -808,6 +808,8 @@ def main() -> None:
                           "pythonFloorMs": median_ms(floor), "thinModules": thin_modules,
                           "agentPaths": methods, "cli": cli_what,
                           "agentPython": agent_python, "runDirCostMs": run_dir_costs,
+                          "scratchDir": str(args.scratch_dir),
+                          "interpreter": base_interpreter(CLI_PYTHON),
                           "loadBefore": load_before, "loadAfter": load_after,
                           "bytecode": bytecode}, indent=2))  # fmt: skip
         return
