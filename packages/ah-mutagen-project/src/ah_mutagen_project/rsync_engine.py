@@ -65,6 +65,7 @@ __all__ = [
     "SyncOutcome",
     "SyncResult",
     "SyncTimeout",
+    "ssh_never_connected",
     "target_label",
 ]
 
@@ -114,11 +115,33 @@ def target_label(target: SshTarget) -> str:
     return f"{target.user}@{target.host}:{target.port}"
 
 
+_SSH_FAILURE_MARKS = (
+    "ssh: ",  # ssh's own errors: "ssh: Could not resolve hostname", "ssh: connect to host"
+    "Permission denied (",
+    "Host key verification failed",
+    "kex_exchange_identification",
+    "Connection closed by",
+)
+
+
+def ssh_never_connected(returncode: int, stderr: str) -> bool:
+    """Whether an rsync failure is ssh's: exit 255, or rsync's own code for a stream that
+    ended before a byte came back (12, sometimes; which one rsync reports when its ssh dies
+    at once is a race) with ssh's error in the output."""
+    if returncode == 255:
+        return True
+    return "(0 bytes received so far)" in stderr and any(m in stderr for m in _SSH_FAILURE_MARKS)
+
+
 class RsyncError(RuntimeError):
-    """rsync exited non-zero; the message names the host, the code, its meaning and stderr."""
+    """rsync exited non-zero; the message names the host, the code, its meaning and stderr.
+    ``ssh_failed``: the connection never came up (see `ssh_never_connected`)."""
 
     def __init__(self, host: str, returncode: int, stderr: str) -> None:
+        self.ssh_failed = ssh_never_connected(returncode, stderr)
         meaning = RSYNC_EXIT_MEANINGS.get(returncode, "unknown rsync exit status")
+        if self.ssh_failed and returncode != 255:
+            meaning = f"{RSYNC_EXIT_MEANINGS[255]}; rsync reported it as: {meaning}"
         detail = f": {stderr}" if stderr else ""
         super().__init__(
             f"rsync to {host} failed with exit status {returncode} ({meaning}){detail}"
