@@ -143,7 +143,7 @@ def run_dir_cost_ms(base: Path, hosts: int = 16, samples: int = 9) -> float:
     return statistics.median(costs) * 1000.0
 
 
-def base_interpreter(python: Path | str) -> str:
+def base_interpreter(python: Path | str) -> tuple[str, str]:
     """The interpreter behind ``python`` (a venv's python resolves to the one it was made
     from) and its version: what the benchmark environment is keyed on."""
     script = "import os, sys; print(os.path.realpath(sys._base_executable), sys.version.split()[0])"
@@ -153,7 +153,8 @@ def base_interpreter(python: Path | str) -> str:
         text=True,
         check=True,
     )
-    return done.stdout.strip()
+    path, version = done.stdout.split()
+    return path, version
 
 
 def ensure_bench_venv(venv: Path, *, peers: bool, interpreter: Path | None = None) -> Path:
@@ -165,9 +166,7 @@ def ensure_bench_venv(venv: Path, *, peers: bool, interpreter: Path | None = Non
     if python.exists() and base_interpreter(python) != wanted:
         shutil.rmtree(venv)
     if not python.exists():
-        subprocess.run(
-            ["uv", "venv", "--quiet", "--python", wanted.split()[0], str(venv)], check=True
-        )
+        subprocess.run(["uv", "venv", "--quiet", "--python", wanted[0], str(venv)], check=True)
     if peers:
         probe = subprocess.run(
             [str(python), "-c", "import pssh, ansible"], capture_output=True, check=False
@@ -809,7 +808,7 @@ def main() -> None:
                           "agentPaths": methods, "cli": cli_what,
                           "agentPython": agent_python, "runDirCostMs": run_dir_costs,
                           "scratchDir": str(args.scratch_dir),
-                          "interpreter": base_interpreter(CLI_PYTHON),
+                          "interpreter": " ".join(base_interpreter(CLI_PYTHON)),
                           "loadBefore": load_before, "loadAfter": load_after,
                           "bytecode": bytecode}, indent=2))  # fmt: skip
         return
@@ -838,7 +837,7 @@ def main() -> None:
     )
     print(
         f"ah CLI rows: {cli_what}; the leader agent ran {agent_python}, built on "
-        f"{base_interpreter(CLI_PYTHON)} (--python picks another)"
+        f"{' '.join(base_interpreter(CLI_PYTHON))} (--python picks another)"
     )
     print(f"the agent's paths to the followers: {methods}")
     print(f"floor of every CLI row: `python -c pass` {median_ms(floor):.0f} ms; beyond it the "

@@ -65,7 +65,6 @@ __all__ = [
     "SyncOutcome",
     "SyncResult",
     "SyncTimeout",
-    "ssh_never_connected",
     "target_label",
 ]
 
@@ -124,7 +123,7 @@ _SSH_FAILURE_MARKS = (
 )
 
 
-def ssh_never_connected(returncode: int, stderr: str) -> bool:
+def _ssh_never_connected(returncode: int, stderr: str) -> bool:
     """Whether an rsync failure is ssh's: exit 255, or rsync's own code for a stream that
     ended before a byte came back (12, sometimes; which one rsync reports when its ssh dies
     at once is a race) with ssh's error in the output."""
@@ -135,10 +134,10 @@ def ssh_never_connected(returncode: int, stderr: str) -> bool:
 
 class RsyncError(RuntimeError):
     """rsync exited non-zero; the message names the host, the code, its meaning and stderr.
-    ``ssh_failed``: the connection never came up (see `ssh_never_connected`)."""
+    ``ssh_failed``: the connection never came up (see `_ssh_never_connected`)."""
 
     def __init__(self, host: str, returncode: int, stderr: str) -> None:
-        self.ssh_failed = ssh_never_connected(returncode, stderr)
+        self.ssh_failed = _ssh_never_connected(returncode, stderr)
         meaning = RSYNC_EXIT_MEANINGS.get(returncode, "unknown rsync exit status")
         if self.ssh_failed and returncode != 255:
             meaning = f"{RSYNC_EXIT_MEANINGS[255]}; rsync reported it as: {meaning}"
