@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from ah_connectivity import splice as splice_module
 from ah_connectivity.splice import Splice, SpliceEnd
 from ah_connectivity.tls import client_context, server_context
 from ah_connectivity.tls_socket import TlsSocket, wrap_tls
@@ -170,7 +171,20 @@ def tls_pair(fleet: Any) -> tuple[TlsSocket, TlsSocket]:
     return client, server
 
 
-def test_tls_socket_reads_and_writes_from_two_threads_through_a_splice(fleet: Any) -> None:
+@pytest.fixture(params=["poll", "selectors"])
+def readiness(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each splice test with both ways the loop waits: ``select.poll`` (Linux) and the
+    ``selectors`` adapter macOS and Windows use, which would otherwise go untested here."""
+    if request.param == "selectors":
+        monkeypatch.setattr(splice_module, "_poller", splice_module._SelectorPoller)
+    elif sys.platform != "linux":
+        pytest.skip("select.poll is the Linux loop")
+    return str(request.param)
+
+
+def test_tls_socket_reads_and_writes_from_two_threads_through_a_splice(
+    fleet: Any, readiness: str
+) -> None:
     """A TlsSocket written by one thread while another reads it, echoed by a splice that
     drives the other TlsSocket through its BIOs: every byte back, EOF after them."""
     client, server = tls_pair(fleet)
@@ -214,7 +228,7 @@ def test_tls_socket_reads_and_writes_from_two_threads_through_a_splice(fleet: An
     mine.close()
 
 
-def test_splice_reset_on_one_end_resets_the_other(fleet: Any) -> None:
+def test_splice_reset_on_one_end_resets_the_other(fleet: Any, readiness: str) -> None:
     client, server = tls_pair(fleet)
     listener = socket.create_server(("127.0.0.1", 0))
     mine = socket.create_connection(listener.getsockname())
@@ -244,7 +258,7 @@ def test_splice_refuses_an_ssl_socket(fleet: Any) -> None:
         SpliceEnd(sock, "tls")
 
 
-def test_a_truncated_tls_record_before_eof_reads_as_eof(fleet: Any) -> None:
+def test_a_truncated_tls_record_before_eof_reads_as_eof(fleet: Any, readiness: str) -> None:
     """The peer sends a record, then half a record and a FIN: the splice delivers the first,
     then EOF (no spinning on "want read" forever), and ends once the other side closes."""
     client, server = tls_pair(fleet)

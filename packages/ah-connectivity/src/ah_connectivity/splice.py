@@ -31,16 +31,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import selectors
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, cast
+from typing import Literal, Protocol, cast
 
 from loguru import logger
 
@@ -62,6 +64,11 @@ _HIGH_WATER = 1024 * 1024
 
 SpliceOutcome = Literal["eof", "reset", "aborted"]
 _WOULD_BLOCK = -1
+_IN = select.POLLIN if hasattr(select, "POLLIN") else 1
+_OUT = select.POLLOUT if hasattr(select, "POLLOUT") else 4
+_READY_IN = _IN | getattr(select, "POLLHUP", 0) | getattr(select, "POLLERR", 0)
+"""Poll bits after which a read will not block: data, EOF, or the error it reports."""
+_READY_OUT = _OUT | getattr(select, "POLLHUP", 0) | getattr(select, "POLLERR", 0)
 
 
 @dataclass
@@ -130,11 +137,9 @@ class _Io:
         """Not known to have nothing to read (cleared when a read would block, set again
         when the selector reports the descriptor readable): saves futile system calls."""
         self.writable = True
-
-    @property
-    def buffered(self) -> bool:
-        """Input already received but not yet pulled (so readiness will not report it)."""
-        return False
+        self.buffered = False
+        """Input already received but not yet pulled (so readiness will not report it): a
+        TLS end whose last pull filled the caller's buffer may have more decrypted."""
 
     def pull(self, view: memoryview, size: int) -> int:
         raise NotImplementedError
@@ -230,14 +235,9 @@ class _TlsIo(_SocketIo):
         self.raw_view = memoryview(self.raw)
         self.raw_eof = False
         self.tls_eof = False
-        self.more = False
+        self._read = cast(Callable[[int, memoryview], int], self.sslobj.read)
         if self.outgoing.pending:
             self._queue_outgoing()
-
-    @property
-    def buffered(self) -> bool:
-        # The last pull filled the caller's buffer: more may be decryptable already.
-        return self.more
 
     def _queue_outgoing(self) -> None:
         data = self.outgoing.read()
@@ -246,7 +246,7 @@ class _TlsIo(_SocketIo):
 
     def pull(self, view: memoryview, size: int) -> int:
         if self.tls_eof:
-            self.more = False
+            self.buffered = False
             return 0
         incoming = self.incoming
         if self.readable and not self.raw_eof and incoming.pending < RAW_READ_SIZE:
@@ -261,7 +261,7 @@ class _TlsIo(_SocketIo):
             elif k == 0:
                 self.raw_eof = True
                 incoming.write_eof()
-        read = cast(Callable[[int, memoryview], int], self.sslobj.read)
+        read = self._read
         total = 0
         while total < size:
             try:
@@ -279,7 +279,7 @@ class _TlsIo(_SocketIo):
                 # caller's buffer is full then, and `more` brings us back). Another read
                 # would only say "want read" — and hand the interpreter lock away.
                 break
-        self.more = total == size
+        self.buffered = total == size
         if self.outgoing.pending:  # alerts, key-update answers
             self._queue_outgoing()
         if total:
@@ -371,10 +371,6 @@ class _Direction:
         self.eof = False
         self.done = False
 
-    @property
-    def wants_read(self) -> bool:
-        return not self.eof and self.dst.tx_bytes < _HIGH_WATER
-
     def step(self) -> bool:
         """Move what can move without blocking; whether anything did."""
         progressed = False
@@ -394,6 +390,82 @@ class _Direction:
             self.done = True
             progressed = True
         return progressed
+
+
+# ------------------------------------------------------------------------------ readiness
+
+
+class _Poller(Protocol):
+    """The part of `select.poll` the loop uses (its event bits: `_IN`, `_OUT`)."""
+
+    def register(self, fd: int, eventmask: int, /) -> None: ...
+    def modify(self, fd: int, eventmask: int, /) -> None: ...
+    def unregister(self, fd: int, /) -> None: ...
+    def poll(self) -> list[tuple[int, int]]: ...
+    def close(self) -> None: ...
+
+
+class _PollPoller:
+    """`select.poll` (Linux): a handful of descriptors, no system call to change interest,
+    results as plain ``(fd, events)`` tuples."""
+
+    def __init__(self) -> None:
+        poll = select.poll()
+        self.register = poll.register
+        self.modify = poll.modify
+        self.unregister = poll.unregister
+        self.poll = poll.poll
+
+    def close(self) -> None:
+        pass
+
+
+class _SelectorPoller:
+    """`selectors.DefaultSelector` behind the same interface (kqueue on macOS, select on
+    Windows), with its events translated to poll bits."""
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+
+    @staticmethod
+    def _events(eventmask: int) -> int:
+        return (selectors.EVENT_READ if eventmask & _IN else 0) | (
+            selectors.EVENT_WRITE if eventmask & _OUT else 0
+        )
+
+    def register(self, fd: int, eventmask: int, /) -> None:
+        self._selector.register(fd, self._events(eventmask))
+
+    def modify(self, fd: int, eventmask: int, /) -> None:
+        self._selector.modify(fd, self._events(eventmask))
+
+    def unregister(self, fd: int, /) -> None:
+        self._selector.unregister(fd)
+
+    def poll(self) -> list[tuple[int, int]]:
+        return [
+            (
+                key.fd,
+                (_IN if events & selectors.EVENT_READ else 0)
+                | (_OUT if events & selectors.EVENT_WRITE else 0),
+            )
+            for key, events in self._selector.select()
+        ]
+
+    def close(self) -> None:
+        self._selector.close()
+
+
+def _poller() -> _Poller:
+    return _PollPoller() if sys.platform == "linux" else _SelectorPoller()
+
+
+def _describe(doing: _Io | _Direction | None) -> str:
+    if isinstance(doing, _Io):
+        return f"writing to {doing.end.name}"
+    if isinstance(doing, _Direction):
+        return f"{doing.src.end.name} -> {doing.dst.end.name}"
+    return "waiting"
 
 
 # ------------------------------------------------------------------------------ the splice
@@ -492,82 +564,84 @@ class Splice:
         ba = _Direction(b, a, self.buffer_size, "b_to_a")
         directions = (ab, ba)
         ios = (a, b)
-        selector = selectors.DefaultSelector()
-        registered: dict[int, int] = {}
+        poller = _poller()
         wakeup = self._wakeup_r.fileno()
-        selector.register(wakeup, selectors.EVENT_READ)
-        where = ""
+        poller.register(wakeup, _IN)
+        registered: dict[int, int] = {}
+        # What the loop is at, named if it fails. An object, not a message: this loop runs
+        # once or twice per packet a tunnel carries, and formatting costs more than moving.
+        doing: _Io | _Direction | None = None
         try:
             while not self._aborted:
                 progressed = False
                 for io in ios:
                     if io.tx and io.writable:
-                        where = f"writing to {io.end.name}"
+                        doing = io
                         if io.flush():
                             progressed = True
                 for d in directions:
                     if d.done:
                         continue
-                    where = f"{d.src.end.name} -> {d.dst.end.name}"
+                    doing = d
                     if d.step():
                         progressed = True
                     if d.done:
                         if d.dst.write_fd in registered:
-                            selector.unregister(d.dst.write_fd)
+                            poller.unregister(d.dst.write_fd)
                             del registered[d.dst.write_fd]
                         self._finish_direction(d)
                         if self._aborted or d.src.end.eof_ends_splice:
                             return
                 if ab.done and ba.done:
                     return
-                if progressed or any(
-                    not d.done and d.wants_read and d.src.buffered for d in directions
-                ):
+                doing = None
+                if progressed:
                     continue
-                # Nothing moved: wait for readiness.
+                # Nothing moved: wait for readiness of what can move next.
                 wanted: dict[int, int] = {}
+                more_buffered = False
                 for d in directions:
-                    if not d.done and d.wants_read:
+                    if not d.done and not d.eof and d.dst.tx_bytes < _HIGH_WATER:
+                        more_buffered = more_buffered or d.src.buffered
                         fd = d.src.read_fd
-                        wanted[fd] = wanted.get(fd, 0) | selectors.EVENT_READ
+                        wanted[fd] = wanted.get(fd, 0) | _IN
+                if more_buffered:
+                    continue
                 for io in ios:
                     if io.tx:
                         fd = io.write_fd
-                        wanted[fd] = wanted.get(fd, 0) | selectors.EVENT_WRITE
-                self._reregister(selector, registered, wanted)
-                where = "waiting"
-                for key, events in selector.select():
-                    fd = key.fd
+                        wanted[fd] = wanted.get(fd, 0) | _OUT
+                if wanted != registered:
+                    self._reregister(poller, registered, wanted)
+                for fd, events in poller.poll():
                     if fd == wakeup:
                         with contextlib.suppress(OSError):
                             self._wakeup_r.recv(64)
                         continue
                     for io in ios:
-                        if events & selectors.EVENT_READ and io.read_fd == fd:
+                        if events & _READY_IN and io.read_fd == fd:
                             io.readable = True
-                        if events & selectors.EVENT_WRITE and io.write_fd == fd:
+                        if events & _READY_OUT and io.write_fd == fd:
                             io.writable = True
         except (OSError, ssl.SSLError) as exc:
-            self.abort(f"{where}: {type(exc).__name__}: {exc}")
+            self.abort(f"{_describe(doing)}: {type(exc).__name__}: {exc}")
         finally:
-            selector.close()
+            poller.close()
             for d in directions:
                 setattr(self.stats, d.counter, getattr(self.stats, d.counter) + d.total)
 
     @staticmethod
-    def _reregister(
-        selector: selectors.BaseSelector, registered: dict[int, int], wanted: dict[int, int]
-    ) -> None:
+    def _reregister(poller: _Poller, registered: dict[int, int], wanted: dict[int, int]) -> None:
         for fd in list(registered):
             if fd not in wanted:
-                selector.unregister(fd)
+                poller.unregister(fd)
                 del registered[fd]
         for fd, events in wanted.items():
             current = registered.get(fd)
             if current is None:
-                selector.register(fd, events)
+                poller.register(fd, events)
             elif current != events:
-                selector.modify(fd, events)
+                poller.modify(fd, events)
             registered[fd] = events
 
     def _finish_direction(self, d: _Direction) -> None:
