@@ -8,6 +8,7 @@ import contextlib
 import datetime as dt
 import re
 import ssl
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,8 +21,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ah_connectivity import Backoff, ControlClient, TokenError, TokenSigner
+from ah_connectivity.framing import FrameDecoder, encode_frame
 from ah_connectivity.leader_push import (
     LEADER_ALPN,
+    LEADER_ALPN_V2,
+    LEADER_ALPNS,
     ControlAndPushServer,
     LeaderPushClient,
     LeaderPushConnection,
@@ -31,10 +35,15 @@ from ah_connectivity.leader_push import (
 )
 from ah_connectivity.push_core import PushSender
 from ah_domain_types import (
+    PUSH_PROTOCOL_VERSION,
     SESSION_ID_PATTERN,
     Event,
     NoteEvent,
+    PushBatchZ,
+    PushHello,
+    PushMessage,
     PushRefusal,
+    PushRefused,
     StreamError,
 )
 
@@ -372,17 +381,28 @@ def make_connection(fleet: Any, port: int, **kw: Any) -> LeaderPushConnection:
     )
 
 
+@pytest.mark.parametrize(
+    "offered", [LEADER_ALPNS, (LEADER_ALPN,)], ids=["v2-compressed", "v1-leader"]
+)
 def test_sessions_share_one_connection_and_each_arrives_once_in_order(
-    run: Callable[..., Any], fleet: Any, handler: Any, signer: TokenSigner
+    run: Callable[..., Any],
+    fleet: Any,
+    handler: Any,
+    signer: TokenSigner,
+    offered: tuple[str, ...],
 ) -> None:
+    """Also across versions: a leader that offers ``ah-leader/2`` gets it and sends its
+    bigger batches compressed; one that offers only ``ah-leader/1`` (an older release) is
+    served as before."""
     ingest = MemoryIngest(signer)
     token = signer.issue_user("alice", scopes=["exec"])
     names = [new_session_id() + f"{i}" for i in range(4)]
+    compressed: list[int] = []
 
     async def body() -> None:
         async with make_server(fleet, handler, ingest) as server:
             port = await server.start()
-            connection = make_connection(fleet, port)
+            connection = make_connection(fleet, port, alpn_protocols=offered)
             async with running(connection):
                 # Four concurrent sessions, their events interleaved.
                 sessions = [connection.open_session(token=token, session_id=n) for n in names]
@@ -402,8 +422,17 @@ def test_sessions_share_one_connection_and_each_arrives_once_in_order(
                 assert connection.connected
                 assert connection.status.connections == 1, connection.status.history
                 assert connection.status.streams == 7
+                assert connection.status.alpn == offered[0]
+                compressed[:] = [
+                    connection.status.compressed_batches,
+                    server.compressed_batches_received,
+                ]
 
     run(body())
+    if offered[0] == LEADER_ALPN_V2:
+        assert compressed[0] > 0 and compressed[0] == compressed[1]
+    else:
+        assert compressed == [0, 0]
     for name in names:
         assert ingest.messages(name) == [f"n{i}" for i in range(300)]
     for n in range(3):
@@ -557,3 +586,63 @@ def test_every_open_session_resumes_after_the_access_point_restarts(
         assert ingest.messages(name) == [f"n{i}" for i in range(400)]
     if silent:
         assert ingest.messages("s-restart-late") == ["n0"]
+
+
+async def _raw_push(port: int, alpn: str, frames: list[PushMessage]) -> list[PushMessage]:
+    """Send ``frames`` on one push stream as a hand-made leader would; what comes back until
+    the access point ends the stream."""
+    config = QuicConfiguration(is_client=True, alpn_protocols=[alpn])
+    config.verify_mode = ssl.CERT_NONE
+    async with connect("127.0.0.1", port, configuration=config) as proto:
+        reader, writer = await proto.create_stream()
+        writer.write(b"".join(encode_frame(frame) for frame in frames))
+        decoder = FrameDecoder[PushMessage](PushMessage)
+        answers: list[PushMessage] = []
+        async with asyncio.timeout(10.0):
+            while chunk := await reader.read(65536):
+                answers += decoder.feed(chunk)
+        return answers
+
+
+@pytest.mark.parametrize(
+    ("alpn", "data", "error"),
+    [
+        (
+            LEADER_ALPN,
+            zlib.compress(msgspec.msgpack.encode(notes(0, 1))),
+            "pushBatchZ needs ah-leader/2",
+        ),
+        (LEADER_ALPN_V2, zlib.compress(bytes(8 << 20), 9), "expands beyond 1048576 bytes"),
+        (LEADER_ALPN_V2, b"\x78garbage", "not zlib"),
+    ],
+    ids=["on-v1", "bomb", "garbage"],
+)
+def test_a_compressed_batch_the_access_point_cannot_take_is_refused_by_name(
+    run: Callable[..., Any],
+    fleet: Any,
+    handler: Any,
+    signer: TokenSigner,
+    alpn: str,
+    data: bytes,
+    error: str,
+) -> None:
+    ingest = MemoryIngest(signer)
+    hello = PushHello(
+        token=signer.issue_user("alice", scopes=["exec"]),
+        session_id="s-raw-1",
+        producer="raw",
+        protocol_version=PUSH_PROTOCOL_VERSION,
+    )
+
+    async def body() -> list[PushMessage]:
+        async with make_server(fleet, handler, ingest) as server:
+            port = await server.start()
+            batch = PushBatchZ(first_lseq=1, count=1, data=data)
+            return await _raw_push(port, alpn, [hello, batch])
+
+    answers = run(body())
+    assert [type(a).__name__ for a in answers] == ["PushWelcome", "PushRefused"]
+    refused = answers[-1]
+    assert isinstance(refused, PushRefused) and refused.code is PushRefusal.INVALID
+    assert error in refused.message
+    assert ingest.messages("s-raw-1") == []

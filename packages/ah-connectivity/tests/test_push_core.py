@@ -3,13 +3,16 @@ emits, partial deliveries and lost connections store every event exactly once, i
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ah_connectivity.framing import encode_frame
 from ah_connectivity.push_core import (
     Authenticate,
     ClosePush,
@@ -20,17 +23,28 @@ from ah_connectivity.push_core import (
     PushSender,
     SendPush,
     StoreEvents,
+    compress_batch,
+    expand_batch,
 )
 from ah_domain_types import (
     PUSH_PROTOCOL_VERSION,
+    Event,
+    HostExitedEvent,
+    HostResult,
+    HostStartedEvent,
+    HostState,
     NoteEvent,
+    OsKind,
     PushAck,
     PushBatch,
+    PushBatchZ,
     PushHello,
     PushMessage,
     PushRefusal,
     PushRefused,
     PushWelcome,
+    RunSummary,
+    SummaryEvent,
 )
 
 SESSION = "s-test-1"
@@ -329,3 +343,81 @@ def test_receiver_queues_pipelined_batches_and_closes_after_the_last_one() -> No
     )
     assert close == ClosePush("leader finished the push stream", error=False)
     assert receiver.phase is PushReceiverPhase.CLOSED
+
+
+# --------------------------------------------------------------------------- PushBatchZ
+
+_texts = st.text(max_size=300)
+_events = st.lists(
+    st.builds(NoteEvent, session_id=st.just(""), ts_ms=st.floats(0, 1e13), message=_texts),
+    min_size=1,
+    max_size=60,
+)
+
+
+@given(_events, st.integers(1, 2**40), st.integers(0, 4096))
+def test_a_compressed_batch_expands_to_exactly_the_batch(
+    events: list[NoteEvent], first_lseq: int, min_size: int
+) -> None:
+    batch = PushBatch(first_lseq=first_lseq, events=list(events))
+    sent = compress_batch(batch, min_size=min_size)
+    if isinstance(sent, PushBatchZ):
+        assert sent.count == len(events) and sent.first_lseq == first_lseq
+        assert expand_batch(sent, max_size=1 << 20) == batch
+    else:  # small, or incompressible: the batch itself
+        assert sent is batch
+
+
+def test_a_run_of_sixteen_hosts_compresses_to_one_packet() -> None:
+    """What the leader agent pushes for ``run -- true`` on 16 hosts (their hostStarted and
+    hostExited events and the summary): ~4.6 KB of msgpack, under 1 KB compressed."""
+    runs = "/home/u/.local/state/agent-harbor/runs/20261128T120000Z-ab12"
+    results = [
+        HostResult(
+            host=f"f{i:02d}",
+            os=OsKind.LINUX,
+            state=HostState.OK,
+            exit_code=0,
+            took_ms=12,
+            log_path=f"{runs}/f{i:02d}.log",
+            command="true",
+        )
+        for i in range(16)
+    ]
+    events: list[Event] = [
+        HostStartedEvent(host=r.host, command="true", session_id="", ts_ms=1.0) for r in results
+    ]
+    events += [HostExitedEvent(host=r.host, result=r, session_id="", ts_ms=2.0) for r in results]
+    events.append(SummaryEvent(summary=RunSummary.from_results(results), session_id="", ts_ms=3.0))
+    batch = PushBatch(first_lseq=1, events=events)
+    sent = compress_batch(batch)
+    assert isinstance(sent, PushBatchZ)
+    assert len(encode_frame(batch)) > 4000
+    assert len(encode_frame(sent)) < 1000
+    assert expand_batch(sent, max_size=1 << 20) == batch
+
+
+def _z(raw: bytes, count: int = 1) -> PushBatchZ:
+    return PushBatchZ(first_lseq=1, count=count, data=raw)
+
+
+_ONE_NOTE = msgspec.msgpack.encode([note(1)])
+
+
+@pytest.mark.parametrize(
+    ("batch", "max_size", "error"),
+    [
+        (_z(b"not zlib at all"), 1 << 20, "not zlib"),
+        (_z(zlib.compress(_ONE_NOTE)[:-6]), 1 << 20, "truncated"),
+        (_z(zlib.compress(_ONE_NOTE) + b"tail"), 1 << 20, "4 bytes after"),
+        # 8 MB of zeros in a few KB: refused while expanding, at the frame size limit.
+        (_z(zlib.compress(bytes(8 << 20), 9)), 1 << 20, "expands beyond 1048576 bytes"),
+        (_z(zlib.compress(_ONE_NOTE), count=2), 1 << 20, "says 2 events, holds 1"),
+        (_z(zlib.compress(msgspec.msgpack.encode([{"type": "nope"}]))), 1 << 20, "no valid"),
+        (_z(zlib.compress(msgspec.msgpack.encode({"a": 1}))), 1 << 20, "no valid"),
+    ],
+    ids=["garbage", "truncated", "trailing", "bomb", "count", "unknown-event", "not-a-list"],
+)
+def test_a_bad_compressed_batch_is_named(batch: PushBatchZ, max_size: int, error: str) -> None:
+    with pytest.raises(PushProtocolError, match=error):
+        expand_batch(batch, max_size=max_size)

@@ -13,7 +13,10 @@ On an ``ah-leader/1`` connection each client-initiated bidirectional stream is o
 session: ``PushHello`` (bearer token with scope ``exec``, session id, producer id) →
 ``PushWelcome`` / ``PushRefused``; then ``PushBatch`` → ``PushAck`` (see
 `ah_domain_types.push` and the pure cores in `ah_connectivity.push_core`). Frames are the
-control plane's: 4-byte length + msgpack. The access point keeps the stream open until the
+control plane's: 4-byte length + msgpack. ``ah-leader/2`` is the same protocol where a
+leader may send a batch compressed (``PushBatchZ``, see `push_core.compress_batch`): both
+sides offer both versions, the access point picks v2 when the leader offers it, so a leader
+and an access point of different releases still meet on v1. The access point keeps the stream open until the
 leader finishes it; a stream that fails (bad frame, refused token, storage error) gets a
 ``PushRefused`` and FIN, and the connection stays up. A connection that has not sent a
 ``PushHello`` within ``push_hello_timeout_s`` is closed.
@@ -62,6 +65,8 @@ from ah_connectivity.push_core import (
     PushSession,
     SendPush,
     StoreEvents,
+    compress_batch,
+    expand_batch,
 )
 from ah_connectivity.quic import (
     ConnectionCloseCode,
@@ -73,6 +78,8 @@ from ah_connectivity.quic import (
 from ah_domain_types import (
     PUSH_PROTOCOL_VERSION,
     Event,
+    PushBatch,
+    PushBatchZ,
     PushHello,
     PushMessage,
     PushRefusal,
@@ -82,6 +89,8 @@ from ah_domain_types import (
 
 __all__ = [
     "LEADER_ALPN",
+    "LEADER_ALPNS",
+    "LEADER_ALPN_V2",
     "LEADER_MAX_BATCHES_IN_FLIGHT",
     "LEADER_MAX_BATCH_EVENTS",
     "ControlAndPushServer",
@@ -98,6 +107,10 @@ __all__ = [
 ]
 
 LEADER_ALPN = "ah-leader/1"
+LEADER_ALPN_V2 = "ah-leader/2"
+"""``ah-leader/1`` plus `PushBatchZ` (compressed batches) from the leader. Both sides offer
+both; the access point prefers v2, so old leaders and old access points still meet on v1."""
+LEADER_ALPNS = (LEADER_ALPN_V2, LEADER_ALPN)
 
 LEADER_MAX_BATCH_EVENTS = 1024
 """Events per batch the leader sends at most (the access point's default limit)."""
@@ -190,9 +203,17 @@ class _ServerPushStream:
 class _PushConnection:
     """The ``ah-leader/1`` side of one access-point QUIC connection."""
 
-    def __init__(self, proto: _ControlOrPushConnection, server: ControlAndPushServer) -> None:
+    def __init__(
+        self,
+        proto: _ControlOrPushConnection,
+        server: ControlAndPushServer,
+        *,
+        compressed_batches: bool,
+    ) -> None:
         self.proto = proto
         self.server = server
+        self.compressed_batches = compressed_batches
+        """``ah-leader/2`` was negotiated: `PushBatchZ` is allowed."""
         self.streams: dict[int, _ServerPushStream] = {}
         self.authenticated = False
         self._hello_timer: asyncio.TimerHandle | None = None
@@ -281,6 +302,12 @@ class _PushConnection:
             except FrameError as exc:
                 messages, error = exc.messages, exc
             for message in messages:
+                if isinstance(message, PushBatchZ):
+                    try:
+                        message = self._expand(message)
+                    except PushProtocolError as exc:
+                        self._apply(stream, stream.receiver.refuse(PushRefusal.INVALID, str(exc)))
+                        return
                 self._apply(stream, stream.receiver.receive(message))
                 if stream.finished:
                     return
@@ -298,6 +325,13 @@ class _PushConnection:
                 )
                 return
             self._apply(stream, stream.receiver.peer_finished())
+
+    def _expand(self, batch: PushBatchZ) -> PushBatch:
+        if not self.compressed_batches:
+            raise PushProtocolError(f"pushBatchZ needs {LEADER_ALPN_V2}; this is {LEADER_ALPN}")
+        expanded = expand_batch(batch, max_size=self.server.max_frame_size)
+        self.server.compressed_batches_received += 1
+        return expanded
 
     def _apply(self, stream: _ServerPushStream, actions: list[PushAction]) -> None:
         queue = list(actions)
@@ -421,9 +455,11 @@ class _ControlOrPushConnection(_AccessPointConnection):
         if (
             self.push is None
             and isinstance(event, events.ProtocolNegotiated)
-            and event.alpn_protocol == LEADER_ALPN
+            and event.alpn_protocol in LEADER_ALPNS
         ):
-            self.push = _PushConnection(self, self.push_server)
+            self.push = _PushConnection(
+                self, self.push_server, compressed_batches=event.alpn_protocol == LEADER_ALPN_V2
+            )
         if self.push is None:
             super().quic_event_received(event)
             return
@@ -453,10 +489,12 @@ class ControlAndPushServer(ControlServer):
         self.push_ingest = push_ingest
         self.push_hello_timeout_s = push_hello_timeout_s
         self.max_push_batch_events = max_push_batch_events
+        self.compressed_batches_received = 0
+        """`PushBatchZ` frames expanded so far (all connections)."""
 
     def _configuration(self) -> QuicConfiguration:
         config = super()._configuration()
-        config.alpn_protocols = [*(config.alpn_protocols or []), LEADER_ALPN]
+        config.alpn_protocols = [*(config.alpn_protocols or []), *LEADER_ALPNS]
         return config
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
@@ -599,6 +637,10 @@ class PushConnectionStatus:
     """Connections established (handshake done, access point verified)."""
     streams: int = 0
     """Push streams opened over all connections (one per session and connection)."""
+    alpn: str | None = None
+    """The protocol the last connection negotiated (``ah-leader/2`` or ``ah-leader/1``)."""
+    compressed_batches: int = 0
+    """Batches sent as `PushBatchZ` (``ah-leader/2`` only)."""
     last_error: str | None = None
     history: list[str] = field(default_factory=list)
 
@@ -619,6 +661,8 @@ class _PushClientProtocol(QuicConnectionProtocol):
     ) -> None:
         super().__init__(quic, stream_handler)
         self.owner = owner
+        self.compress_batches = False
+        """The access point speaks ``ah-leader/2``: big batches go as `PushBatchZ`."""
         self.termination: events.ConnectionTerminated | None = None
         self.done: asyncio.Future[str] = self._loop.create_future()
 
@@ -629,6 +673,10 @@ class _PushClientProtocol(QuicConnectionProtocol):
     def send(self, sid: int, message: PushMessage) -> bool:
         if self.termination is not None:
             return False
+        if self.compress_batches and isinstance(message, PushBatch):
+            message = compress_batch(message)
+            if isinstance(message, PushBatchZ):
+                self.owner.status.compressed_batches += 1
         try:
             self._quic.send_stream_data(sid, encode_frame(message))
         except (RuntimeError, ValueError) as exc:
@@ -650,6 +698,9 @@ class _PushClientProtocol(QuicConnectionProtocol):
         try:
             if isinstance(event, events.StreamDataReceived):
                 self.owner._on_stream_data(event.stream_id, event.data, event.end_stream)
+            elif isinstance(event, events.ProtocolNegotiated):
+                self.compress_batches = event.alpn_protocol == LEADER_ALPN_V2
+                self.owner.status.alpn = event.alpn_protocol
             elif isinstance(event, events.StreamReset):
                 self.owner._on_stream_reset(event.stream_id, event.error_code)
             elif isinstance(event, events.ConnectionTerminated):
@@ -865,6 +916,7 @@ class LeaderPushConnection:
         ping_interval_s: float = 15.0,
         server_name: str | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        alpn_protocols: Sequence[str] = LEADER_ALPNS,
     ) -> None:
         """``answer_timeout_s``: a stream whose ``PushHello`` gets no answer within this ends
         the connection (an access point that restarted while the connection was idle does
@@ -880,6 +932,9 @@ class LeaderPushConnection:
         self.ping_interval_s = ping_interval_s
         self.server_name = server_name
         self.max_frame_size = max_frame_size
+        self.alpn_protocols = tuple(alpn_protocols)
+        """Offered in this order (``ah-leader/2`` first: compressed batches when the access
+        point speaks it)."""
         self.status = PushConnectionStatus()
         self._sessions: dict[LeaderPushSession, None] = {}
         """Open sessions (not finished, not refused), oldest first."""
@@ -1215,7 +1270,9 @@ class LeaderPushConnection:
 
     def _configuration(self) -> QuicConfiguration:
         config = QuicConfiguration(
-            is_client=True, alpn_protocols=[LEADER_ALPN], idle_timeout=self.idle_timeout_s
+            is_client=True,
+            alpn_protocols=list(self.alpn_protocols),
+            idle_timeout=self.idle_timeout_s,
         )
         config.verify_mode = ssl.CERT_REQUIRED
         config.load_verify_locations(cadata=self.ca_cert.public_bytes(serialization.Encoding.PEM))

@@ -23,6 +23,7 @@ stored ``lseq`` per (session, producer) atomically with the events.
 from __future__ import annotations
 
 import enum
+import zlib
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from ah_domain_types import (
     Event,
     PushAck,
     PushBatch,
+    PushBatchZ,
     PushHello,
     PushMessage,
     PushRefusal,
@@ -42,6 +44,7 @@ from ah_domain_types import (
 )
 
 __all__ = [
+    "COMPRESS_BATCHES_FROM",
     "DEFAULT_MAX_BATCH_BYTES",
     "DEFAULT_MAX_BATCH_EVENTS",
     "DEFINITIVE_REFUSALS",
@@ -57,6 +60,8 @@ __all__ = [
     "PushSessionUpdate",
     "SendPush",
     "StoreEvents",
+    "compress_batch",
+    "expand_batch",
 ]
 
 DEFAULT_MAX_BATCH_EVENTS = 256
@@ -584,3 +589,52 @@ class PushReceiver:
 def message_type(message: object) -> str:
     tag = getattr(type(message), "__struct_config__", None)
     return str(tag.tag) if tag is not None and tag.tag is not None else type(message).__name__
+
+
+# ==========================================================================================
+# Compressed batches (``ah-leader/2``)
+
+COMPRESS_BATCHES_FROM = 512
+"""Batches whose events take fewer msgpack bytes go as they are: below about one QUIC
+packet, compressing saves no packet and costs both ends a little CPU."""
+
+_events_encoder = msgspec.msgpack.Encoder()
+_events_decoder = msgspec.msgpack.Decoder(list[Event])
+
+
+def compress_batch(batch: PushBatch, *, min_size: int = COMPRESS_BATCHES_FROM) -> PushMessage:
+    """``batch`` as a `PushBatchZ` when that is smaller (its events' msgpack is at least
+    ``min_size`` bytes and compresses), else ``batch`` itself. zlib level 1: a 16-host run's
+    4.6 KB of events become ~0.6 KB in ~20 µs."""
+    raw = _events_encoder.encode(batch.events)
+    if len(raw) < min_size:
+        return batch
+    data = zlib.compress(raw, 1)
+    if len(data) >= len(raw):
+        return batch
+    return PushBatchZ(first_lseq=batch.first_lseq, count=len(batch.events), data=data)
+
+
+def expand_batch(batch: PushBatchZ, *, max_size: int) -> PushBatch:
+    """The `PushBatch` that ``batch`` stands for. Raises `PushProtocolError` (saying what is
+    wrong) when its data is not one complete zlib stream, expands beyond ``max_size`` bytes
+    (checked while expanding: a small frame cannot make the access point allocate more), or
+    is not exactly ``count`` valid events."""
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(batch.data, max_size + 1)
+    except zlib.error as exc:
+        raise PushProtocolError(f"pushBatchZ data is not zlib: {exc}") from None
+    if len(raw) > max_size or inflater.unconsumed_tail:
+        raise PushProtocolError(f"pushBatchZ expands beyond {max_size} bytes")
+    if not inflater.eof:
+        raise PushProtocolError("pushBatchZ data is truncated")
+    if inflater.unused_data:
+        raise PushProtocolError(f"{len(inflater.unused_data)} bytes after pushBatchZ's data")
+    try:
+        events = _events_decoder.decode(raw)
+    except msgspec.DecodeError as exc:  # ValidationError included
+        raise PushProtocolError(f"pushBatchZ holds no valid events: {exc}") from None
+    if len(events) != batch.count:
+        raise PushProtocolError(f"pushBatchZ says {batch.count} events, holds {len(events)}")
+    return PushBatch(first_lseq=batch.first_lseq, events=events)

@@ -14,6 +14,10 @@ One client-initiated bidirectional stream per pushed session::
                                           ← PushAck{lastLseq, firstSeq, lastSeq}
     ...                                      (acks in batch order)
 
+On a connection that negotiated ALPN ``ah-leader/2`` a batch may travel as ``PushBatchZ``
+(the same events, msgpack then zlib: a run's hostStarted/hostExited events shrink ~7×, from
+four or five QUIC packets to one); it means exactly the ``PushBatch`` it expands to.
+
 ``lseq`` is the leader's own 1, 2, 3... numbering of the events it emitted in this session
 (per ``producer``, a random id of one leader process). The access point persists the highest
 ``lseq`` it stored per (session, producer) and skips anything at or below it, so a leader that
@@ -36,6 +40,7 @@ __all__ = [
     "PUSH_PROTOCOL_VERSION",
     "PushAck",
     "PushBatch",
+    "PushBatchZ",
     "PushHello",
     "PushMessage",
     "PushRefusal",
@@ -103,6 +108,17 @@ class PushBatch(_PushBase, frozen=True, tag="pushBatch"):
     events: Annotated[list[Event], msgspec.Meta(min_length=1)]
 
 
+class PushBatchZ(_PushBase, frozen=True, tag="pushBatchZ"):
+    """A `PushBatch` compressed (``ah-leader/2`` connections only): ``data`` is zlib over the
+    msgpack array of its ``count`` events. The access point refuses it (``invalid``) on an
+    ``ah-leader/1`` connection, or when it does not expand to exactly ``count`` valid events
+    within the frame size limit."""
+
+    first_lseq: PositiveInt
+    count: PositiveInt
+    data: bytes
+
+
 class PushAck(_PushBase, frozen=True, tag="pushAck"):
     """Every event up to ``last_lseq`` is stored; this batch's new events got the seqs
     ``first_seq`` .. ``last_seq`` (both 0 when the whole batch had been stored before)."""
@@ -119,12 +135,13 @@ class PushRefused(_PushBase, frozen=True, tag="pushRefused"):
     message: str
 
 
-PushMessage: TypeAlias = PushHello | PushWelcome | PushBatch | PushAck | PushRefused
+PushMessage: TypeAlias = PushHello | PushWelcome | PushBatch | PushBatchZ | PushAck | PushRefused
 
 PUSH_MESSAGE_TYPES: tuple[str, ...] = (
     "pushHello",
     "pushWelcome",
     "pushBatch",
+    "pushBatchZ",
     "pushAck",
     "pushRefused",
 )
