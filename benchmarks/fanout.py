@@ -58,7 +58,9 @@ parallel-ssh and ansible-core, and ah from this checkout's wheels, are installed
 throwaway virtual environment this script creates with ``uv venv`` (the interpreter the script
 runs with) under ``--venv-dir`` (default: the user cache), never into the workspace; ah's
 wheels are rebuilt and reinstalled on every run, the peers and third-party packages only
-installed once. Host keys: ah and OpenSSH pin them; parallel-ssh does not check them (its
+installed once. The fleet's daemons (access point, followers) run from that environment too,
+as on machines where ah is installed (``--cli dev``: from the workspace). Host keys: ah and
+OpenSSH pin them; parallel-ssh does not check them (its
 default); ansible uses a known_hosts file written from the verified keys.
 
 Also printed, not compared: the floor of any CLI row (``python -c pass`` with the same
@@ -658,10 +660,10 @@ def main() -> None:
         type=Path,
         default=None,
         help="the interpreter of the benchmark environment (the CLI rows, the leader agent, "
-        "parallel-ssh, ansible); default: the one running this script. Process start-up "
-        "differs a lot between builds (on the reference VM: ~12 ms for Debian's static "
-        "python3.11, ~15-21 ms for a pyenv build with a shared libpython), and only the CLI "
-        "rows and ansible pay it",
+        "the fleet's daemons, parallel-ssh, ansible); default: the one running this script. "
+        "Builds differ a lot (on the reference VM, Debian's static, optimised python3.11 "
+        "starts in ~12 ms, a pyenv build with a shared libpython in ~15-21 ms, and runs "
+        "Python code slower)",
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -689,6 +691,9 @@ def main() -> None:
         cli_what = (
             f"the workspace venv's editable install ({Path(sys.executable).parent / 'ah-fleetctl'})"
         )
+    # The daemons run from the CLI's environment: the same wheels and interpreter, as on a
+    # machine where ah is installed (the workspace's interpreter may be another build).
+    fleet_python = CLI_PYTHON if args.cli == "installed" else None
     logger.remove()  # the library's debug lines would drown the table
     logger.add(sys.stderr, level="WARNING")
     load_before = os.getloadavg()
@@ -703,7 +708,7 @@ def main() -> None:
         scratch = Path(tmp)
         started = time.perf_counter()
         with LocalFleet(specs, base_dir=scratch / "fleet", heartbeat_interval="2s",
-                        start_timeout=180) as fleet:  # fmt: skip
+                        start_timeout=180, interpreter=fleet_python) as fleet:  # fmt: skip
             print(f"fleet of {args.followers} up in {time.perf_counter() - started:.1f}s",
                   file=sys.stderr)  # fmt: skip
             work = scratch / "leader"
@@ -837,7 +842,8 @@ def main() -> None:
     )
     print(
         f"ah CLI rows: {cli_what}; the leader agent ran {agent_python}, built on "
-        f"{' '.join(base_interpreter(CLI_PYTHON))} (--python picks another)"
+        f"{' '.join(base_interpreter(CLI_PYTHON))} (--python picks another); the fleet's "
+        f"daemons ran {fleet_python or sys.executable}"
     )
     print(f"the agent's paths to the followers: {methods}")
     print(f"floor of every CLI row: `python -c pass` {median_ms(floor):.0f} ms; beyond it the "

@@ -76,10 +76,26 @@ def task_times() -> dict[tuple[str, str], tuple[str, int, int]]:
     return found
 
 
-def busy_ticks() -> int:
-    """The whole machine's non-idle clock ticks (user, nice, system, irq, softirq, steal)."""
+_BUSY_FIELDS = ("user", "nice", "system", "irq", "softirq", "steal")
+
+
+def busy_ticks() -> dict[str, int]:
+    """The whole machine's non-idle clock ticks by kind (user, nice, system, irq, softirq,
+    steal): softirq is where loopback TCP's receive path runs, charged to no task."""
     fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return sum(fields[:3]) + sum(fields[5:8])
+    return dict(zip(_BUSY_FIELDS, fields[:3] + fields[5:8], strict=True))
+
+
+def packets_sent() -> tuple[int, int]:
+    """TCP segments and UDP datagrams this machine sent (all of them cross loopback here):
+    SSH and its tunnels are TCP, the control plane and session events QUIC over UDP."""
+    lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines()]
+    tcp_names, tcp_values = (line for line in lines if line[0] == "Tcp:")
+    udp_names, udp_values = (line for line in lines if line[0] == "Udp:")
+    return (
+        int(tcp_values[tcp_names.index("OutSegs")]),
+        int(udp_values[udp_names.index("OutDatagrams")]),
+    )
 
 
 def main() -> None:
@@ -103,13 +119,15 @@ def main() -> None:
         fanout.CLI_PYTHON = python
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
+    # As in fanout.py: the daemons run from the CLI's environment and interpreter.
+    fleet_python = fanout.CLI_PYTHON if args.cli == "installed" else None
 
     specs = [FollowerSpec(f"f{i:02d}") for i in range(args.followers)]
     policy = {"AH_PATH_POLICY_ALLOW_DIRECT": "false"} if args.path == "connect" else {}
     with (
         tempfile.TemporaryDirectory(prefix="ah-fanout-cpu-", dir=args.scratch_dir) as tmp,
         LocalFleet(specs, base_dir=Path(tmp) / "fleet", heartbeat_interval="2s",
-                   start_timeout=180) as fleet,
+                   start_timeout=180, interpreter=fleet_python) as fleet,
     ):  # fmt: skip
         work = Path(tmp) / "leader"
         work.mkdir()
@@ -127,9 +145,15 @@ def main() -> None:
             for _ in range(5):  # starts the agent, records the thin index, warms up
                 fanout.ah_cli_round(env, work, args.followers)
             before, children_before = task_times(), resource.getrusage(resource.RUSAGE_CHILDREN)
-            ticks_before, started = busy_ticks(), time.perf_counter()
+            ticks_before, packets_before = busy_ticks(), packets_sent()
+            started = time.perf_counter()
             walls = [fanout.ah_cli_round(env, work, args.followers) for _ in range(args.rounds)]
-            elapsed, ticks = time.perf_counter() - started, busy_ticks() - ticks_before
+            elapsed = time.perf_counter() - started
+            ticks_after, packets_after = busy_ticks(), packets_sent()
+            segments, datagrams = (
+                a - b for a, b in zip(packets_after, packets_before, strict=True)
+            )
+            ticks = {kind: ticks_after[kind] - ticks_before[kind] for kind in _BUSY_FIELDS}
             after, children = task_times(), resource.getrusage(resource.RUSAGE_CHILDREN)
             agent_python = fanout.agent_interpreter(runtime)
         finally:
@@ -145,7 +169,7 @@ def main() -> None:
     cli_s = (children.ru_utime + children.ru_stime) - (
         children_before.ru_utime + children_before.ru_stime
     )
-    busy_ms = ticks / _TICK * ms
+    busy_ms = sum(ticks.values()) / _TICK * ms
     tracked_ms = sum(run for run, _ in rows.values()) / 1e9 * ms
     walls.sort()
     print(
@@ -158,6 +182,11 @@ def main() -> None:
         f"wall per round: median {walls[len(walls) // 2] * 1000:.1f} ms "
         f"(elapsed {elapsed * ms:.1f} ms); the machine was busy "
         f"{busy_ms:.1f} ms of CPU per round"
+    )
+    kinds = ", ".join(f"{kind} {n / _TICK * ms:.1f}" for kind, n in ticks.items() if n)
+    print(
+        f"  by kind (clock ticks): {kinds}; {segments / args.rounds:.0f} TCP segments and "
+        f"{datagrams / args.rounds:.0f} UDP datagrams sent"
     )
     print(f"  {'CPU per round (ms)':34s} {'on a CPU':>9s} {'run-queue wait':>15s}")
     print(f"  {'the CLI processes (rusage)':34s} {cli_s * ms:9.2f} {'':>15s}")

@@ -63,10 +63,10 @@ _CLI_TIMEOUT_S = 60.0
 _POLL_S = 0.05
 
 
-def daemon_argv(binary: str) -> list[str]:
+def daemon_argv(binary: str, interpreter: Path | None = None) -> list[str]:
     """argv prefix running `binary` (``ah-access-pointd``, ``ah-followerd``, ``ah-fleetctl``)
-    from this interpreter's environment, as its console script would."""
-    return [sys.executable, "-m", binary.replace("-", "_")]
+    from ``interpreter``'s environment (default: this one), as its console script would."""
+    return [str(interpreter or sys.executable), "-m", binary.replace("-", "_")]
 
 
 def _clean_env() -> dict[str, str]:
@@ -163,7 +163,7 @@ class FollowerHandle:
     def run_argv(self) -> list[str]:
         spec, sshd = self.spec, self.sshd
         argv = [
-            *daemon_argv("ah-followerd"),
+            *daemon_argv("ah-followerd", self.fleet.interpreter),
             "run",
             "--state-dir", str(self.state_dir),
             "--ssh-dst", f"{sshd.listen}:{sshd.port}",
@@ -185,7 +185,7 @@ class FollowerHandle:
         token = self.fleet.enrollment_token(self.name, self.spec.tags)
         _run_cli(
             [
-                *daemon_argv("ah-followerd"),
+                *daemon_argv("ah-followerd", self.fleet.interpreter),
                 "enroll",
                 "--access-point",
                 f"127.0.0.1:{self.fleet.api_port}",
@@ -287,7 +287,10 @@ class LocalFleet:
         trust_domain: str = DEFAULT_TRUST_DOMAIN,
         backoff_cap: str = "1s",
         start_timeout: float = 60.0,
+        interpreter: Path | None = None,
     ) -> None:
+        """``interpreter``: the Python whose environment the daemons run from (default: this
+        one; a benchmark runs them from the environment its CLI is installed in)."""
         names = [f.name for f in followers]
         if len(set(names)) != len(names):
             raise ValueError(f"follower names must be distinct, got {names}")
@@ -302,6 +305,7 @@ class LocalFleet:
         self.trust_domain = trust_domain
         self.backoff_cap = backoff_cap
         self.start_timeout = start_timeout
+        self.interpreter = interpreter
         self.ap_dir = self.base_dir / "ap"
         self.ap_ready_file = self.base_dir / "ap-ready.json"
         self.home = self.base_dir / "home"
@@ -388,7 +392,7 @@ class LocalFleet:
     def _init_access_point(self) -> None:
         _run_cli(
             [
-                *daemon_argv("ah-access-pointd"),
+                *daemon_argv("ah-access-pointd", self.interpreter),
                 "init",
                 "--state-dir",
                 str(self.ap_dir),
@@ -415,7 +419,7 @@ class LocalFleet:
         self.ap_ready_file.unlink(missing_ok=True)
         self.access_point = self.group.start(
             [
-                *daemon_argv("ah-access-pointd"),
+                *daemon_argv("ah-access-pointd", self.interpreter),
                 "serve",
                 "--state-dir",
                 str(self.ap_dir),
@@ -460,7 +464,12 @@ class LocalFleet:
         for file in IDENTITY_FILES:
             shutil.copy2(self.ap_dir / file, state / file)
         ready_file = self.base_dir / f"{name}-ready.json"
-        argv = [*daemon_argv("ah-access-pointd"), "serve", "--state-dir", str(state)]
+        argv = [
+            *daemon_argv("ah-access-pointd", self.interpreter),
+            "serve",
+            "--state-dir",
+            str(state),
+        ]
         for port in ("--quic-port", "--api-port", "--connect-port"):
             argv += [port, "0"]
         process = self.group.start(
