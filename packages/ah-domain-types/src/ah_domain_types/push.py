@@ -15,7 +15,7 @@ One client-initiated bidirectional stream per pushed session::
     ...                                      (acks in batch order)
 
 On a connection that negotiated ALPN ``ah-leader/2`` a batch may travel as ``PushBatchZ``
-(the same events, msgpack then zlib: a run's hostStarted/hostExited events shrink ~7×, from
+(the same events, msgpack then zlib: a run's hostStarted/hostExited events shrink ~7 times, from
 four or five QUIC packets to one); it means exactly the ``PushBatch`` it expands to.
 
 ``lseq`` is the leader's own 1, 2, 3... numbering of the events it emitted in this session
