@@ -68,6 +68,7 @@ from ah_domain_types import (
     PathRestoredEvent,
     PushAck,
     PushBatch,
+    PushBatchZ,
     PushHello,
     PushRefusal,
     PushRefused,
@@ -381,6 +382,9 @@ REGISTRY: dict[type[msgspec.Struct], st.SearchStrategy[Any]] = {
         max_batch_events=st.integers(1, 10_000),
     ),
     PushAck: st.builds(PushAck, last_lseq=non_neg, first_seq=non_neg, last_seq=non_neg),
+    PushBatchZ: st.builds(
+        PushBatchZ, first_lseq=st.integers(1, 2**40), count=st.integers(1, 10_000), data=st.binary()
+    ),
     PushRefused: st.builds(PushRefused, code=st.sampled_from(PushRefusal), message=text),
     # configuration
     SshConfig: st.builds(SshConfig, user=opt(text), identity_file=opt(text)),
