@@ -112,8 +112,14 @@ def signer() -> TokenSigner:
     return TokenSigner.generate(TRUST_DOMAIN)
 
 
-def make_server(fleet: Any, handler: Any, ingest: MemoryIngest, **kw: Any) -> ControlAndPushServer:
-    return ControlAndPushServer(
+def make_server(
+    fleet: Any,
+    handler: Any,
+    ingest: MemoryIngest,
+    cls: type[ControlAndPushServer] = ControlAndPushServer,
+    **kw: Any,
+) -> ControlAndPushServer:
+    return cls(
         push_ingest=ingest,
         identity=fleet.server,
         ca=fleet.ca,
@@ -381,8 +387,19 @@ def make_connection(fleet: Any, port: int, **kw: Any) -> LeaderPushConnection:
     )
 
 
+class _AccessPointBeforeV2(ControlAndPushServer):
+    """An access point of the release before ``ah-leader/2``: it offers only v1."""
+
+    def _configuration(self) -> QuicConfiguration:
+        config = super()._configuration()
+        config.alpn_protocols = [p for p in config.alpn_protocols or [] if p != LEADER_ALPN_V2]
+        return config
+
+
 @pytest.mark.parametrize(
-    "offered", [LEADER_ALPNS, (LEADER_ALPN,)], ids=["v2-compressed", "v1-leader"]
+    ("offered", "old_access_point"),
+    [(LEADER_ALPNS, False), ((LEADER_ALPN,), False), (LEADER_ALPNS, True)],
+    ids=["v2-compressed", "v1-leader", "v1-access-point"],
 )
 def test_sessions_share_one_connection_and_each_arrives_once_in_order(
     run: Callable[..., Any],
@@ -390,17 +407,21 @@ def test_sessions_share_one_connection_and_each_arrives_once_in_order(
     handler: Any,
     signer: TokenSigner,
     offered: tuple[str, ...],
+    old_access_point: bool,
 ) -> None:
-    """Also across versions: a leader that offers ``ah-leader/2`` gets it and sends its
-    bigger batches compressed; one that offers only ``ah-leader/1`` (an older release) is
-    served as before."""
+    """Also across versions: a leader that offers ``ah-leader/2`` to an access point that
+    speaks it sends its bigger batches compressed; an older leader (only ``ah-leader/1``)
+    or an older access point meet on v1 and nothing is compressed."""
     ingest = MemoryIngest(signer)
     token = signer.issue_user("alice", scopes=["exec"])
     names = [new_session_id() + f"{i}" for i in range(4)]
     compressed: list[int] = []
 
+    server_type = _AccessPointBeforeV2 if old_access_point else ControlAndPushServer
+    expected_alpn = LEADER_ALPN if old_access_point else offered[0]
+
     async def body() -> None:
-        async with make_server(fleet, handler, ingest) as server:
+        async with make_server(fleet, handler, ingest, server_type) as server:
             port = await server.start()
             connection = make_connection(fleet, port, alpn_protocols=offered)
             async with running(connection):
@@ -422,14 +443,14 @@ def test_sessions_share_one_connection_and_each_arrives_once_in_order(
                 assert connection.connected
                 assert connection.status.connections == 1, connection.status.history
                 assert connection.status.streams == 7
-                assert connection.status.alpn == offered[0]
+                assert connection.status.alpn == expected_alpn
                 compressed[:] = [
                     connection.status.compressed_batches,
                     server.compressed_batches_received,
                 ]
 
     run(body())
-    if offered[0] == LEADER_ALPN_V2:
+    if expected_alpn == LEADER_ALPN_V2:
         assert compressed[0] > 0 and compressed[0] == compressed[1]
     else:
         assert compressed == [0, 0]
