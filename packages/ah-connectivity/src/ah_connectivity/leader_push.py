@@ -16,10 +16,10 @@ session: ``PushHello`` (bearer token with scope ``exec``, session id, producer i
 control plane's: 4-byte length + msgpack. ``ah-leader/2`` is the same protocol where a
 leader may send a batch compressed (``PushBatchZ``, see `push_core.compress_batch`): both
 sides offer both versions, the access point picks v2 when the leader offers it, so a leader
-and an access point of different releases still meet on v1. The access point keeps the stream open until the
-leader finishes it; a stream that fails (bad frame, refused token, storage error) gets a
-``PushRefused`` and FIN, and the connection stays up. A connection that has not sent a
-``PushHello`` within ``push_hello_timeout_s`` is closed.
+and an access point of different releases still meet on v1. The access point keeps the
+stream open until the leader finishes it; a stream that fails (bad frame, refused token,
+storage error) gets a ``PushRefused`` and FIN, and the connection stays up. A connection
+that has not sent a ``PushHello`` within ``push_hello_timeout_s`` is closed.
 
 The leader verifies the access point like a follower does: chain against the fleet CA during
 the handshake, then the SPIFFE ID ``spiffe://<td>/ah/serve``.

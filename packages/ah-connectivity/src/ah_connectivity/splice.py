@@ -276,7 +276,7 @@ class _TlsIo(_SocketIo):
             total += n
             if not incoming.pending and not self.raw_eof:
                 # All ciphertext consumed (the record may have been read only in part: the
-                # caller's buffer is full then, and `more` brings us back). Another read
+                # caller's buffer is full then, and `buffered` brings us back). Another read
                 # would only say "want read" — and hand the interpreter lock away.
                 break
         self.buffered = total == size
