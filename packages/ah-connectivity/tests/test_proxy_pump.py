@@ -178,6 +178,8 @@ def readiness(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     if request.param == "selectors":
         monkeypatch.setattr(splice_module, "_poller", splice_module._SelectorPoller)
     elif sys.platform != "linux":
+        # Not a missing feature: the splice uses select.poll only on Linux (Windows has no
+        # poll at all); elsewhere the "selectors" case is the loop that runs there.
         pytest.skip("select.poll is the Linux loop")
     return str(request.param)
 

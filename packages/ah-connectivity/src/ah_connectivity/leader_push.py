@@ -55,6 +55,7 @@ from ah_connectivity.backoff import Backoff
 from ah_connectivity.framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, FrameError, encode_frame
 from ah_connectivity.pki import SERVE_SPIFFE, FleetCA, PeerVerificationError, verify_peer
 from ah_connectivity.push_core import (
+    COMPRESS_BATCHES_FROM,
     AckedRange,
     Authenticate,
     ClosePush,
@@ -673,12 +674,20 @@ class _PushClientProtocol(QuicConnectionProtocol):
     def send(self, sid: int, message: PushMessage) -> bool:
         if self.termination is not None:
             return False
-        if self.compress_batches and isinstance(message, PushBatch):
-            message = compress_batch(message)
-            if isinstance(message, PushBatchZ):
+        frame = encode_frame(message)
+        if (
+            self.compress_batches
+            and isinstance(message, PushBatch)
+            and len(frame) >= COMPRESS_BATCHES_FROM
+        ):
+            # Gated on the frame already made, so the many small batches of a streamed log
+            # are encoded once, as before compression existed.
+            compressed = compress_batch(message, min_size=0)
+            if isinstance(compressed, PushBatchZ):
+                frame = encode_frame(compressed)
                 self.owner.status.compressed_batches += 1
         try:
-            self._quic.send_stream_data(sid, encode_frame(message))
+            self._quic.send_stream_data(sid, frame)
         except (RuntimeError, ValueError) as exc:
             self.end(f"cannot write to push stream {sid}: {exc}")
             return False

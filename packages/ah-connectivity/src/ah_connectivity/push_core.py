@@ -595,8 +595,8 @@ def message_type(message: object) -> str:
 # Compressed batches (``ah-leader/2``)
 
 COMPRESS_BATCHES_FROM = 512
-"""Batches whose events take fewer msgpack bytes go as they are: below about one QUIC
-packet, compressing saves no packet and costs both ends a little CPU."""
+"""Smaller batches (msgpack bytes) go as they are: well below one QUIC packet, compressing
+saves no packet and costs both ends a little CPU."""
 
 _events_encoder = msgspec.msgpack.Encoder()
 _events_decoder = msgspec.msgpack.Decoder(list[Event])
