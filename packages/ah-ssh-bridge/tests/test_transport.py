@@ -12,7 +12,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import paramiko  # type: ignore[import-untyped]
 import pytest
+from paramiko.common import cMSG_CHANNEL_DATA  # type: ignore[import-untyped]
 from ssh_bridge_support import FAST, open_transport, pid_gone, read_pids, sleeper
 
 from ah_harness_local import RunningSshd, wait_for, wait_for_async
@@ -29,6 +31,10 @@ from ah_ssh_bridge import (
 )
 
 Run = Callable[..., Any]
+
+# The 2 s keepalive deadline of FAST is about dead peers; dozens of busy channels on a loaded
+# 2-core machine can delay one keepalive reply past it, which is not what those tests are about.
+PATIENT = SshOptions(keepalive_interval_s=5.0, keepalive_timeout_s=30.0, kill_grace_s=0.5)
 
 # --------------------------------------------------------------------------- basics
 
@@ -114,12 +120,8 @@ def test_fifty_concurrent_commands_over_one_transport_lose_no_line(
     every line of every command in order."""
     lines_per_command = 300
 
-    # The 2 s keepalive deadline of FAST is about dead peers; 50 busy channels on a loaded
-    # 2-core machine can delay one keepalive reply past it, which is not what this test is about.
-    patient = SshOptions(keepalive_interval_s=5.0, keepalive_timeout_s=30.0, kill_grace_s=0.5)
-
     async def body() -> None:
-        async with await open_transport(sshd_max10, options=patient) as t:
+        async with await open_transport(sshd_max10, options=PATIENT) as t:
             outputs: dict[int, list[str]] = {n: [] for n in range(50)}
             errors: dict[int, list[str]] = {n: [] for n in range(50)}
 
@@ -143,6 +145,56 @@ def test_fifty_concurrent_commands_over_one_transport_lose_no_line(
             assert t.open_channels == 0
 
     run(body(), timeout=60)
+
+
+def test_commands_exiting_without_reading_their_stdin_leave_the_connection_up(
+    shared_sshd: RunningSshd, run: Run
+) -> None:
+    """sshd drops the whole connection when data or EOF names a channel it has freed, so
+    stdin still streaming into a command that exited must stop before our CLOSE, never
+    after it (before the fix, every round of this lost the connection)."""
+
+    def endless_stdin() -> Iterator[bytes]:
+        block = b"x" * 16384  # 64 MB in all: still sending when ``exit 3`` is long gone
+        for _ in range(4096):
+            yield block
+
+    async def body() -> None:
+        async with await open_transport(shared_sshd, options=PATIENT) as t:
+            limit = asyncio.Semaphore(20)
+
+            async def one() -> int | None:
+                async with limit:
+                    outcome = await t.run("exit 3", stdin=endless_stdin(), timeout=30)
+                    return outcome.exit_code
+
+            codes = await asyncio.gather(*(one() for _ in range(100)))
+            assert codes == [3] * 100
+            assert t.is_active
+            assert (await t.capture("echo still here")).stdout == ["still here"]
+
+    run(body(), timeout=90)
+
+
+def test_a_server_disconnect_is_reported_with_its_reason(
+    shared_sshd: RunningSshd, run: Run
+) -> None:
+    async def body() -> None:
+        async with await open_transport(shared_sshd) as t:
+            # Data for a channel that never existed: sshd disconnects and says why.
+            bogus = paramiko.Message()
+            bogus.add_byte(cMSG_CHANNEL_DATA)
+            bogus.add_int(4242)
+            bogus.add_string(b"x")
+            t._transport._send_user_message(bogus)
+            await wait_for_async(lambda: not t.is_active, 10, what="sshd to drop the connection")
+            with pytest.raises(
+                SshConnectionLost,
+                match=r"follower-1 lost: the server disconnected \(code \d+\): .*channel 4242",
+            ):
+                await t.run("true")
+
+    run(body())
 
 
 # --------------------------------------------------------------------------- stopping

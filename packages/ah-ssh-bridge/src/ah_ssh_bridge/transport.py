@@ -31,6 +31,7 @@ import msgspec
 import paramiko  # type: ignore[import-untyped]
 from loguru import logger
 
+from ah_ssh_bridge.channel_send import send_data, send_eof
 from ah_ssh_bridge.errors import (
     HostKeyMismatch,
     SshAuthError,
@@ -235,6 +236,23 @@ def _load_private_key(host: str, key_path: Path, passphrase: str | None) -> Any:
             f"cannot load SSH private key {key_path}: {exc} "
             "(expected an OpenSSH or PEM ed25519, ecdsa or rsa key)",
         ) from None
+
+
+class _Transport(paramiko.Transport):  # type: ignore[misc]
+    """paramiko's Transport, keeping what the server said when it disconnected.
+
+    paramiko only logs the SSH_MSG_DISCONNECT reason; without it a lost connection reads
+    "connection closed" where sshd said exactly why ("data packet referred to nonexistent
+    channel 2").
+    """
+
+    server_disconnect: str | None = None
+
+    def _parse_disconnect(self, m: Any) -> None:
+        code = m.get_int()
+        description = m.get_text()
+        self.server_disconnect = f"the server disconnected (code {code}): {description}"
+        self._log(paramiko.common.INFO, self.server_disconnect)
 
 
 def _describe(exc: BaseException) -> str:
@@ -566,9 +584,15 @@ class SshTransport:
         return channel
 
     def _release_channel(self, channel: Any) -> None:
-        channel.close()
-        with self._channels_lock:
-            self._open_channels -= 1
+        try:
+            channel.close()
+        except (OSError, EOFError, paramiko.SSHException):
+            # The connection died under the close: whatever is being raised or returned
+            # already says so, and a CLOSE cannot matter to a server that is gone.
+            pass
+        finally:
+            with self._channels_lock:
+                self._open_channels -= 1
 
     def _lost_error(self) -> SshConnectionLost:
         if self._lost_reason is not None:
@@ -576,7 +600,10 @@ class SshTransport:
         else:
             # paramiko also parks channel-open failures there; only a transport error counts.
             saved = getattr(self._transport, "saved_exception", None)
-            if saved is None or isinstance(saved, paramiko.ChannelException):
+            disconnect = getattr(self._transport, "server_disconnect", None)
+            if disconnect is not None:
+                reason = disconnect
+            elif saved is None or isinstance(saved, paramiko.ChannelException):
                 reason = "connection closed"
             else:
                 reason = _describe(saved)
@@ -1117,7 +1144,7 @@ class SshTransport:
                     return None
                 raise self._channel_failure(exc, "start a command") from None
             if job.stdin is None:
-                channel.shutdown_write()
+                send_eof(channel)
             else:
                 try:
                     self._executor.submit(self._send_stdin, channel, job)
@@ -1183,11 +1210,11 @@ class SshTransport:
                 while view:
                     if job.stopping:
                         return
-                    sent = channel.send(view[:_SEND_BYTES])
+                    sent = send_data(channel, view[:_SEND_BYTES])
                     if sent <= 0:
                         return  # the remote closed its stdin or the channel ended
                     view = view[sent:]
-            channel.shutdown_write()
+            send_eof(channel)
         except (OSError, EOFError, paramiko.SSHException):
             return  # the command exited without reading all of its stdin
 
@@ -1200,7 +1227,7 @@ class SshTransport:
             raise self._channel_failure(exc, "open a channel to stop a command") from None
         try:
             channel.exec_command(script)
-            channel.shutdown_write()
+            send_eof(channel)
             if not channel.status_event.wait(timeout):
                 raise SshChannelError(
                     self.host,
@@ -1387,7 +1414,7 @@ def _handshake(
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     timeout = options.connect_timeout_s
-    transport = paramiko.Transport(sock)
+    transport = _Transport(sock)
     try:
         transport.banner_timeout = timeout
         transport.handshake_timeout = timeout

@@ -26,6 +26,7 @@ from typing import Any
 
 import msgspec
 
+from ah_ssh_bridge.channel_send import send_all
 from ah_ssh_bridge.errors import SshChannelError, SshConnectionLost, SshError
 from ah_ssh_bridge.warm_codec import (
     ERROR,
@@ -299,9 +300,8 @@ class WarmServer:
 
     def _send(self, data: bytes) -> None:
         with self._send_lock:
-            if self.channel.closed:
+            if not send_all(self.channel, data):
                 raise EOFError("warm executor channel closed")
-            self.channel.sendall(data)
 
     def _arm_safety(self) -> None:
         # Every wake-up that matters comes through the pipe; this only re-checks a dead
