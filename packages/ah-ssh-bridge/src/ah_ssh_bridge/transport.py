@@ -359,7 +359,9 @@ class _Job:
             self.stopping = True
             channel = self.channel
         if channel is not None:
-            channel.close()
+            # A connection that died under the close is reported by the worker.
+            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+                channel.close()
 
 
 class SshTransport:
