@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import paramiko  # type: ignore[import-untyped]
 from paramiko.common import cMSG_CHANNEL_DATA  # type: ignore[import-untyped]
@@ -37,14 +37,10 @@ def send_eof(channel: Any) -> bool:
 
     Returns whether the channel was still open for writing.
     """
-
-    def build() -> paramiko.Message | None:
-        return channel._send_eof()  # None if EOF went out already
-
-    return _send_locked(channel, build)
+    return _send_locked(channel, _build_eof, None) >= 0
 
 
-def send_data(channel: Any, data: memoryview, timeout: float | None = None) -> int:
+def send_data(channel: Any, data: bytes | memoryview, timeout: float | None = None) -> int:
     """Send up to ``len(data)`` bytes on ``channel``; how many went out.
 
     Waits for send window as ``Channel.send`` does; 0 means the channel is closed or its
@@ -57,42 +53,46 @@ def send_data(channel: Any, data: memoryview, timeout: float | None = None) -> i
         return 0
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        if not _wait_for_window(channel, deadline):
+        # Unlocked peek first: a small frame on a channel with window (the usual case) goes
+        # straight to the locked send, which checks again.
+        if channel.out_window_size == 0 and not _wait_for_window(channel, deadline):
             return 0
-        sent = 0
-
-        def build() -> paramiko.Message | None:
-            nonlocal sent
-            # Only this thread sends data on the channel, so the window only grew since
-            # the wait; it is 0 again only if the channel ended meanwhile.
-            size = min(
-                len(data), channel.out_window_size, channel.out_max_packet_size - _PACKET_HEADROOM
-            )
-            if size <= 0 or channel.eof_sent:
-                return None
-            channel.out_window_size -= size
-            message = paramiko.Message()
-            message.add_byte(cMSG_CHANNEL_DATA)
-            message.add_int(channel.remote_chanid)
-            message.add_string(bytes(data[:size]))
-            sent = size
-            return message
-
-        if not _send_locked(channel, build):
-            return 0
-        if sent:
-            return sent
+        sent = _send_locked(channel, _build_data, data)
+        if sent != 0:
+            return max(sent, 0)
 
 
 def send_all(channel: Any, data: bytes | memoryview, timeout: float | None = None) -> bool:
     """Send all of ``data``; False if the channel ended first (nothing more is sent)."""
-    view = memoryview(data).cast("B")
-    while view:
-        sent = send_data(channel, view, timeout)
+    while data:
+        sent = send_data(channel, data, timeout)
         if sent == 0:
             return False
-        view = view[sent:]
+        data = memoryview(data)[sent:]
     return True
+
+
+def _build_eof(channel: Any, _: None) -> tuple[paramiko.Message | None, int]:
+    return channel._send_eof(), 1  # no message if EOF went out already
+
+
+def _build_data(channel: Any, data: bytes | memoryview) -> tuple[paramiko.Message | None, int]:
+    if channel.eof_sent:
+        return None, -1
+    # Only one thread sends data on a channel, so the window only grew since the caller
+    # saw it open; it is 0 again only if the channel ended meanwhile.
+    size = min(len(data), channel.out_window_size, channel.out_max_packet_size - _PACKET_HEADROOM)
+    if size <= 0:
+        return None, 0
+    channel.out_window_size -= size
+    message = paramiko.Message()
+    message.add_byte(cMSG_CHANNEL_DATA)
+    message.add_int(channel.remote_chanid)
+    chunk = data if size == len(data) else data[:size]
+    # bytes, not a memoryview: paramiko's asbytes() takes a memoryview only after two
+    # exceptions (a few microseconds on every frame).
+    message.add_string(chunk.tobytes() if isinstance(chunk, memoryview) else chunk)
+    return message, size
 
 
 def _wait_for_window(channel: Any, deadline: float | None) -> bool:
@@ -114,27 +114,39 @@ def _wait_for_window(channel: Any, deadline: float | None) -> bool:
         return not (channel.closed or channel.eof_sent)
 
 
-def _send_locked(channel: Any, build: Callable[[], paramiko.Message | None]) -> bool:
+_T = TypeVar("_T")
+
+
+def _send_locked(
+    channel: Any,
+    build: Callable[[Any, _T], tuple[paramiko.Message | None, int]],
+    argument: _T,
+) -> int:
     """Build and send one message with the channel lock held across check and send.
 
-    ``build`` runs under the channel lock when the channel is open; it returns the message,
-    or None to send nothing. Returns False when the channel (or the connection) is closed.
+    ``build(channel, argument)`` runs under the channel lock while the channel is open and
+    returns the message to send (None: nothing) and the result to return. Returns -1 when
+    the channel (or the connection) is closed.
     """
-    transport = channel.get_transport()
-    started = time.monotonic()
+    transport = channel.transport
+    clear_to_send = transport.clear_to_send
+    started = 0.0
     while True:
         # Wait out a key exchange without holding any lock, as _send_user_message does.
-        transport.clear_to_send.wait(0.1)
-        if not transport.is_active():
-            return False
+        if not clear_to_send.is_set():
+            if not started:
+                started = time.monotonic()
+            elif time.monotonic() > started + transport.clear_to_send_timeout:
+                raise paramiko.SSHException("Key-exchange timed out waiting for key negotiation")
+            clear_to_send.wait(0.1)
+        if not transport.active:
+            return -1
         with transport.clear_to_send_lock:
-            if transport.clear_to_send.is_set():
+            if clear_to_send.is_set():
                 with channel.lock:
                     if channel.closed:
-                        return False
-                    message = build()
+                        return -1
+                    message, result = build(channel, argument)
                     if message is not None:
                         transport._send_message(message)
-                    return True
-        if time.monotonic() > started + transport.clear_to_send_timeout:
-            raise paramiko.SSHException("Key-exchange timed out waiting for key negotiation")
+                    return result
