@@ -28,6 +28,7 @@ from loguru import logger
 from ah_config import ResolvedConfig, load_config
 from ah_domain_types import (
     ConfigFile,
+    ExitCode,
     FenceHostState,
     FenceResultEvent,
     FenceStartedEvent,
@@ -654,4 +655,31 @@ def test_mutagen_engine_lifecycle_with_a_stand_in(
     ]
     pids = [int(p) for p in stand_in.pids.read_text().split()]
     assert not any(_alive(pid) for pid in pids), "the hanging flush outlived its deadline"
+    shutil.rmtree(ws)
+
+
+def test_sync_engine_setting_forces_rsync_or_insists_on_mutagen(
+    fence_fleet: FenceFleet, tmp_path: Path, stand_in: StandIn
+) -> None:
+    ws = make_workspace(tmp_path / "ws", {"a.txt": "one\n"})
+    # A mutagen is on PATH, so auto would take it; the repo's config says rsync.
+    (ws / ".agents").mkdir()
+    (ws / ".agents" / "config.toml").write_text('sync-engine = "rsync"\n')
+    forced = fence_fleet.cli(ws, "fence", env=stand_in.env())
+    assert forced.returncode == 0, forced
+    assert "(rsync," in forced.stdout, forced
+    assert stand_in.calls() == []
+    for name in NAMES:
+        assert (fence_fleet.workspace(name) / "a.txt").read_text() == "one\n"
+
+    # Mutagen insisted on where none is installed: a configuration error that says where the
+    # setting came from, before anything is synced.
+    (ws / "a.txt").write_text("two\n")
+    insisted = fence_fleet.cli(ws, "fence", env={"AH_SYNC_ENGINE": "mutagen"})
+    assert insisted.returncode == ExitCode.CONFIGURATION, insisted
+    assert "sync-engine = 'mutagen' (env AH_SYNC_ENGINE): no 'mutagen' binary on PATH" in (
+        insisted.stderr
+    ), insisted
+    for name in NAMES:
+        assert (fence_fleet.workspace(name) / "a.txt").read_text() == "one\n"
     shutil.rmtree(ws)

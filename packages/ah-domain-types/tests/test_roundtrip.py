@@ -432,6 +432,7 @@ REGISTRY[ConfigFile] = st.builds(
     token=opt(text),
     ca_file=opt(text),
     sync_ignores=opt(st.lists(text, max_size=3)),
+    sync_engine=opt(st.sampled_from(["auto", "rsync", "mutagen"])),
     ssh=opt(REGISTRY[SshConfig]),
     fileset=opt(st.lists(fileset_configs, max_size=2)),
     timeouts=opt(REGISTRY[TimeoutsConfig]),

@@ -75,6 +75,7 @@ def test_defaults_are_valid_config(validator: jsonschema.Draft202012Validator) -
     assert msgspec.convert(document, ConfigFile) == DEFAULTS
     assert document == {
         "sync-ignores": ["node_modules", ".venv", "target", "build"],
+        "sync-engine": "auto",
         "timeouts": {"connect": "5s", "overall": "60s", "fence": "120s"},
         "concurrency": {"transfer": 16},
         "agent": {"enabled": True, "idle": "10m"},

@@ -31,6 +31,8 @@ from ah_fleetctl.fencing import (
     VerifiedHosts,
     changed_paths,
     choose_engine,
+    configured_engine,
+    engine_for,
     fence_selected,
     fence_timeout_s,
     user_cache_dir,
@@ -102,6 +104,44 @@ def test_bad_sync_ignores_are_a_configuration_error_naming_the_file(tmp_path: Pa
     assert str(config_file) in str(failure.value) and "'**'" in str(failure.value)
     with pytest.raises(ValueError, match="empty selection"):
         asyncio.run(fence_selected(invocation, links, [], cache_root=tmp_path / "c"))
+
+
+def test_sync_engine_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ah_fleetctl.agent_proto import ThinDefaults, ThinRunRequest
+    from ah_fleetctl.thin_fence import fence_fallback_reason
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert [engine_for(s) for s in (None, "auto", "rsync")] == ["rsync"] * 3
+    with pytest.raises(ValueError, match="no 'mutagen' binary on PATH"):
+        engine_for("mutagen")
+
+    repo = tmp_path / "repo"
+    (repo / ".agents").mkdir(parents=True)
+    config_file = repo / ".agents" / "config.toml"
+    config_file.write_text('sync-engine = "mutagen"\n')
+    env = {"HOME": str(tmp_path), "AH_HOME": str(tmp_path / "ah"), "PATH": str(bin_dir)}
+    with pytest.raises(CliError) as failure:
+        configured_engine(load_config(cwd=repo, env=env))
+    assert failure.value.exit_code is ExitCode.CONFIGURATION
+    assert f"sync-engine = 'mutagen' (repo {config_file})" in str(failure.value)
+    # The agent hands such a fence back to the full CLI, which names the file.
+    defaults = ThinDefaults(
+        runs_base=str(tmp_path), sync_engine="mutagen", fence_timeout_s=5.0, cache_root="/c"
+    )
+    request = ThinRunRequest(
+        version=1, args=[], cwd=str(repo), colour=False, defaults=defaults, path=str(bin_dir)
+    )
+    assert fence_fallback_reason(request) == (
+        "sync-engine: no 'mutagen' binary on PATH (the full CLI names the file)"
+    )
+
+    (bin_dir / "mutagen").write_text("#!/bin/sh\n")
+    (bin_dir / "mutagen").chmod(0o755)
+    assert configured_engine(load_config(cwd=repo, env=env)) == "mutagen"
+    assert fence_fallback_reason(request) is None
+    assert [engine_for(s) for s in ("auto", "rsync")] == ["mutagen", "rsync"]
 
 
 def test_the_table_names_every_host_and_the_snapshot() -> None:

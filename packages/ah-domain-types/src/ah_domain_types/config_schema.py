@@ -176,6 +176,10 @@ class ConfigFile(_ConfigSection, frozen=True):
     ca_file: str | None = None
     """Pinned fleet CA certificate (PEM)."""
     sync_ignores: list[str] | None = None
+    sync_engine: Literal["auto", "rsync", "mutagen"] | None = None
+    """How the fence syncs: ``auto`` (Mutagen when its binary is on PATH, else rsync over
+    the fleet's SSH paths), or always ``rsync``, or always ``mutagen`` (an error when it is
+    not installed)."""
     ssh: SshConfig | None = None
     fileset: list[FilesetConfig] | None = None
     timeouts: TimeoutsConfig | None = None
@@ -196,6 +200,7 @@ def default_config() -> ConfigFile:
     """A fresh copy of the documented defaults."""
     return ConfigFile(
         sync_ignores=["node_modules", ".venv", "target", "build"],
+        sync_engine="auto",
         timeouts=TimeoutsConfig(connect="5s", overall="60s", fence="120s"),
         concurrency=ConcurrencyConfig(transfer=16),
         agent=AgentConfig(enabled=True, idle="10m"),

@@ -164,6 +164,8 @@ class ThinDefaults(msgspec.Struct, frozen=True, rename="camel"):
     """Config ``hosts.<name>.workspace`` overrides."""
     sync_ignores: list[str] | None = None
     """Config ``sync-ignores`` (the fence's ignores; the repo layer may replace them)."""
+    sync_engine: str | None = None
+    """Config ``sync-engine`` (``auto``, ``rsync`` or ``mutagen``)."""
     fence_timeout_s: float | None = None
     """Config ``timeouts.fence``, else 120 s (a ``--timeout`` flag of ``fence`` wins)."""
     cache_root: str | None = None

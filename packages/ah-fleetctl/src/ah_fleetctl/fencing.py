@@ -9,7 +9,8 @@ selection's :class:`~ah_fleetctl.dataplane.FleetLinks`:
    repo layer, ``<repo>/.agents/config.toml``, replaces the default list — plus VCS metadata,
    always. The stat cache lives in the user cache directory, one per workspace
    (:func:`workspace_cache_dir`), so an unchanged file is never read twice.
-2. **Sync**, every host in parallel, with the engine :func:`choose_engine` picks: Mutagen
+2. **Sync**, every host in parallel, with the engine config ``sync-engine`` names
+   (:func:`configured_engine`); ``auto``, the default, is :func:`choose_engine`'s rule: Mutagen
    when a ``mutagen`` binary is on ``PATH`` (a generated ``mutagen.yml``, ``project start``
    then ``project flush``, each bounded by the fence deadline), else rsync over OpenSSH
    (``rsync -rlpt --delete``, see :mod:`ah_mutagen_project.rsync_engine`). Both reach the
@@ -254,6 +255,45 @@ def fence_timeout_s(config: ConfigFile, flag: float | None = None) -> float:
 def choose_engine(mutagen_binary: str = "mutagen") -> EngineName:
     """``mutagen`` when its binary is on PATH, else ``rsync`` (the spec's rule)."""
     return "mutagen" if mutagen_available(mutagen_binary) else "rsync"
+
+
+def engine_for(setting: str | None, mutagen_binary: str = "mutagen") -> EngineName:
+    """The engine config ``sync-engine`` = ``setting`` picks.
+
+    Raises:
+        ValueError: it names Mutagen and none is installed (or no engine at all).
+    """
+    if setting in (None, "auto"):
+        return choose_engine(mutagen_binary)
+    if setting == "rsync":
+        return "rsync"
+    if setting == "mutagen":
+        if mutagen_available(mutagen_binary):
+            return "mutagen"
+        raise ValueError(f"no {mutagen_binary!r} binary on PATH")
+    raise ValueError(f"unknown engine {setting!r} (auto, rsync or mutagen)")
+
+
+def configured_engine(config: ResolvedConfig[ConfigFile]) -> EngineName:
+    """The fence's engine from config ``sync-engine`` (default ``auto``: :func:`choose_engine`).
+
+    Raises:
+        CliError: ``mutagen`` is asked for and not installed (a configuration error naming
+            where the setting came from).
+    """
+    setting = config.typed.sync_engine
+    try:
+        return engine_for(setting)
+    except ValueError as exc:
+        origin = config.origin("sync-engine")
+        where = origin.describe() if origin is not None else "default"
+        raise CliError(
+            ExitCode.CONFIGURATION,
+            f"sync-engine = {setting!r} ({where}): {exc}; install Mutagen or set "
+            "sync-engine to auto or rsync",
+            kind="configuration",
+            details={"key": "sync-engine"},
+        ) from None
 
 
 def _step_timeout(remaining: float) -> float:
@@ -1245,7 +1285,7 @@ async def fence_selected(
 
     ``timeout``: seconds (default config ``timeouts.fence``, else 120). Hosts the links
     could not reach are in the result as ``timeout`` (connect timeout) or ``error``.
-    ``engine``: default :func:`choose_engine`; ``cache_root``: default
+    ``engine``: default config ``sync-engine`` (:func:`configured_engine`); ``cache_root``: default
     :func:`user_cache_dir`. Warm digest sessions are used and kept when the links keep them
     (:func:`keep_digest_sessions`). Never raises for a host's failure: check
     ``metadata.lagging_hosts()`` or use :func:`ah_mutagen_project.require_consistent`.
@@ -1254,6 +1294,8 @@ async def fence_selected(
     names = [h.info.name if isinstance(h, FollowerStatus) else h for h in (hosts or links.names)]
     if not names:
         raise ValueError("fence: no hosts to fence (an empty selection is an error)")
+    if engine is None:
+        engine = configured_engine(ctx.config)
     limit = fence_timeout_s(config, timeout)
     try:
         ignores = user_ignores(config.sync_ignores)

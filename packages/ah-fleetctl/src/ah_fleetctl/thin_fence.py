@@ -24,11 +24,12 @@ Through the agent (:mod:`ah_fleetctl.thin_server` calls in here) the same
 
 Same semantics as the full CLI, decided by the invoking CLI's configuration, which the
 thin index recorded (:class:`~ah_fleetctl.agent_proto.ThinDefaults`): ``sync-ignores``
-(the repo layer included), ``timeouts.fence``, ``session`` and the cache directory. What
-the agent cannot serve identically is handed back to the full CLI before anything ran
-(:func:`fence_fallback_reason`): a ``PATH`` other than the agent's (``rsync``, ``ssh`` and
-``mutagen`` are found on it), an index entry without the fence settings, ``sync-ignores``
-the fence would reject (the full CLI names the file at fault).
+(the repo layer included), ``sync-engine``, ``timeouts.fence``, ``session`` and the cache
+directory. What the agent cannot serve identically is handed back to the full CLI before
+anything ran (:func:`fence_fallback_reason`): a ``PATH`` other than the agent's (``rsync``,
+``ssh`` and ``mutagen`` are found on it), an index entry without the fence settings,
+``sync-ignores`` the fence would reject or a ``sync-engine`` that cannot be used (the full
+CLI names the file at fault).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ah_config import CliError, ResolvedConfig
 from ah_domain_types import (
@@ -80,7 +81,11 @@ class _Invocation:
 
 
 def _invocation(defaults: ThinDefaults) -> _Invocation:
-    typed = ConfigFile(sync_ignores=defaults.sync_ignores, session=defaults.session)
+    typed = ConfigFile(
+        sync_ignores=defaults.sync_ignores,
+        sync_engine=cast(Any, defaults.sync_engine),  # checked by fence_fallback_reason
+        session=defaults.session,
+    )
     return _Invocation(ResolvedConfig(schema=ConfigFile, typed=typed, raw={}, origins={}))
 
 
@@ -95,6 +100,12 @@ def fence_fallback_reason(request: ThinRunRequest) -> str | None:
         user_ignores(defaults.sync_ignores)
     except IgnorePatternError as exc:
         return f"sync-ignores: {exc} (the full CLI names the file)"
+    from .fencing import engine_for
+
+    try:
+        engine_for(defaults.sync_engine)
+    except ValueError as exc:
+        return f"sync-engine: {exc} (the full CLI names the file)"
     return None
 
 
@@ -230,7 +241,7 @@ async def thin_fence_command(
 
     from .commands.fence import _render, fence_command
     from .commands.fleet import select_followers
-    from .fencing import choose_engine
+    from .fencing import configured_engine
     from .thin_server import (
         _Fallback,
         _json_encoder,
@@ -261,7 +272,7 @@ async def thin_fence_command(
         selected = select_followers(selector, fleet)
     except (CliError, DomainValidationError) as exc:
         return send_error(send, exc, json_mode)
-    engine = choose_engine()
+    engine = configured_engine(_invocation(defaults).config)  # usable: see the fallback
     loop = asyncio.get_running_loop()
     events, _ = start_event_sink(agent, defaults, send, session_id)
     send(ThinStartedReply())

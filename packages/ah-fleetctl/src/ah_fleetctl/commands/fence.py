@@ -137,7 +137,7 @@ def fence_command(
     document ({"snapshotId", "hosts": {NAME: {"state", "tookMs", "detail"}}, "startedMs",
     "tookMs"}).
     """
-    from ..fencing import choose_engine, fence_timeout_s
+    from ..fencing import configured_engine, fence_timeout_s
     from .run import _session_id
 
     selector = selector_from_options(hosts, tags, all_)
@@ -146,7 +146,7 @@ def fence_command(
     limit = fence_timeout_s(app.config.typed, timeout_s)
     with app.api_client() as api:
         selected = select_followers(selector, api.followers().followers)
-    engine = choose_engine()
+    engine = configured_engine(app.config)
     metadata = asyncio.run(_fence(app, selected, limit, engine, session))
     if app.json:
         echo_json(metadata)

@@ -346,6 +346,7 @@ def _record_for_thin_runs(app: FleetContext, socket_path: Path) -> None:
         json=json_env,
         workspaces=workspace_overrides(app),
         sync_ignores=app.config.typed.sync_ignores,
+        sync_engine=app.config.typed.sync_engine,
         fence_timeout_s=fence_timeout_s(app.config.typed),
         cache_root=str(user_cache_dir()),
     )
