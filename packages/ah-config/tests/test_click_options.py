@@ -58,6 +58,9 @@ def test_untyped_option_does_not_shadow_configured_value(isolated_process_env: W
     assert resolved.get("tags") == ["d"]  # default, since --tag was not typed
     origin = resolved.origin("name")
     assert origin is not None and origin.layer is Layer.REPO
+    assert resolved.where("name") == f"repo {world.repo_file}"
+    assert resolved.where("net.connect-timeout") == "net.connect-timeout"  # set by nothing
+    assert resolved.where("net.connect-timeout", unset="config [net]") == "config [net]"
 
 
 def test_typed_options_become_the_flag_layer(isolated_process_env: World) -> None:

@@ -230,6 +230,14 @@ class ResolvedConfig(Generic[S]):
         """Where the leaf ``key`` came from; None when no layer or default sets it."""
         return self._leaf_origins.get(self._path(key))
 
+    def where(self, key: str, unset: str | None = None) -> str:
+        """Where ``key`` came from, for a message (``repo /r/.agents/config.toml``, ``env
+        AH_TOKEN``, ``default``); ``unset`` (default: the key) when nothing sets it."""
+        origin = self.origin(key)
+        if origin is not None:
+            return origin.describe()
+        return key if unset is None else unset
+
     def items(self) -> list[tuple[str, Any]]:
         """``(dotted key, value)`` for every set leaf, values as TOML-shaped builtins."""
         return [(e.key, e.value) for e in self.entries()]

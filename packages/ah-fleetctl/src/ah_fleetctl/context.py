@@ -94,11 +94,9 @@ class FleetContext:
         try:
             configured = LogSettings.from_config(config.typed.log)
         except ValueError as exc:  # e.g. [log] level = "loud" in a config file
-            origin = config.origin("log.level")
-            where = origin.describe() if origin is not None else "config [log]"
             raise CliError(
                 ExitCode.CONFIGURATION,
-                f"{where}: {exc}",
+                f"{config.where('log.level', unset='config [log]')}: {exc}",
                 kind="configuration",
                 details={"key": "log"},
             ) from None
@@ -128,8 +126,7 @@ class FleetContext:
     # ------------------------------------------------------------------ settings
 
     def _origin(self, key: str) -> str:
-        origin = self.config.origin(key)
-        return origin.describe() if origin is not None else key
+        return self.config.where(key)
 
     def access_point(self) -> str:
         """The access point URL (``https://host:port``); exit 8 when none is configured."""

@@ -268,11 +268,9 @@ def ssh_login(app: FleetContext) -> SshLogin:
     if configured:
         identity = _config_relative(app, "ssh.identity-file", configured)
         if not identity.is_file():
-            origin = app.config.origin("ssh.identity-file")
-            where = origin.describe() if origin is not None else "ssh.identity-file"
             raise CliError(
                 ExitCode.CONFIGURATION,
-                f"{where}: SSH identity file {identity} does not exist (expected the "
+                f"{app.config.where('ssh.identity-file')}: SSH identity file {identity} does not exist (expected the "
                 "private key the followers authorize for the leader)",
                 kind="configuration",
                 details={"key": "ssh.identity-file", "value": str(identity)},

@@ -285,11 +285,9 @@ def configured_engine(config: ResolvedConfig[ConfigFile]) -> EngineName:
     try:
         return engine_for(setting)
     except ValueError as exc:
-        origin = config.origin("sync-engine")
-        where = origin.describe() if origin is not None else "default"
         raise CliError(
             ExitCode.CONFIGURATION,
-            f"sync-engine = {setting!r} ({where}): {exc}; install Mutagen or set "
+            f"sync-engine = {setting!r} ({config.where('sync-engine')}): {exc}; install Mutagen or set "
             "sync-engine to auto or rsync",
             kind="configuration",
             details={"key": "sync-engine"},
@@ -1300,11 +1298,9 @@ async def fence_selected(
     try:
         ignores = user_ignores(config.sync_ignores)
     except IgnorePatternError as exc:
-        origin = ctx.config.origin("sync-ignores")
-        where = origin.describe() if origin is not None else "sync-ignores"
         raise CliError(
             ExitCode.CONFIGURATION,
-            f"{where}: {exc}",
+            f"{ctx.config.where('sync-ignores')}: {exc}",
             kind="configuration",
             details={"key": "sync-ignores"},
         ) from None
