@@ -392,7 +392,9 @@ def test_a_warning_that_comes_after_a_thin_run_answered_is_shown_by_the_next_one
 ) -> None:
     """A thin run answers before its session events are pushed; an access point that then
     refuses them says so to nobody on that run. The agent logs it and the next thin run's
-    CLI shows it, once."""
+    CLI shows it, once. (A run slower than the events' release delay, on a loaded machine,
+    has them pushed before it answers: then it shows the refusal itself, and the next run
+    shows nothing late.)"""
     fleet = thin_fleet.fleet
     # Lists followers (read-logs) but may not push session events (that needs exec).
     token = fleet.signer.issue_user("late-reader", scopes=["read-logs", "ssh"])
@@ -418,17 +420,23 @@ def test_a_warning_that_comes_after_a_thin_run_answered_is_shown_by_the_next_one
         full, _ = late.cli("run", "--no-fence", *_hosts(GOOD), "--", "true")
         assert full.returncode == 0, full
         assert "refused the session events" in full.stderr, full
-        first_stderr, first = run()
-        assert "after an earlier run answered" not in first_stderr, first_stderr
-        wait_for(lambda: refusal_logged(first), 30.0, what=f"the refusal of {first} logged")
-        second_stderr, second = run()
-        late_lines = [
-            line
-            for line in second_stderr.splitlines()
-            if line.startswith("warning: after an earlier run answered: ")
-        ]
-        assert any("refused the session events" in line for line in late_lines), second_stderr
-        assert all(first in line for line in late_lines), second_stderr
-        wait_for(lambda: refusal_logged(second), 30.0, what=f"the refusal of {second} logged")
-        third_stderr, _ = run()
-        assert second in third_stderr and first not in third_stderr, third_stderr
+        came_late: str | None = None  # the last run whose refusal came after it answered
+        late_runs = 0
+        for _ in range(3):
+            stderr, session = run()
+            lines = stderr.splitlines()
+            shown_late = [x for x in lines if x.startswith("warning: after an earlier run ")]
+            if came_late is None:
+                assert not shown_late, stderr
+            else:  # the previous run's refusal, shown here and only here
+                assert any("refused the session events" in x for x in shown_late), stderr
+                assert all(came_late in x for x in shown_late), stderr
+            if any("refused the session events" in x for x in lines if x not in shown_late):
+                came_late = None  # pushed before this run answered: it showed the refusal
+                continue
+            wait_for(
+                lambda s=session: refusal_logged(s), 30.0, what=f"the refusal of {session} logged"
+            )
+            came_late = session
+            late_runs += 1
+        print(f"{late_runs} of 3 thin runs had their refusal come after they answered")
