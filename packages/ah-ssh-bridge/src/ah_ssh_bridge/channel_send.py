@@ -100,7 +100,7 @@ def _wait_for_window(channel: Any, deadline: float | None) -> bool:
 
     False when the channel closed or its write side was shut first.
     """
-    transport = channel.get_transport()
+    transport = channel.transport
     with channel.lock:
         while channel.out_window_size == 0:
             if channel.closed or channel.eof_sent or not transport.is_active():

@@ -255,6 +255,13 @@ class _Transport(paramiko.Transport):  # type: ignore[misc]
         self._log(paramiko.common.INFO, self.server_disconnect)
 
 
+def _close_channel(channel: Any) -> None:
+    """Close ``channel``; on a connection that died under the close, quietly: whatever is
+    being raised or returned already says so, and a CLOSE cannot matter to a gone server."""
+    with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+        channel.close()
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     if isinstance(exc, EOFError) or not text:
@@ -359,9 +366,7 @@ class _Job:
             self.stopping = True
             channel = self.channel
         if channel is not None:
-            # A connection that died under the close is reported by the worker.
-            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
-                channel.close()
+            _close_channel(channel)  # a connection that died meanwhile: the worker reports it
 
 
 class SshTransport:
@@ -587,11 +592,7 @@ class SshTransport:
 
     def _release_channel(self, channel: Any) -> None:
         try:
-            channel.close()
-        except (OSError, EOFError, paramiko.SSHException):
-            # The connection died under the close: whatever is being raised or returned
-            # already says so, and a CLOSE cannot matter to a server that is gone.
-            pass
+            _close_channel(channel)
         finally:
             with self._channels_lock:
                 self._open_channels -= 1
