@@ -45,7 +45,12 @@ from ah_config import write_user_config
 from ah_connectivity import CA_CERT_FILE, TokenSigner, ca_fingerprint
 from ah_fleetctl.localfleet.ports import wait_for
 from ah_fleetctl.localfleet.processes import ManagedProcess, ProcessGroup
-from ah_fleetctl.localfleet.sshd import RunningSshd, _generate_key, start_sshd
+from ah_fleetctl.localfleet.sshd import (
+    DEFAULT_START_TIMEOUT,
+    RunningSshd,
+    _generate_key,
+    start_sshd,
+)
 from ah_followerd.state import SETTINGS_FILE, FollowerSettings
 
 __all__ = [
@@ -180,19 +185,21 @@ class FollowerHandle:
             argv += ["--os", spec.os]
         return argv + list(spec.run_args)
 
-    def enroll(self) -> None:
-        """``ah-followerd enroll`` with a fresh one-time token."""
+    def enroll(self, *, force: bool = False) -> None:
+        """``ah-followerd enroll`` with a fresh one-time token (`force`: over an existing
+        enrollment, as after a reinstall)."""
         token = self.fleet.enrollment_token(self.name, self.spec.tags)
         _run_cli(
             [
                 *daemon_argv("ah-followerd", self.fleet.interpreter),
                 "enroll",
                 "--access-point",
-                f"127.0.0.1:{self.fleet.api_port}",
+                f"{self.fleet.bind}:{self.fleet.api_port}",
                 "--token",
                 token,
                 "--state-dir",
                 str(self.state_dir),
+                *(["--force"] if force else []),
             ],
             env=self.fleet.daemon_env,
             what=f"enroll follower {self.name}",
@@ -204,7 +211,7 @@ class FollowerHandle:
             raise RuntimeError(f"follower {self.name} is already running")
         self.ready_file.unlink(missing_ok=True)
         self.process = self.fleet.group.start(
-            self.run_argv(),
+            [*self.fleet.follower_wrap(self.name), *self.run_argv()],
             name=f"ah-followerd-{self.name}",
             log_dir=self.fleet.log_dir,
             env=self.fleet.daemon_env,
@@ -255,13 +262,7 @@ class FollowerHandle:
         key, so what the follower advertises stays true."""
         if self.sshd.is_running:
             raise RuntimeError(f"the sshd of follower {self.name} is already running")
-        self.sshd = start_sshd(
-            self.sshd.base_dir,
-            port=self.sshd.port,
-            group=self.fleet.group,
-            authorized_keys=[self.fleet.leader_public_key],
-            timeout=timeout,
-        )
+        self.sshd = self.fleet.start_follower_sshd(self.spec, port=self.sshd.port, timeout=timeout)
         return self.sshd
 
     def settings(self) -> FollowerSettings:
@@ -288,9 +289,13 @@ class LocalFleet:
         backoff_cap: str = "1s",
         start_timeout: float = 60.0,
         interpreter: Path | None = None,
+        bind: str = "127.0.0.1",
     ) -> None:
         """``interpreter``: the Python whose environment the daemons run from (default: this
-        one; a benchmark runs them from the environment its CLI is installed in)."""
+        one; a benchmark runs them from the environment its CLI is installed in). ``bind``:
+        the address the access point listens on and everyone dials it at (also in its
+        server certificate); a follower in another network namespace cannot reach the
+        host's loopback."""
         names = [f.name for f in followers]
         if len(set(names)) != len(names):
             raise ValueError(f"follower names must be distinct, got {names}")
@@ -306,6 +311,7 @@ class LocalFleet:
         self.backoff_cap = backoff_cap
         self.start_timeout = start_timeout
         self.interpreter = interpreter
+        self.bind = bind
         self.ap_dir = self.base_dir / "ap"
         self.ap_ready_file = self.base_dir / "ap-ready.json"
         self.home = self.base_dir / "home"
@@ -356,15 +362,7 @@ class LocalFleet:
         _generate_key(self.leader_key, "ah-harness-local leader")
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="local-fleet") as pool:
             init = pool.submit(self._init_access_point)
-            sshds = {
-                spec.name: pool.submit(
-                    start_sshd,
-                    self.base_dir / "sshd" / spec.name,
-                    group=self.group,
-                    authorized_keys=[self.leader_public_key],
-                )
-                for spec in self.specs
-            }
+            sshds = {spec.name: pool.submit(self.start_follower_sshd, spec) for spec in self.specs}
             init.result()
             self.start_access_point()
             for spec in self.specs:
@@ -387,6 +385,25 @@ class LocalFleet:
                 self._own_dir.cleanup()
                 self._own_dir = None
 
+    # -- how followers run (overridden by harnesses that place them elsewhere) ---------------
+
+    def start_follower_sshd(
+        self, spec: FollowerSpec, *, port: int = 0, timeout: float = DEFAULT_START_TIMEOUT
+    ) -> RunningSshd:
+        """Start the sshd of follower `spec` (again, on `port`, after `kill_sshd`): here, on
+        127.0.0.1 in this network namespace."""
+        return start_sshd(
+            self.base_dir / "sshd" / spec.name,
+            port=port,
+            group=self.group,
+            authorized_keys=[self.leader_public_key],
+            timeout=timeout,
+        )
+
+    def follower_wrap(self, name: str) -> list[str]:
+        """What goes before follower `name`'s daemon command line (here: nothing)."""
+        return []
+
     # -- access point ----------------------------------------------------------------------
 
     def _init_access_point(self) -> None:
@@ -398,6 +415,7 @@ class LocalFleet:
                 str(self.ap_dir),
                 "--trust-domain",
                 self.trust_domain,
+                *(["--san", self.bind] if self.bind != "127.0.0.1" else []),
             ],
             env=self.daemon_env,
             what="ah-access-pointd init",
@@ -423,6 +441,8 @@ class LocalFleet:
                 "serve",
                 "--state-dir",
                 str(self.ap_dir),
+                "--bind",
+                self.bind,
                 "--quic-port",
                 str(quic_port),
                 "--api-port",
@@ -469,6 +489,8 @@ class LocalFleet:
             "serve",
             "--state-dir",
             str(state),
+            "--bind",
+            self.bind,
         ]
         for port in ("--quic-port", "--api-port", "--connect-port"):
             argv += [port, "0"]
@@ -496,7 +518,7 @@ class LocalFleet:
 
     @property
     def api_url(self) -> str:
-        return f"https://127.0.0.1:{self.api_port}"
+        return f"https://{self.bind}:{self.api_port}"
 
     @property
     def leader_public_key(self) -> Path:
@@ -533,7 +555,7 @@ class LocalFleet:
             ca_fingerprint=self.ca_fingerprint,
             tags=dict(tags or {}),
             ttl=ttl,
-            access_point=f"127.0.0.1:{self.api_port}" if self.ready else None,
+            access_point=f"{self.bind}:{self.api_port}" if self.ready else None,
         )
 
     def env(self) -> dict[str, str]:

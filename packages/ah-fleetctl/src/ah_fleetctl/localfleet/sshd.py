@@ -197,16 +197,21 @@ class SshdInstance:
         ]
 
     def start(
-        self, *, timeout: float = DEFAULT_START_TIMEOUT, group: ProcessGroup | None = None
+        self,
+        *,
+        timeout: float = DEFAULT_START_TIMEOUT,
+        group: ProcessGroup | None = None,
+        wrap: Sequence[str] = (),
     ) -> RunningSshd:
-        """Start sshd and return once a real ssh login succeeds.
+        """Start sshd and return once a real ssh login succeeds. ``wrap`` goes before sshd's
+        command line (``ip netns exec NS``: an sshd in another network namespace).
 
         Raises:
             SshdStartError: with sshd's log, if it exits or does not accept a login in time.
         """
         _ensure_privsep_dir()
         process = ManagedProcess(
-            [self.sshd_path, "-D", "-e", "-f", self.config_path],
+            [*wrap, self.sshd_path, "-D", "-e", "-f", self.config_path],
             log_dir=self.log_dir,
             name="sshd",
         )
@@ -503,8 +508,10 @@ def start_sshd(
     timeout: float = DEFAULT_START_TIMEOUT,
     group: ProcessGroup | None = None,
     authorized_keys: Sequence[Path] = (),
+    wrap: Sequence[str] = (),
 ) -> RunningSshd:
-    """Prepare an sshd under `base_dir` (see `prepare_sshd`), start it, wait for a login.
+    """Prepare an sshd under `base_dir` (see `prepare_sshd`), start it (after `wrap`, see
+    `SshdInstance.start`), wait for a login.
 
     With `port=0` a free port is picked, and picked again if another process takes it
     between the pick and sshd's bind.
@@ -522,7 +529,7 @@ def start_sshd(
             authorized_keys=authorized_keys,
         )
         try:
-            return instance.start(timeout=timeout, group=group)
+            return instance.start(timeout=timeout, group=group, wrap=wrap)
         except _PortTaken:
             if attempt == attempts:
                 raise
