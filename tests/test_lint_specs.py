@@ -44,8 +44,8 @@ def test_missing_milestone_is_reported(tmp_path: Path) -> None:
 
 def test_ticked_box_without_a_test_reference_is_reported(tmp_path: Path) -> None:
     text = STATUS.read_text().replace(
-        "  - [ ] Container scenario: enroll, execute, collect outputs; CONNECT path used.",
-        "  - [x] Container scenario: enroll, execute, collect outputs; CONNECT path used.",
+        "  - [ ] Host-key mismatch rejected with an explicit error.",
+        "  - [x] Host-key mismatch rejected with an explicit error.",
     )
     problems = lint_specs.lint(_write(tmp_path, text), ROOT)
     assert any("names no test" in p for p in problems), problems
@@ -53,8 +53,8 @@ def test_ticked_box_without_a_test_reference_is_reported(tmp_path: Path) -> None
 
 def test_ticked_box_naming_a_missing_test_is_reported(tmp_path: Path) -> None:
     text = STATUS.read_text().replace(
-        "  - [ ] Container scenario: enroll, execute, collect outputs; CONNECT path used.",
-        "  - [x] Container scenario `tests/test_lint_specs.py::test_that_does_not_exist`.",
+        "  - [ ] Host-key mismatch rejected with an explicit error.",
+        "  - [x] Host-key mismatch rejected `tests/test_lint_specs.py::test_that_does_not_exist`.",
     )
     problems = lint_specs.lint(_write(tmp_path, text), ROOT)
     assert any("test_that_does_not_exist does not exist" in p for p in problems), problems

@@ -12,7 +12,6 @@ stopped, its packets just stop arriving.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from ah_harness_containers.netlab import NetworkLab
@@ -46,7 +45,7 @@ class NamespacedFleet(LocalFleet):
     ) -> RunningSshd:
         member = self.lab.member(spec.name)
         return start_sshd(
-            Path(self.base_dir) / "sshd" / spec.name,
+            self.base_dir / "sshd" / spec.name,
             port=port or _SSH_PORT,
             listen=member.address,
             group=self.group,
