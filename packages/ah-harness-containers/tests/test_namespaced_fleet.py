@@ -18,6 +18,7 @@ import pytest
 
 from ah_harness_containers import FollowerSpec, NamespacedFleet
 from ah_harness_local import wait_for
+from ah_harness_local.agent_fleet import AgentFleet
 
 CLI = [sys.executable, "-m", "ah_fleetctl"]
 CLI_TIMEOUT_S = 120.0
@@ -209,3 +210,34 @@ def test_a_restarted_sshd_keeps_its_host_key_and_the_pinned_leader_gets_back_in(
     back = lab.cli("run", "--no-fence", "--json", "--host", name, "--", "echo", "same-key")
     assert back.returncode == 0, back.stderr
     assert "same-key" in _log(_hosts(_envelope(back))[name])
+
+
+def test_a_warm_agent_finds_a_follower_cut_off_between_runs_within_seconds(
+    lab: Lab, tmp_path: Path
+) -> None:
+    fleet = lab.fleet
+    victim = "nf-1"
+    with AgentFleet.running(fleet, lab.work, tmp_path / "home", extra_env=NO_DIRECT) as agent:
+        for _ in range(2):  # the agent holds a warm transport to every follower
+            warm, _ = agent.cli("run", "--no-fence", "--json", "--", "true")
+            assert warm.returncode == 0, warm
+        try:
+            fleet.partition(victim)
+            began = time.monotonic()
+            cut, _ = agent.cli("run", "--no-fence", "--json", "--", "echo", "hi")
+            took = time.monotonic() - began
+        finally:
+            fleet.heal(victim)
+        assert cut.returncode != 0, cut
+        hosts = _hosts(json.loads(cut.stdout))
+        assert {n: h["state"] for n, h in hosts.items()} == {
+            "nf-1": "unreachable", "nf-2": "ok", "nf-3": "ok",
+        }  # fmt: skip
+        assert "no answer to a liveness check" in hosts[victim]["error"], hosts[victim]
+        # The command had gone out on the idle transport; the check (after 1 s quiet, 5 s to
+        # answer) finds the silence. The keepalive alone took 15 + 30 s.
+        assert took < 25.0, took
+
+        fleet.wait_health(dict.fromkeys(NAMES, "healthy"), timeout=60.0)
+        again, _ = agent.cli("run", "--no-fence", "--json", "--", "echo", "back")
+        assert again.returncode == 0, again

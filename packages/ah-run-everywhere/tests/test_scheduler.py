@@ -273,3 +273,21 @@ def test_contradictory_events_are_refused() -> None:
     sched.job_finished(job.job_id, OK)
     with pytest.raises(SchedulerError, match="reported"):
         sched.job_finished(job.job_id, OK)
+
+
+def test_a_running_job_whose_host_was_never_reached_says_it_did_not_start() -> None:
+    hosts = [("l1", OsKind.LINUX), ("l2", OsKind.LINUX)]
+    sched = ShardScheduler(hosts, ["a"], "every-host")
+    for h, _ in hosts:
+        sched.host_ready(h)
+    started = {a.host: a for a in sched.next_assignments()}
+    sched.host_lost("l1", "connect refused", running_started=False)
+    sched.job_finished(started["l2"].job_id, OK)
+    report = {r.queued_on: r for r in sched.report()}
+    never = report["l1"]
+    assert never.state is HostState.UNREACHABLE and never.host is None
+    assert never.error == (
+        "host 'l1' could not be reached, so this command did not start "
+        "(not re-run elsewhere): connect refused"
+    )
+    assert report["l2"].state is HostState.OK and report["l2"].host == "l2"

@@ -28,6 +28,7 @@ from ah_ssh_bridge import (
     SshOptions,
     SshPool,
     SshTransport,
+    WarmCommand,
 )
 
 Run = Callable[..., Any]
@@ -482,6 +483,46 @@ def test_paused_peer_is_declared_lost_by_keepalive(
                 await asyncio.wait_for(task, 10)
             with pytest.raises(SshConnectionLost, match="keepalive"):
                 await t.run("true")
+        finally:
+            private_sshd.resume()
+            await t.close()
+
+    run(body())
+
+
+def test_a_peer_gone_quiet_under_a_command_is_found_by_a_liveness_check_not_the_keepalive(
+    private_sshd: RunningSshd, run: Run
+) -> None:
+    # Keepalive every 60 s (then 30 s to answer): only the liveness check, sent when a
+    # command has run 0.2 s with no sign of life, can find the paused peer in time.
+    options = SshOptions(
+        keepalive_interval_s=60.0,
+        keepalive_timeout_s=30.0,
+        connect_timeout_s=2.0,
+        liveness_quiet_s=0.2,
+        kill_grace_s=0.5,
+    )
+
+    async def body() -> None:
+        t = await open_transport(private_sshd, options=options)
+        try:
+            # Warm commands: frames on a channel already open, so nothing but the check
+            # notices the silence (an exec command's own channel open times out instead).
+            # A live server answers the check: a command longer than the quiet time is fine.
+            out: list[str] = []
+            slow = await t.run(
+                "unused",
+                on_stdout=out.append,
+                warm=WarmCommand(shell="bash", script="sleep 1; echo slow"),
+            )
+            assert slow.exit_code == 0 and out == ["slow"]
+            private_sshd.pause()  # SIGSTOP: the TCP connection stays up but nothing answers
+            began = time.monotonic()
+            with pytest.raises(SshConnectionLost, match=r"no answer to a liveness check within 2s"):
+                await asyncio.wait_for(
+                    t.run("unused", warm=WarmCommand(shell="bash", argv=("echo", "never"))), 20
+                )
+            assert time.monotonic() - began < 15  # the keepalive would take 60 + 30 s
         finally:
             private_sshd.resume()
             await t.close()

@@ -184,6 +184,8 @@ def default_mode(command_count: int) -> SchedulingMode:
 
 class _Lost(msgspec.Struct, frozen=True):
     reason: str
+    started: bool
+    """Whether the command may have started (False: the host could not be reached at all)."""
 
 
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
@@ -447,7 +449,9 @@ class RunEngine:
                 raise exc
             result = task.result()
         if isinstance(result, _Lost):
-            self._scheduler.host_lost(assignment.host, result.reason)
+            self._scheduler.host_lost(
+                assignment.host, result.reason, running_started=result.started
+            )
         else:
             self._scheduler.job_finished(assignment.job_id, result)
         self._emit_new_reports()
@@ -505,7 +509,10 @@ class RunEngine:
                 f"cancelled {self._timeout_grace:g} s later)",
             )
         except HostExecutionError as exc:
-            return _Lost(reason=f"{type(exc).__name__}: {exc.reason}")
+            return _Lost(
+                reason=f"{type(exc).__name__}: {exc.reason}",
+                started=not isinstance(exc, HostUnreachable),
+            )
         except Exception as exc:
             return JobOutcome(
                 state=HostState.FAILED,

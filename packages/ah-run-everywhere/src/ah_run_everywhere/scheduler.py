@@ -242,11 +242,13 @@ class ShardScheduler:
         host.running = None
         self._record(job, ran=True, outcome=outcome)
 
-    def host_lost(self, host: str, reason: str) -> None:
+    def host_lost(self, host: str, reason: str, *, running_started: bool = True) -> None:
         """``host`` is gone for the rest of the run (unreachable or connection lost).
 
-        Its running job is reported unreachable (not re-run); its queued jobs move to the
-        other live hosts of its OS (``once-per-os``) or are reported unreachable.
+        Its running job is reported unreachable, not re-run. With ``running_started=False``
+        the executor knows that job never started (it could not reach the host at all), and
+        the report says so rather than "lost while running". Queued jobs move to the other
+        live hosts of its OS (``once-per-os``) or are reported unreachable.
         Reporting an already lost host again is a no-op.
         """
         lost = self._host(host)
@@ -256,13 +258,17 @@ class ShardScheduler:
         if lost.running is not None:
             job = self._jobs[lost.running]
             lost.running = None
+            what = (
+                "was lost while running this command"
+                if running_started
+                else "could not be reached, so this command did not start"
+            )
             self._record(
                 job,
-                ran=True,
+                ran=running_started,
                 outcome=JobOutcome(
                     state=HostState.UNREACHABLE,
-                    error=f"host {host!r} was lost while running this command "
-                    f"(not re-run elsewhere): {reason}",
+                    error=f"host {host!r} {what} (not re-run elsewhere): {reason}",
                 ),
             )
         orphans = list(lost.queue)

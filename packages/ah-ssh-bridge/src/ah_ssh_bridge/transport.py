@@ -120,6 +120,13 @@ class SshOptions(msgspec.Struct, frozen=True, kw_only=True):
     """Seconds between liveness pings (a channel open the server must answer); 0 disables."""
     keepalive_timeout_s: float = 30.0
     """A ping unanswered for this long declares the connection lost."""
+    liveness_quiet_s: float = 1.0
+    """A command still running this long after it started, with no sign of life from the
+    server since (a command ending, a ping answered), starts a liveness check: a ping that
+    must be answered within ``min(connect_timeout_s, keepalive_timeout_s)``. A follower that
+    dropped off the network just before or during a command is then found within that, not
+    within the keepalive's interval plus its timeout (45 s by default). Commands that end
+    sooner (most) cost no ping. ``keepalive_interval_s=0`` turns these checks off too."""
     max_sessions: int = 10
     """The server's ``MaxSessions`` (OpenSSH default 10): channels open at once, at most."""
     ciphers: tuple[str, ...] = DEFAULT_CIPHERS
@@ -143,6 +150,8 @@ class SshOptions(msgspec.Struct, frozen=True, kw_only=True):
                 f"connect_timeout_s ({self.connect_timeout_s}) and keepalive_timeout_s "
                 f"({self.keepalive_timeout_s}) must be positive"
             )
+        if self.liveness_quiet_s < 0:
+            raise ValueError(f"liveness_quiet_s must be >= 0, got {self.liveness_quiet_s}")
         if self.keepalive_interval_s < 0:
             raise ValueError(
                 f"keepalive_interval_s must be >= 0 (0 disables), got {self.keepalive_interval_s}"
@@ -403,6 +412,9 @@ class SshTransport:
         self._open_channels = 0
         self._peak_channels = 0
         self._keepalive: asyncio.Task[None] | None = None
+        self._alive_at = time.monotonic()
+        """When the server last showed it is there (login, a command's end, a ping)."""
+        self._liveness: asyncio.Task[None] | None = None
         self._warm: WarmServer | None = None
         self._warm_start: asyncio.Future[WarmServer | None] | None = None
         self._warm_disabled: str | None = None
@@ -776,6 +788,10 @@ class SshTransport:
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive or None, got {timeout}")
         self._check_usable()
+        if self._keepalive is not None:
+            asyncio.get_running_loop().call_later(
+                self.options.liveness_quiet_s, self._liveness_due, time.monotonic()
+            )
         if warm is not None and self.options.warm_exec and self.options.process_control:
             for _attempt in range(3):
                 server = await self._warm_server(warm.shell)
@@ -859,7 +875,9 @@ class SshTransport:
         if job.callback_error is not None:
             raise job.callback_error
         if reason is None:
-            return ExecOutcome(worker.result(), False, False, took_ms)
+            exit_code = worker.result()
+            self._alive_at = time.monotonic()
+            return ExecOutcome(exit_code, False, False, took_ms)
         failure = worker.exception() if worker.done() and not worker.cancelled() else None
         if isinstance(failure, SshConnectionLost):
             raise failure
@@ -1296,6 +1314,36 @@ class SshTransport:
                 if not self._closed:
                     await self._lose(f"no answer to a keepalive within {timeout}s ({exc})")
                 return
+            self._alive_at = time.monotonic()
+
+    def _liveness_due(self, command_started: float) -> None:
+        """A command started ``liveness_quiet_s`` ago: check the server is there, unless it
+        showed it since (that command or another ended, a ping was answered), or a check or
+        keepalive ping is already waiting for it (that one decides)."""
+        if self._alive_at >= command_started or self._closed or self._lost_reason is not None:
+            return
+        if self._liveness is not None and not self._liveness.done():
+            return
+        if self._control_slot.locked():
+            return
+        self._liveness = asyncio.get_running_loop().create_task(
+            self._liveness_check(), name=f"ssh-liveness-{self.host}"
+        )
+
+    async def _liveness_check(self) -> None:
+        timeout = min(self.options.connect_timeout_s, self.options.keepalive_timeout_s)
+        try:
+            async with self._control_slot:
+                await self._in_thread(self._ping_blocking, timeout)
+        except Exception as exc:
+            if not self._closed:
+                await self._lose(
+                    f"no answer to a liveness check within {timeout:g}s, sent when a command "
+                    f"had run {self.options.liveness_quiet_s:g}s with no sign of life from "
+                    f"the server ({exc})"
+                )
+            return
+        self._alive_at = time.monotonic()
 
     def _ping_blocking(self, timeout: float) -> None:
         """One round trip the server must answer: open a session channel, close it."""
@@ -1315,10 +1363,11 @@ class SshTransport:
         self._closed = True
         if self._lost_reason is None:
             self._lost_reason = "the transport was closed by this client"
-        if self._keepalive is not None:
-            self._keepalive.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._keepalive
+        for task in (self._keepalive, self._liveness):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         with contextlib.suppress(Exception):
             await asyncio.get_running_loop().run_in_executor(self._executor, self._close_blocking)
         self._executor.shutdown(wait=False)
