@@ -117,10 +117,9 @@ def test_a_follower_cut_off_mid_run_fails_alone_and_returns_when_the_network_doe
     victim = "nf-2"
     started = fleet.follower(victim).workspace / "started"
     started.unlink(missing_ok=True)
-    began = time.monotonic()
     run = subprocess.Popen(
-        [*CLI, "run", "--no-fence", "--json", "--timeout", "6s", "--",
-         "sh", "-c", "touch started; sleep 3; echo done-$((6 * 7))"],
+        [*CLI, "run", "--no-fence", "--json", "--timeout", "60s", "--",
+         "sh", "-c", "touch started; sleep 5; echo done-$((6 * 7))"],
         env={**lab.env, **NO_DIRECT},
         cwd=lab.work,
         stdin=subprocess.DEVNULL,
@@ -131,13 +130,14 @@ def test_a_follower_cut_off_mid_run_fails_alone_and_returns_when_the_network_doe
     try:
         wait_for(started.exists, 60.0, what=f"the command to start on {victim}")
         fleet.partition(victim)
+        cut_at = time.monotonic()
         stdout, stderr = run.communicate(timeout=CLI_TIMEOUT_S)
+        took = time.monotonic() - cut_at
     finally:
         if run.poll() is None:
             run.kill()
             run.wait()
         fleet.heal(victim)
-    took = time.monotonic() - began
 
     assert run.returncode not in (0, None), (run.returncode, stderr)
     envelope = json.loads(stdout)
@@ -146,14 +146,14 @@ def test_a_follower_cut_off_mid_run_fails_alone_and_returns_when_the_network_doe
         assert hosts[name]["state"] == "ok", hosts[name]
         assert "done-42" in _log(hosts[name])
     cut = hosts[victim]
-    assert cut["state"] in ("unreachable", "timeout", "failed"), cut
+    assert cut["state"] == "unreachable", cut
     assert cut["exitCode"] is None, cut
-    assert cut["error"], cut
+    # Found by the liveness check (a ping once the command ran 1 s unheard, the connect
+    # timeout to answer), long before the run's 60 s timeout or the keepalive's 45 s.
+    assert "no answer to a liveness check" in cut["error"], cut
     assert "done-42" not in _log(cut)
     assert envelope["summary"]["succeeded"] == 2
-    # The other two finished on time: the cut-off host did not hold up the run beyond its
-    # own timeout and the bounded stop attempt.
-    assert took < 45.0, took
+    assert took < 30.0, took
 
     # Back on the network: the follower reconnects to the access point, and a new run
     # reaches it again.
