@@ -19,6 +19,7 @@ no address or route of the host uses yet, so labs of parallel test runs do not m
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import secrets
 import shutil
@@ -65,13 +66,20 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return done
 
 
-def unavailable_reason() -> str | None:
-    """Why this host cannot run a lab (None: it can): not root, no iproute2, or the kernel
-    refuses a network namespace."""
+def _missing_prerequisite() -> str | None:
     if os.geteuid() != 0:
         return "network namespaces and veth links need root"
     if shutil.which("ip") is None:
         return "no `ip` command (iproute2)"
+    return None
+
+
+def unavailable_reason() -> str | None:
+    """Why this host cannot run a lab (None: it can): not root, no iproute2, or the kernel
+    refuses a network namespace (tried with a throw-away one)."""
+    missing = _missing_prerequisite()
+    if missing is not None:
+        return missing
     probe = f"ah-probe-{secrets.token_hex(4)}"
     made = _ip("netns", "add", probe, check=False)
     if made.returncode != 0:
@@ -81,15 +89,14 @@ def unavailable_reason() -> str | None:
 
 
 def _subnets_in_use() -> list[ipaddress.IPv4Network]:
+    """Every IPv4 network the host has an address in or a route to (``ip -j``: JSON)."""
     used: list[ipaddress.IPv4Network] = []
-    for args in (("-4", "-o", "addr", "show"), ("-4", "route", "show", "table", "all")):
-        for line in _ip(*args).stdout.splitlines():
-            for word in line.split():
-                if "/" in word or word[:1].isdigit():
-                    try:
-                        used.append(ipaddress.IPv4Network(word, strict=False))
-                    except ValueError:
-                        continue
+    for link in json.loads(_ip("-4", "-j", "addr", "show").stdout or "[]"):
+        for info in link.get("addr_info", []):
+            used.append(ipaddress.IPv4Network(f"{info['local']}/{info['prefixlen']}", strict=False))
+    for route in json.loads(_ip("-4", "-j", "route", "show", "table", "all").stdout or "[]"):
+        if route.get("dst", "default") != "default":
+            used.append(ipaddress.IPv4Network(route["dst"], strict=False))
     return used
 
 
@@ -137,7 +144,7 @@ class NetworkLab:
         """Make the bridge, with the host's address on it; idempotent."""
         if self._opened:
             return self
-        reason = unavailable_reason()
+        reason = _missing_prerequisite()  # (anything else fails in `ip`, which says why)
         if reason is not None:
             raise NetworkLabError(f"cannot build a network lab here: {reason}")
         self.subnet = _free_subnet()

@@ -414,7 +414,7 @@ class SshTransport:
         self._keepalive: asyncio.Task[None] | None = None
         self._alive_at = time.monotonic()
         """When the server last showed it is there (login, a command's end, a ping)."""
-        self._liveness: asyncio.Task[None] | None = None
+        self._liveness: asyncio.Task[bool] | None = None
         self._warm: WarmServer | None = None
         self._warm_start: asyncio.Future[WarmServer | None] | None = None
         self._warm_disabled: str | None = None
@@ -1307,14 +1307,22 @@ class SshTransport:
             await asyncio.sleep(interval)
             if self._closed or self._lost_reason is not None:
                 return
-            try:
-                async with self._control_slot:
-                    await self._in_thread(self._ping_blocking, timeout)
-            except Exception as exc:
-                if not self._closed:
-                    await self._lose(f"no answer to a keepalive within {timeout}s ({exc})")
+            if not await self._confirm_alive(timeout, "a keepalive"):
                 return
-            self._alive_at = time.monotonic()
+
+    async def _confirm_alive(self, timeout: float, what: str, why: str = "") -> bool:
+        """Ping the server (on the control slot); answered: note it alive, True. Not
+        answered within ``timeout``: the connection is lost, naming ``what`` asked (and
+        ``why``), False."""
+        try:
+            async with self._control_slot:
+                await self._in_thread(self._ping_blocking, timeout)
+        except Exception as exc:
+            if not self._closed:
+                await self._lose(f"no answer to {what} within {timeout:g}s{why} ({exc})")
+            return False
+        self._alive_at = time.monotonic()
+        return True
 
     def _liveness_due(self, command_started: float) -> None:
         """A command started ``liveness_quiet_s`` ago: check the server is there, unless it
@@ -1326,24 +1334,14 @@ class SshTransport:
             return
         if self._control_slot.locked():
             return
-        self._liveness = asyncio.get_running_loop().create_task(
-            self._liveness_check(), name=f"ssh-liveness-{self.host}"
-        )
-
-    async def _liveness_check(self) -> None:
         timeout = min(self.options.connect_timeout_s, self.options.keepalive_timeout_s)
-        try:
-            async with self._control_slot:
-                await self._in_thread(self._ping_blocking, timeout)
-        except Exception as exc:
-            if not self._closed:
-                await self._lose(
-                    f"no answer to a liveness check within {timeout:g}s, sent when a command "
-                    f"had run {self.options.liveness_quiet_s:g}s with no sign of life from "
-                    f"the server ({exc})"
-                )
-            return
-        self._alive_at = time.monotonic()
+        why = (
+            f", sent when a command had run {self.options.liveness_quiet_s:g}s with no sign "
+            "of life from the server"
+        )
+        self._liveness = asyncio.get_running_loop().create_task(
+            self._confirm_alive(timeout, "a liveness check", why), name=f"ssh-liveness-{self.host}"
+        )
 
     def _ping_blocking(self, timeout: float) -> None:
         """One round trip the server must answer: open a session channel, close it."""
@@ -1363,7 +1361,8 @@ class SshTransport:
         self._closed = True
         if self._lost_reason is None:
             self._lost_reason = "the transport was closed by this client"
-        for task in (self._keepalive, self._liveness):
+        tasks: tuple[asyncio.Task[Any] | None, ...] = (self._keepalive, self._liveness)
+        for task in tasks:
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
